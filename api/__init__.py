@@ -1,0 +1,1 @@
+"""HTTP adapter: FastAPI routes over core. Never imports torch; enqueues work by task name."""

@@ -1,0 +1,129 @@
+"""RFC 9457 problem+json answers, one shape for every error a client sees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import MedtuneError
+
+PROBLEM = "application/problem+json"
+DOCS = "https://medtune.dev/errors/"
+
+# Pydantic error types mapped to stable codes a client can switch on.
+_VALIDATION_CODES = {
+    "extra_forbidden": "unknown_field",
+    "missing": "missing_field",
+    "json_invalid": "invalid_json",
+    "greater_than": "out_of_range",
+    "greater_than_equal": "out_of_range",
+    "less_than": "out_of_range",
+    "less_than_equal": "out_of_range",
+    "too_short": "out_of_range",
+    "too_long": "out_of_range",
+    "string_too_short": "out_of_range",
+    "string_too_long": "out_of_range",
+    "literal_error": "invalid_choice",
+    "enum": "invalid_choice",
+}
+
+
+def problem(
+    request: Request,
+    *,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    field: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": DOCS + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        "code": code,
+    }
+    if field:
+        body["field"] = field
+    if errors:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or "body"
+
+
+def _fix(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "remove this key; see the JobSpec schema at /docs for the accepted keys"
+    if kind == "json_invalid":
+        return "send a valid JSON body"
+    return err["msg"]
+
+
+async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {
+            "field": _field(tuple(e["loc"])),
+            "code": _VALIDATION_CODES.get(e["type"], "invalid_value"),
+            "message": _fix(e),
+        }
+        for e in exc.errors()
+    ]
+    first = errors[0] if errors else {"field": "body", "code": "invalid_value", "message": ""}
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+    return problem(
+        request,
+        status=422,
+        code=first["code"],
+        title="Invalid request",
+        detail=detail,
+        field=first["field"],
+        errors=errors,
+    )
+
+
+async def medtune_handler(request: Request, exc: MedtuneError) -> JSONResponse:
+    return problem(
+        request,
+        status=exc.status,
+        code=exc.code,
+        title=type(exc).__name__,
+        detail=exc.detail,
+        field=exc.field,
+    )
+
+
+async def http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return problem(
+        request, status=exc.status_code, code=code, title=str(exc.detail), detail=str(exc.detail)
+    )
+
+
+async def database_down_handler(request: Request, exc: OperationalError) -> JSONResponse:
+    return problem(
+        request,
+        status=503,
+        code="database_unavailable",
+        title="Database unavailable",
+        detail="the job store cannot be reached right now; retry shortly",
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(MedtuneError, medtune_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(OperationalError, database_down_handler)  # type: ignore[arg-type]

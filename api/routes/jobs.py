@@ -1,0 +1,159 @@
+"""/jobs: create, list, read, cancel, and follow a job's metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from api.deps import QueueDep, SessionDep, SettingsDep
+from api.schemas import JobPublic, JobsPublic, MetricPublic, MetricsPage
+from core import jobs
+from core.base_models import check_base_model
+from core.data.sources import resolve_local
+from core.db import session_scope
+from core.models import JobStatus
+from core.queue import RUN_JOB_TASK, TRAIN_QUEUE
+from core.spec import JobSpec
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+SPEC_EXAMPLE = {
+    "model_config": {
+        "base_model": "smollm2-135m-instruct",
+        "finetuned_model": "smollm2-medical",
+        "max_seq_length": 512,
+    },
+    "training_dataset": {"name": "sample:medical_qa"},
+    "training_config": {"max_steps": 30, "learning_rate": 1e-3},
+}
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def create_job(
+    session: SessionDep,
+    queue: QueueDep,
+    spec: Annotated[JobSpec, Body(openapi_examples={"embedded": {"value": SPEC_EXAMPLE}})],
+) -> JobPublic:
+    """Validate a job spec, store the job, then queue it."""
+    # Fail now, not minutes later on a worker, for what the server can check cheaply.
+    check_base_model(spec.model.base_model)
+    resolve_local(spec.dataset)
+    job = jobs.create_job(session, spec)
+    # Commit first, enqueue the id second: the task re-reads the row (the store is the truth).
+    queue.send_task(RUN_JOB_TASK, args=[job.id], queue=TRAIN_QUEUE)
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    status: JobStatus | None = None,
+) -> JobsPublic:
+    """Jobs, newest first; follow next_cursor for older ones."""
+    page, next_cursor = jobs.list_jobs(session, limit=limit, cursor=cursor, status=status)
+    return JobsPublic(
+        data=[JobPublic.of(j) for j in page],
+        has_more=next_cursor is not None,
+        next_cursor=next_cursor,
+    )
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def read_job(session: SessionDep, job_id: str) -> JobPublic:
+    """One job with its status, stage, progress, error and artifacts."""
+    return JobPublic.of(jobs.get_job(session, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(session: SessionDep, job_id: str) -> JobPublic:
+    """Cancel a queued job now, or a running one at its next training step."""
+    return JobPublic.of(jobs.request_cancel(session, job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPage)
+def read_metrics(
+    session: SessionDep,
+    job_id: str,
+    after_step: Annotated[int, Query(ge=-1)] = -1,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> MetricsPage:
+    """Per-step training metrics after a step, for polling."""
+    job = jobs.get_job(session, job_id)
+    rows, has_more = jobs.metrics_page(session, job_id, after_step=after_step, limit=limit)
+    return MetricsPage(
+        job_id=job_id,
+        status=job.status,
+        data=[MetricPublic.of(r) for r in rows],
+        has_more=has_more,
+        last_step=rows[-1].step if rows else None,
+    )
+
+
+def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def stream_events(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header()] = None,
+    after_step: Annotated[int, Query(ge=-1)] = -1,
+    poll_seconds: Annotated[float, Query(gt=0, le=10)] = 0.5,
+) -> StreamingResponse:
+    """Metrics as Server-Sent Events (event id = step, resumable with Last-Event-ID)."""
+    jobs.get_job(session, job_id)  # 404 before the stream starts
+    start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after_step
+    url = settings.db_url
+
+    def poll(after: int) -> tuple[list[MetricPublic], str, dict[str, Any]]:
+        with session_scope(url) as s:
+            job = jobs.get_job(s, job_id)
+            rows, _ = jobs.metrics_page(s, job_id, after_step=after, limit=500)
+            return (
+                [MetricPublic.of(r) for r in rows],
+                job.status,
+                JobPublic.of(job).model_dump(
+                    mode="json",
+                    include={"id", "status", "stage", "steps_done", "steps_total", "error"},
+                ),
+            )
+
+    async def events() -> AsyncIterator[str]:
+        after, last_state = start, None
+        yield "retry: 2000\n\n"
+        while True:
+            rows, status, state = await run_in_threadpool(poll, after)
+            for row in rows:
+                after = row.step
+                yield _sse("metric", row.model_dump(mode="json"), row.step)
+            if state != last_state:
+                last_state = state
+                yield _sse("status", state)
+            if JobStatus(status).terminal and not rows:
+                yield _sse("end", state)
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(poll_seconds)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,195 @@
+"""The ``medtune`` command: run the service's parts, or all of them on the embedded defaults.
+
+The parts run as child processes by module name, so this module imports neither ``api`` nor
+``worker``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from core.settings import get_settings
+
+log = logging.getLogger("medtune")
+
+
+def api_command(host: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "api.main:app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+
+
+def worker_command(queues: str, name: str) -> list[str]:
+    # solo pool: one job per process, the model stays in this process (one process per GPU).
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        "solo",
+        "--concurrency",
+        "1",
+        "-Q",
+        queues,
+        "-n",
+        f"{name}@%h",
+        "--loglevel",
+        "INFO",
+    ]
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    from core.migrate import upgrade
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    upgrade(settings.db_url)
+    print(f"database at head: {_redact(settings.db_url)}")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    return subprocess.call(
+        api_command(args.host or settings.api_host, args.port or settings.api_port)
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    return subprocess.call(worker_command(args.queues, args.name))
+
+
+def cmd_prepare_model(_: argparse.Namespace) -> int:
+    from core.embedded_model import prepare_embedded_model
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    print(prepare_embedded_model(settings.models_dir))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Migrate, then run the API, a training worker and an inference worker until Ctrl-C."""
+    from core.queue import INFER_QUEUE, TRAIN_QUEUE
+
+    settings = get_settings()
+    cmd_migrate(args)
+    host, port = args.host or settings.api_host, args.port or settings.api_port
+    children = [
+        subprocess.Popen(worker_command(TRAIN_QUEUE, "train")),
+        subprocess.Popen(worker_command(INFER_QUEUE, "infer")),
+        subprocess.Popen(api_command(host, port)),
+    ]
+    print(
+        f"medtune is up: http://{host}:{port}/docs  (db {_redact(settings.db_url)}, "
+        f"broker {_redact(settings.celery_broker_url)})",
+        flush=True,
+    )
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while not stopping and all(c.poll() is None for c in children):
+            time.sleep(0.5)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return 0 if stopping else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo against --url; with no server there, start one for the demo's length."""
+    import httpx
+
+    from core.demo import run_demo
+
+    try:
+        httpx.get(f"{args.url}/healthz", timeout=2)
+        return run_demo(url=args.url, max_steps=args.max_steps)
+    except httpx.TransportError:
+        pass
+    port = httpx.URL(args.url).port or 8000
+    up = subprocess.Popen([sys.executable, "-m", "core.cli", "up", "--port", str(port)])
+    try:
+        return run_demo(url=args.url, max_steps=args.max_steps)
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medtune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run API and workers together on the configured stores")
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.set_defaults(func=cmd_up)
+    api = sub.add_parser("api", help="run the HTTP API")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.set_defaults(func=cmd_api)
+    worker = sub.add_parser("worker", help="run one worker process")
+    worker.add_argument("--queues", default="medtune.train,medtune.infer")
+    worker.add_argument("--name", default="worker")
+    worker.set_defaults(func=cmd_worker)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser("prepare-model", help="convert the embedded model once").set_defaults(
+        func=cmd_prepare_model
+    )
+    demo = sub.add_parser(
+        "demo", help="fine-tune on the shipped sample, follow it, ask base and tuned models"
+    )
+    demo.add_argument("--url", default=os.environ.get("MEDTUNE_URL", "http://127.0.0.1:8000"))
+    demo.add_argument("--max-steps", type=int, default=60)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Dataset stage: load rows, turn them into chat conversations, tokenize for training."""

@@ -1,0 +1,115 @@
+"""Turn heterogeneous rows into chat conversations (a list of role/content messages)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.data.sources import Row
+from core.errors import DatasetError
+
+Message = dict[str, str]
+QUESTION_KEYS = ("question", "query", "prompt_text")
+ANSWER_KEYS = ("answer", "response", "completion")
+
+
+@dataclass
+class Example:
+    """One training example: a conversation, or raw text when the row only had ready text."""
+
+    messages: list[Message] | None = None
+    text: str | None = None
+
+
+@dataclass
+class Conversion:
+    examples: list[Example]
+    dropped: Counter[str] = field(default_factory=Counter)
+    layout: str = ""
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def _first(row: Row, keys: tuple[str, ...]) -> str:
+    for key in keys:
+        if key in row:
+            return _text(row[key])
+    return ""
+
+
+def detect_layout(row: Row, input_field: str) -> str:
+    if isinstance(row.get("messages"), list):
+        return "messages"
+    if "output" in row and ("instruction" in row or "input" in row):
+        return "alpaca"
+    if any(k in row for k in QUESTION_KEYS) and any(k in row for k in ANSWER_KEYS):
+        return "qa"
+    if input_field in row:
+        return "text"
+    raise DatasetError(
+        f"rows have columns {sorted(row)[:12]}, none that medtune can train on: give "
+        "instruction/input/output, question/answer, a 'messages' list, or name a text column in "
+        "training_dataset.input_field",
+        field="training_dataset.input_field",
+        code="dataset_columns",
+    )
+
+
+def to_examples(rows: list[Row], *, system_prompt: str, input_field: str) -> Conversion:
+    """Map rows to conversations; rows with an empty question or answer are dropped and counted.
+
+    Alpaca rows: when ``input`` is set, ``instruction`` is the system text and ``input`` the user
+    turn (the layout of the recipe's medical sets); otherwise ``instruction`` is the user turn.
+    """
+    layout = detect_layout(rows[0], input_field)
+    conv = Conversion(examples=[], layout=layout)
+    for row in rows:
+        example = _convert(row, layout, system_prompt=system_prompt, input_field=input_field)
+        if isinstance(example, str):
+            conv.dropped[example] += 1
+        else:
+            conv.examples.append(example)
+    if not conv.examples:
+        raise DatasetError(
+            f"every row was dropped ({dict(conv.dropped)}); check the column names",
+            field="training_dataset",
+            code="dataset_empty",
+        )
+    return conv
+
+
+def _convert(row: Row, layout: str, *, system_prompt: str, input_field: str) -> Example | str:
+    if layout == "messages":
+        messages = [
+            {"role": _text(m.get("role")), "content": _text(m.get("content"))}
+            for m in row.get("messages") or []
+            if isinstance(m, dict)
+        ]
+        if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+            return "no_final_assistant_turn"
+        if messages[0]["role"] != "system" and system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return Example(messages=messages)
+    if layout == "text":
+        text = _text(row.get(input_field))
+        return Example(text=text) if text else "empty_text"
+    if layout == "alpaca":
+        instruction, user_input = _text(row.get("instruction")), _text(row.get("input"))
+        answer = _text(row.get("output"))
+        system, user = (instruction, user_input) if user_input else (system_prompt, instruction)
+    else:
+        system, user, answer = system_prompt, _first(row, QUESTION_KEYS), _first(row, ANSWER_KEYS)
+    if not user:
+        return "empty_question"
+    if not answer:
+        return "empty_answer"
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return Example(messages=messages)

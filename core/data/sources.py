@@ -1,0 +1,156 @@
+"""Where rows come from: the shipped sample, local files, or the Hugging Face Hub.
+
+This module imports no torch and no tokenizer, so the API can validate a spec's dataset cheaply.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from core.errors import DatasetError, DatasetNotFound, HubUnavailable
+from core.spec import DATA_SUFFIXES, DatasetSection
+
+SAMPLES = {"medical_qa": "medical_qa_sample.jsonl"}
+Row = dict[str, Any]
+
+
+def sample_path(name: str) -> Path:
+    key = name.removeprefix("sample:")
+    if key not in SAMPLES:
+        raise DatasetNotFound(
+            f"unknown sample {name!r}; shipped samples: "
+            + ", ".join(f"sample:{k}" for k in SAMPLES),
+            field="training_dataset.name",
+        )
+    return Path(str(resources.files("core") / "samples" / SAMPLES[key]))
+
+
+def resolve_local(section: DatasetSection) -> Path | None:
+    """The file or folder a spec points at, checked to exist; None for Hub datasets."""
+    if section.kind == "sample":
+        return sample_path(section.name)
+    if section.kind == "hub":
+        return None
+    path = Path(section.name).expanduser()
+    if not path.exists():
+        raise DatasetNotFound(
+            f"dataset path {section.name!r} does not exist on the server; upload the file or give "
+            "a path the worker can read",
+            field="training_dataset.name",
+        )
+    return path
+
+
+def load_rows(section: DatasetSection) -> list[Row]:
+    path = resolve_local(section)
+    rows = list(_read_path(path)) if path is not None else _read_hub(section)
+    if section.max_samples is not None:
+        rows = rows[: section.max_samples]
+    if not rows:
+        raise DatasetError(
+            f"dataset {section.name!r} has no rows",
+            field="training_dataset.name",
+            code="dataset_empty",
+        )
+    return rows
+
+
+def _read_path(path: Path) -> Iterator[Row]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in DATA_SUFFIXES)
+        if not files:
+            raise DatasetError(
+                f"folder {path.name!r} holds no {', '.join(DATA_SUFFIXES)} files",
+                field="training_dataset.name",
+                code="dataset_empty",
+            )
+        for file in files:
+            yield from _read_file(file)
+    else:
+        yield from _read_file(path)
+
+
+def _read_file(path: Path) -> Iterator[Row]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            yield from _read_jsonl(path)
+        elif suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            rows = data.get("data") if isinstance(data, dict) else data
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise DatasetError(
+                    f"{path.name}: expected a JSON list of objects (or {{'data': [...]}})",
+                    field="training_dataset.name",
+                    code="dataset_format",
+                )
+            yield from rows
+        elif suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as fh:
+                yield from csv.DictReader(fh)
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            yield from pq.read_table(path).to_pylist()
+        else:
+            raise DatasetError(
+                f"{path.name}: unsupported file type; use {', '.join(DATA_SUFFIXES)}",
+                field="training_dataset.name",
+                code="dataset_format",
+            )
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"{path.name} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8",
+            field="training_dataset.name",
+            code="dataset_encoding",
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise DatasetError(
+            f"{path.name} is not valid JSON: {exc.msg} at line {exc.lineno}",
+            field="training_dataset.name",
+            code="dataset_format",
+        ) from exc
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(
+                    f"{path.name} line {lineno} is not valid JSON: {exc.msg}",
+                    field="training_dataset.name",
+                    code="dataset_format",
+                ) from exc
+            if not isinstance(row, dict):
+                raise DatasetError(
+                    f"{path.name} line {lineno} is not a JSON object",
+                    field="training_dataset.name",
+                    code="dataset_format",
+                )
+            yield row
+
+
+def _read_hub(section: DatasetSection) -> list[Row]:
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a core dependency
+        raise HubUnavailable("the 'datasets' package is not installed") from exc
+    try:
+        loaded = datasets.load_dataset(section.name, split=section.split)
+    except Exception as exc:
+        # The Hub raises many types (connection, offline mode, gated repo); the client needs one.
+        raise HubUnavailable(
+            f"could not load {section.name!r} (split {section.split!r}) from the Hugging Face "
+            f"Hub: {type(exc).__name__}: {str(exc)[:300]}. Use a local file or 'sample:medical_qa'",
+            field="training_dataset.name",
+        ) from exc
+    return [dict(r) for r in loaded]

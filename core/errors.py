@@ -1,0 +1,82 @@
+"""Domain errors. Each carries a stable ``code``; adapters map codes to HTTP statuses."""
+
+from __future__ import annotations
+
+
+class MedtuneError(Exception):
+    """Base of every error a client may see: a stable code, a message, and the field at fault."""
+
+    code = "medtune_error"
+    status = 400
+
+    def __init__(self, detail: str, *, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+        if code:
+            self.code = code
+
+
+class NotFoundError(MedtuneError):
+    code = "not_found"
+    status = 404
+
+
+class JobNotFound(NotFoundError):
+    code = "job_not_found"
+
+
+class ConflictError(MedtuneError):
+    code = "conflict"
+    status = 409
+
+
+class JobNotCancellable(ConflictError):
+    code = "job_not_cancellable"
+
+
+class JobNotReady(ConflictError):
+    code = "job_not_ready"
+
+
+class SpecError(MedtuneError):
+    """The job spec is well-formed JSON but asks for something that cannot be done."""
+
+    code = "invalid_spec"
+    status = 422
+
+
+class DatasetNotFound(SpecError):
+    code = "dataset_not_found"
+
+
+class DatasetError(SpecError):
+    code = "dataset_invalid"
+
+
+class ModelNotAvailable(SpecError):
+    code = "model_not_available"
+
+
+class HubUnavailable(MedtuneError):
+    """A Hugging Face Hub download was needed and the Hub could not be reached."""
+
+    code = "hub_unreachable"
+    status = 424
+
+
+class ServiceUnavailable(MedtuneError):
+    code = "service_unavailable"
+    status = 503
+
+
+class InferenceTimeout(MedtuneError):
+    code = "inference_timeout"
+    status = 504
+
+
+class JobCancelled(MedtuneError):
+    """Raised inside a running job when a cancel request is seen at a step boundary."""
+
+    code = "job_cancelled"
+    status = 409

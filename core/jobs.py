@@ -1,0 +1,211 @@
+"""Job store operations. State changes are conditional UPDATEs, so two actors never both win."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from core.errors import JobNotCancellable, JobNotFound, MedtuneError
+from core.models import Job, JobStatus, MetricRow, utcnow
+from core.spec import JobSpec
+
+METRIC_FIELDS = (
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "epoch",
+    "tokens_per_second",
+    "samples_per_second",
+    "memory_mb",
+    "peak_memory_mb",
+)
+TERMINAL = [s.value for s in JobStatus if s.terminal]
+
+
+class InvalidCursor(MedtuneError):
+    code = "invalid_cursor"
+    status = 400
+
+
+def create_job(session: Session, spec: JobSpec) -> Job:
+    job = Job(
+        base_model=spec.model.base_model,
+        finetuned_model=spec.model.finetuned_model,
+        spec=spec.to_json(),
+        updated_at=utcnow(),
+    )
+    session.add(job)
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(f"no job with id {job_id!r}", field="job_id")
+    return job
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, job_id = raw.split("|", 1)
+        return datetime.fromisoformat(stamp), job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidCursor(
+            "cursor is not one this API returned; pass next_cursor from a previous page",
+            field="cursor",
+        ) from exc
+
+
+def list_jobs(
+    session: Session, *, limit: int, cursor: str | None = None, status: str | None = None
+) -> tuple[Sequence[Job], str | None]:
+    """Newest first; returns the page and the cursor of the next one (None at the end)."""
+    query = select(Job)
+    if status:
+        query = query.where(Job.status == status)
+    if cursor:
+        created, job_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(
+                col(Job.created_at) < created,
+                and_(col(Job.created_at) == created, col(Job.id) < job_id),
+            )
+        )
+    query = query.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit + 1)
+    rows = session.exec(query).all()
+    page = rows[:limit]
+    return page, (_encode_cursor(page[-1]) if len(rows) > limit else None)
+
+
+def _update(session: Session, job_id: str, where: Any, **values: Any) -> bool:
+    values["updated_at"] = utcnow()
+    result = session.execute(update(Job).where(col(Job.id) == job_id).where(where).values(**values))
+    session.commit()
+    return bool(result.rowcount)
+
+
+def request_cancel(session: Session, job_id: str) -> Job:
+    """Queued jobs are cancelled now; running ones stop at their next step boundary."""
+    job = get_job(session, job_id)
+    if _update(
+        session,
+        job_id,
+        col(Job.status) == JobStatus.queued,
+        status=JobStatus.cancelled,
+        finished_at=utcnow(),
+        cancel_requested=True,
+    ):
+        pass
+    elif not _update(session, job_id, col(Job.status) == JobStatus.running, cancel_requested=True):
+        session.refresh(job)
+        raise JobNotCancellable(
+            f"job {job_id} is already {job.status}; only queued or running jobs can be cancelled",
+            field="job_id",
+        )
+    session.refresh(job)
+    return job
+
+
+def claim(session: Session, job_id: str, *, worker: str) -> bool:
+    """Move a queued job to running; False if someone else has it or it is no longer queued."""
+    return _update(
+        session,
+        job_id,
+        col(Job.status) == JobStatus.queued,
+        status=JobStatus.running,
+        started_at=utcnow(),
+        worker=worker,
+    )
+
+
+def set_fields(session: Session, job_id: str, **values: Any) -> None:
+    _update(session, job_id, col(Job.status) == JobStatus.running, **values)
+
+
+def add_note(session: Session, job_id: str, note: str) -> None:
+    job = get_job(session, job_id)
+    job.notes = [*job.notes, note]
+    job.updated_at = utcnow()
+    session.add(job)
+    session.commit()
+
+
+def finish(
+    session: Session,
+    job_id: str,
+    status: JobStatus,
+    *,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    **values: Any,
+) -> None:
+    _update(
+        session,
+        job_id,
+        col(Job.status) == JobStatus.running,
+        status=status,
+        stage=None,
+        finished_at=utcnow(),
+        error_code=error_code,
+        error_message=error_message,
+        **values,
+    )
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    value = session.exec(select(Job.cancel_requested).where(Job.id == job_id)).first()
+    return bool(value)
+
+
+def add_metrics(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Append step rows; a step already stored (a replay after a crash) is skipped, not doubled."""
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    known = set(
+        session.exec(
+            select(MetricRow.step).where(MetricRow.job_id == job_id, col(MetricRow.step).in_(steps))
+        ).all()
+    )
+    fresh = [r for r in rows if int(r["step"]) not in known]
+    for row in fresh:
+        values = {k: row.get(k) for k in METRIC_FIELDS}
+        session.add(MetricRow(job_id=job_id, step=int(row["step"]), **values))
+    try:
+        session.execute(
+            update(Job)
+            .where(col(Job.id) == job_id)
+            .values(steps_done=max(steps), updated_at=utcnow())
+        )
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        for row in fresh:  # a concurrent writer stored some of them: fall back to one by one
+            add_metrics(session, job_id, [row])
+
+
+def metrics_page(
+    session: Session, job_id: str, *, after_step: int, limit: int
+) -> tuple[Sequence[MetricRow], bool]:
+    rows = session.exec(
+        select(MetricRow)
+        .where(MetricRow.job_id == job_id, col(MetricRow.step) > after_step)
+        .order_by(col(MetricRow.step))
+        .limit(limit + 1)
+    ).all()
+    return rows[:limit], len(rows) > limit

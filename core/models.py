@@ -1,0 +1,92 @@
+"""Persistence models: the job store is the source of truth, not the broker."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    return "job_" + uuid.uuid4().hex[:24]
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class JobStage(StrEnum):
+    preparing_data = "preparing_data"
+    training = "training"
+    exporting = "exporting"
+
+
+def _ts(**kwargs: Any) -> Any:
+    return Field(sa_column=Column(DateTime(timezone=True), **kwargs), default=None)
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+
+    id: str = Field(default_factory=new_job_id, primary_key=True, max_length=40)
+    created_at: datetime = Field(
+        default_factory=utcnow,
+        sa_column=Column(DateTime(timezone=True), nullable=False, index=True),
+    )
+    updated_at: datetime | None = _ts()
+    started_at: datetime | None = _ts()
+    finished_at: datetime | None = _ts()
+    status: str = Field(default=JobStatus.queued, index=True, max_length=16)
+    stage: str | None = Field(default=None, max_length=32)
+    base_model: str = Field(max_length=300)
+    finetuned_model: str = Field(max_length=100)
+    spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    engine: str | None = Field(default=None, max_length=64)
+    steps_done: int = 0
+    steps_total: int | None = None
+    cancel_requested: bool = False
+    error_code: str | None = Field(default=None, max_length=64)
+    error_message: str | None = None
+    artifacts_dir: str | None = None
+    adapter_dir: str | None = None
+    worker: str | None = Field(default=None, max_length=200)
+    dataset_stats: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class MetricRow(SQLModel, table=True):
+    """One logged training step. (job_id, step) is unique so a replayed step is never doubled."""
+
+    __tablename__ = "job_metrics"
+    __table_args__ = (UniqueConstraint("job_id", "step", name="uq_job_metrics_job_step"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40, ondelete="CASCADE")
+    step: int
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    epoch: float | None = None
+    tokens_per_second: float | None = None
+    samples_per_second: float | None = None
+    memory_mb: float | None = None
+    peak_memory_mb: float | None = None
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )

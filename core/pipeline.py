@@ -1,0 +1,153 @@
+"""A job's stages, run by a worker: prepare data, train LoRA, save the adapter.
+
+The job row is re-read and claimed first, so a duplicate delivery of the same job does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from core import jobs
+from core.base_models import hub_call, resolve
+from core.data.conversations import to_examples
+from core.data.sources import load_rows
+from core.data.tokenize import encode_all, ensure_chat_template
+from core.db import session_scope
+from core.errors import DatasetError, MedtuneError
+from core.models import JobStage, JobStatus
+from core.settings import Settings
+from core.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseSink:
+    """Writes each logging step to the job store and reads cancel requests from it."""
+
+    def __init__(self, url: str, job_id: str) -> None:
+        self.url, self.job_id = url, job_id
+
+    def begin(self, total_steps: int) -> None:
+        with session_scope(self.url) as s:
+            jobs.set_fields(s, self.job_id, steps_total=total_steps)
+
+    def log(self, step: int, values: dict[str, float | None]) -> None:
+        with session_scope(self.url) as s:
+            jobs.add_metrics(s, self.job_id, [{"step": step, **values}])
+
+    def should_stop(self) -> bool:
+        with session_scope(self.url) as s:
+            return jobs.cancel_requested(s, self.job_id)
+
+
+def _prepare_data(spec: JobSpec, model_path: str) -> tuple[list[Any], dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    rows = load_rows(spec.dataset)
+    conv = to_examples(
+        rows, system_prompt=spec.dataset.system_prompt, input_field=spec.dataset.input_field
+    )
+    tokenizer = hub_call(spec.model.base_model, AutoTokenizer.from_pretrained, model_path)
+    ensure_chat_template(tokenizer)
+    encoded = encode_all(tokenizer, conv.examples, max_length=spec.model.max_seq_length)
+    if encoded.stats["trained_tokens"] == 0:
+        raise DatasetError(
+            "no token of any example is trained (every label is masked); check that rows have "
+            "answers and that max_seq_length leaves room for them",
+            field="training_dataset",
+            code="no_trained_tokens",
+        )
+    stats = {
+        "source": spec.dataset.name,
+        "layout": conv.layout,
+        "rows": len(rows),
+        "dropped": dict(conv.dropped),
+        **encoded.stats,
+    }
+    return encoded.items, stats
+
+
+def _save_adapter(loaded: Any, target: Path) -> None:
+    """Write to a temporary sibling, then rename: a reader never sees half an adapter."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    loaded.model.save_pretrained(str(tmp))
+    loaded.tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
+    """Run one job to a terminal status and return it."""
+    url = settings.db_url
+    with session_scope(url) as s:
+        if not jobs.claim(s, job_id, worker=worker):
+            status = jobs.get_job(s, job_id).status
+            log.info("job %s not claimed (status %s)", job_id, status)
+            return status
+        spec = JobSpec.model_validate(jobs.get_job(s, job_id).spec)
+    job_dir = settings.artifacts_dir / job_id
+    job_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_stages(job_id, spec, job_dir, settings)
+    except MedtuneError as exc:
+        log.warning("job %s failed: %s %s", job_id, exc.code, exc.detail)
+        _finish(url, job_id, JobStatus.failed, error_code=exc.code, error_message=exc.detail)
+    except Exception as exc:
+        log.exception("job %s crashed", job_id)
+        _finish(
+            url,
+            job_id,
+            JobStatus.failed,
+            error_code="internal_error",
+            error_message=f"{type(exc).__name__}: {str(exc)[:500]}",
+        )
+    return JobStatus.failed
+
+
+def _finish(url: str, job_id: str, status: JobStatus, **values: Any) -> None:
+    with session_scope(url) as s:
+        jobs.finish(s, job_id, status, **values)
+
+
+def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -> str:
+    from core.training import engines, trainer
+
+    url = settings.db_url
+    with session_scope(url) as s:
+        jobs.set_fields(s, job_id, stage=JobStage.preparing_data, artifacts_dir=str(job_dir))
+    model_path = resolve(spec.model.base_model, models_dir=settings.models_dir)
+    items, stats = _prepare_data(spec, model_path)
+    with session_scope(url) as s:
+        jobs.set_fields(s, job_id, dataset_stats=stats, stage=JobStage.training)
+    loaded = engines.load(spec, model_path)
+    ensure_chat_template(loaded.tokenizer)
+    with session_scope(url) as s:
+        jobs.set_fields(s, job_id, engine=loaded.engine)
+        for note in loaded.notes:
+            jobs.add_note(s, job_id, note)
+    outcome = trainer.train(
+        spec,
+        loaded,
+        items,
+        output_dir=job_dir / spec.training.output_dir,
+        sink=DatabaseSink(url, job_id),
+    )
+    with session_scope(url) as s:
+        for note in outcome.notes:
+            jobs.add_note(s, job_id, note)
+        jobs.set_fields(s, job_id, stage=JobStage.exporting)
+    adapter_dir = job_dir / "adapter"
+    _save_adapter(loaded, adapter_dir)
+    (job_dir / "spec.json").write_text(json.dumps(spec.to_json(), indent=2))
+    status = JobStatus.cancelled if outcome.cancelled else JobStatus.succeeded
+    _finish(url, job_id, status, adapter_dir=str(adapter_dir), steps_done=outcome.steps)
+    log.info(
+        "job %s %s after %d steps (loss %s)", job_id, status, outcome.steps, outcome.final_loss
+    )
+    return status

@@ -1,0 +1,45 @@
+"""Celery configuration shared by the API (which only sends tasks by name) and the workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.settings import Settings
+
+TRAIN_QUEUE = "medtune.train"
+INFER_QUEUE = "medtune.infer"
+RUN_JOB_TASK = "medtune.run_job"
+INFER_TASK = "medtune.infer"
+
+# A training job can run for hours: the broker must not hand it to another worker meanwhile.
+VISIBILITY_TIMEOUT_S = 24 * 3600
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.celery_broker_url,
+        "result_backend": settings.celery_result_backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": TRAIN_QUEUE,
+        "task_routes": {RUN_JOB_TASK: {"queue": TRAIN_QUEUE}, INFER_TASK: {"queue": INFER_QUEUE}},
+        "broker_transport_options": {
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "polling_interval": 0.2,  # SQL transport: how often an idle worker looks for work
+        },
+        "result_expires": 3600,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_celery(settings: Settings, name: str = "medtune") -> Any:
+    from celery import Celery
+
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app

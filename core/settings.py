@@ -1,0 +1,79 @@
+"""Service settings, read from ``MEDTUNE_*`` environment variables or an ``.env`` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.cwd() / ".medtune"
+
+
+class Settings(BaseSettings):
+    """Where medtune keeps its state and how its parts reach each other.
+
+    The defaults are the embedded set-up: SQLite for jobs and a SQLite-backed Celery broker, so a
+    laptop needs no server. Point ``database_url`` at Postgres and ``broker_url`` at Redis for
+    production; nothing else changes.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MEDTUNE_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="Root of medtune's state.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL of the job store.")
+    broker_url: str | None = Field(default=None, description="Celery broker URL.")
+    result_backend: str | None = Field(default=None, description="Celery result backend URL.")
+    model_cache: Path | None = Field(default=None, description="Where converted models live.")
+    data_roots: list[Path] = Field(
+        default_factory=list,
+        description="Extra folders that job specs may read datasets from (besides the samples).",
+    )
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    infer_timeout_s: float = Field(default=300.0, gt=0)
+    env: str = Field(default="development", description="development or production")
+
+    @field_validator("database_url", "broker_url", "result_backend")
+    @classmethod
+    def _normalise_postgres(cls, value: str | None) -> str | None:
+        # Users paste libpq URLs; SQLAlchemy needs the driver named.
+        if value and value.startswith(("postgres://", "postgresql://")):
+            return "postgresql+psycopg://" + value.split("://", 1)[1]
+        return value
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'medtune.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.home / 'broker.db'}"
+
+    @property
+    def celery_result_backend(self) -> str:
+        if self.result_backend:
+            return self.result_backend
+        if self.celery_broker_url.startswith(("redis://", "rediss://")):
+            return self.celery_broker_url
+        return "db+" + self.db_url
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.model_cache or self.home / "models"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.home, self.artifacts_dir, self.models_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,185 @@
+"""The job spec: the recipe's own config layout, validated, with the recipe's values as defaults.
+
+A spec is what a user POSTs to ``/jobs``. It keeps the four sections of the recipe this project
+grew from (``model_config``, ``lora_config``, ``training_dataset``, ``training_config``) verbatim,
+so an existing config file is accepted unchanged. Unknown keys are rejected, never ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+RECIPE_SYSTEM_PROMPT = "Answer the question truthfully, you are a medical professional."
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Hub repo ids: "owner/name" with the characters the Hub allows.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    base_model: str = Field(
+        default="unsloth/llama-3-8b-Instruct-bnb-4bit",
+        min_length=1,
+        max_length=300,
+        description="Hub id or local folder of the base model; 'smollm2-135m-instruct' is the "
+        "embedded default that works offline.",
+    )
+    finetuned_model: str = Field(
+        default="llama-3-8b-Instruct-bnb-4bit-medical",
+        description="Name of the tuned model (artifact and Hub repository name).",
+    )
+    max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Tokens per example.")
+    dtype: Literal["float16", "bfloat16"] | None = Field(
+        default=None,
+        description="Compute dtype; null picks bfloat16 where supported, else float16.",
+    )
+    load_in_4bit: bool = Field(default=True, description="Quantise the base to 4-bit NF4 (QLoRA).")
+
+    @field_validator("finetuned_model")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _SAFE_NAME.match(value):
+            raise ValueError(
+                "use 1-96 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return value
+
+
+class LoraSection(_Section):
+    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=lambda: list(ALL_PROJECTIONS),
+        min_length=1,
+        description="Module names that get adapters; the recipe targets every attention and MLP "
+        "projection.",
+    )
+    lora_alpha: float = Field(default=16, gt=0, le=4096, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_gradient_checkpointing: bool | Literal["unsloth"] = Field(
+        default=True, description="true, false, or 'unsloth' for Unsloth's offloaded variant."
+    )
+    use_rslora: bool = False
+    use_dora: bool = False
+    loftq_config: dict[str, Any] | None = None
+
+
+class DatasetSection(_Section):
+    name: str = Field(
+        default="Shekswess/medical_llama3_instruct_dataset_short",
+        min_length=1,
+        max_length=1000,
+        description="A local file (.jsonl/.json/.csv/.parquet) or folder, 'sample:medical_qa' "
+        "for the shipped sample, or a Hugging Face Hub dataset id.",
+    )
+    split: str = Field(default="train", min_length=1, max_length=100)
+    input_field: str = Field(
+        default="prompt",
+        min_length=1,
+        max_length=100,
+        description="Column holding ready prompt text, used when a row has no question/answer "
+        "columns to render through the chat template.",
+    )
+    max_samples: int | None = Field(default=None, ge=1, description="Keep the first N rows.")
+    system_prompt: str = Field(default=RECIPE_SYSTEM_PROMPT, max_length=4000)
+
+    @property
+    def kind(self) -> Literal["sample", "path", "hub"]:
+        if self.name.startswith("sample:"):
+            return "sample"
+        if looks_like_path(self.name):
+            return "path"
+        return "hub"
+
+    @model_validator(mode="after")
+    def _known_kind(self) -> DatasetSection:
+        if self.kind == "hub" and not _HUB_ID.match(self.name):
+            raise ValueError(
+                f"name {self.name!r} is neither a file path (.jsonl, .json, .csv, .parquet or a "
+                "folder) nor a Hub dataset id like 'owner/name'"
+            )
+        return self
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.lower().endswith(DATA_SUFFIXES)
+
+
+Optimizer = Literal[
+    "adamw_8bit",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
+]
+Scheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+]
+
+
+class TrainingSection(_Section):
+    per_device_train_batch_size: int = Field(default=2, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(default=4, ge=1, le=4096)
+    warmup_steps: int = Field(default=5, ge=0, le=1_000_000)
+    max_steps: int = Field(
+        default=0, ge=-1, le=10_000_000, description="Steps to train; 0 or -1 trains for epochs."
+    )
+    num_train_epochs: float = Field(default=1, gt=0, le=1000)
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
+    fp16: bool | None = Field(default=None, description="null: on where bf16 is unsupported.")
+    bf16: bool | None = Field(default=None, description="null: on where the GPU supports it.")
+    logging_steps: int = Field(default=1, ge=1, le=100_000)
+    optim: Optimizer = "adamw_8bit"
+    weight_decay: float = Field(default=0.01, ge=0.0, le=10.0)
+    lr_scheduler_type: Scheduler = "linear"
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    output_dir: str = Field(default="outputs", description="Folder name under the job's artifacts.")
+    engine: Literal["auto", "unsloth", "transformers"] = Field(
+        default="auto",
+        description="auto: Unsloth on CUDA, transformers + peft elsewhere.",
+    )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _relative_name(cls, value: str) -> str:
+        if not _SAFE_NAME.match(value):
+            raise ValueError("use a plain folder name (letters, digits, '.', '_', '-')")
+        return value
+
+    @model_validator(mode="after")
+    def _one_half_precision(self) -> TrainingSection:
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 cannot both be true; set one, or leave both null")
+        return self
+
+
+class JobSpec(_Section):
+    """A fine-tuning job, in the recipe's layout."""
+
+    model: ModelSection = Field(default_factory=ModelSection, alias="model_config")
+    lora: LoraSection = Field(default_factory=LoraSection, alias="lora_config")
+    dataset: DatasetSection = Field(default_factory=DatasetSection, alias="training_dataset")
+    training: TrainingSection = Field(default_factory=TrainingSection, alias="training_config")
+    hugging_face_username: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.-]{0,95}$")
+
+    model_config = ConfigDict(extra="forbid", validate_by_alias=True, validate_by_name=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)

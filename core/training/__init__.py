@@ -1,0 +1,1 @@
+"""Training engines: transformers + peft (any host) and Unsloth (CUDA), behind one interface."""

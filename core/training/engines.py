@@ -1,0 +1,151 @@
+"""Model loading per engine: transformers + peft (+ bitsandbytes on CUDA), or Unsloth on CUDA.
+
+Unsloth patches transformers when imported, so it is imported only inside the Unsloth path:
+the API and CPU workers never load it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.base_models import hub_call
+from core.errors import SpecError
+from core.spec import JobSpec
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    engine: str
+    notes: list[str] = field(default_factory=list)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pick_engine(spec: JobSpec) -> str:
+    choice = spec.training.engine
+    if choice == "auto":
+        return "unsloth" if cuda_available() else "transformers"
+    if choice == "unsloth" and not cuda_available():
+        raise SpecError(
+            "training_config.engine 'unsloth' needs a CUDA GPU and this worker has none; use "
+            "'auto' or 'transformers'",
+            field="training_config.engine",
+            code="engine_unavailable",
+        )
+    return choice
+
+
+def compute_dtype(spec: JobSpec) -> Any:
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    if spec.model.dtype:
+        return getattr(torch, spec.model.dtype)
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load(spec: JobSpec, model_path: str) -> Loaded:
+    engine = pick_engine(spec)
+    if engine == "unsloth":
+        return _load_unsloth(spec, model_path)
+    return _load_transformers(spec, model_path)
+
+
+def _lora_error(exc: Exception) -> SpecError:
+    return SpecError(
+        f"LoRA could not be applied: {str(exc)[:300]}",
+        field="lora_config.target_modules",
+        code="lora_config_invalid",
+    )
+
+
+def _load_transformers(spec: JobSpec, model_path: str) -> Loaded:
+    import torch
+    from peft import LoftQConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    notes: list[str] = []
+    cuda = torch.cuda.is_available()
+    dtype = compute_dtype(spec)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    quantized = spec.model.load_in_4bit and cuda
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": 0}
+    elif spec.model.load_in_4bit:
+        notes.append("load_in_4bit needs CUDA (bitsandbytes): the base was loaded in float32")
+    tokenizer = hub_call(spec.model.base_model, AutoTokenizer.from_pretrained, model_path)
+    model = hub_call(
+        spec.model.base_model, AutoModelForCausalLM.from_pretrained, model_path, **kwargs
+    )
+    if cuda and not quantized:
+        model = model.to("cuda")
+    checkpointing = bool(spec.lora.use_gradient_checkpointing)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    lora = spec.lora
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        bias=lora.bias,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights="loftq" if lora.loftq_config else True,
+        loftq_config=LoftQConfig(**lora.loftq_config) if lora.loftq_config else {},
+    )
+    try:
+        model = get_peft_model(model, config)
+    except (ValueError, TypeError) as exc:
+        raise _lora_error(exc) from exc
+    return Loaded(model, tokenizer, "transformers+peft" + ("+bnb4bit" if quantized else ""), notes)
+
+
+def _load_unsloth(spec: JobSpec, model_path: str) -> Loaded:
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = hub_call(
+        spec.model.base_model,
+        FastLanguageModel.from_pretrained,
+        model_name=model_path,
+        max_seq_length=spec.model.max_seq_length,
+        dtype=getattr(torch, spec.model.dtype) if spec.model.dtype else None,
+        load_in_4bit=spec.model.load_in_4bit,
+    )
+    lora = spec.lora
+    try:
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=lora.r,
+            target_modules=lora.target_modules,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            bias=lora.bias,
+            use_gradient_checkpointing=lora.use_gradient_checkpointing,
+            random_state=spec.training.seed,
+            use_rslora=lora.use_rslora,
+            loftq_config=lora.loftq_config,
+            max_seq_length=spec.model.max_seq_length,
+            **({"use_dora": True} if lora.use_dora else {}),
+        )
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise _lora_error(exc) from exc
+    return Loaded(model, tokenizer, "unsloth")

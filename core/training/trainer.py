@@ -1,0 +1,198 @@
+"""Run training with the spec's training_config, reporting each logging step to a sink."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.data.tokenize import IGNORE_INDEX, Encoded
+from core.spec import JobSpec
+from core.training.engines import Loaded
+from core.training.sink import MetricsSink
+
+# 8-bit and paged optimizers live in bitsandbytes' CUDA kernels.
+_CUDA_ONLY_OPTIMS = {"adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"}
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    total_steps: int
+    cancelled: bool
+    final_loss: float | None
+    notes: list[str]
+
+
+class PadCollator:
+    """Right-pads a batch; labels of padding are ignored by the loss."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(b["input_ids"]) for b in batch)
+        ids, labels, mask = [], [], []
+        for b in batch:
+            pad = width - len(b["input_ids"])
+            ids.append(b["input_ids"] + [self.pad_id] * pad)
+            labels.append(b["labels"] + [IGNORE_INDEX] * pad)
+            mask.append([1] * len(b["input_ids"]) + [0] * pad)
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "attention_mask": torch.tensor(mask),
+        }
+
+
+def memory_mb() -> tuple[float, float]:
+    """(current, peak) memory of this process: GPU memory on CUDA, resident set on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
+    import psutil
+
+    rss = psutil.Process().memory_info().rss / 2**20
+    return rss, rss
+
+
+def _precision(spec: JobSpec, notes: list[str]) -> tuple[bool, bool]:
+    import torch
+
+    fp16, bf16 = spec.training.fp16, spec.training.bf16
+    if not torch.cuda.is_available():
+        if fp16 or bf16:
+            notes.append("fp16/bf16 need a GPU: trained in float32 on the CPU")
+        return False, False
+    if fp16 is None and bf16 is None:
+        bf16 = torch.cuda.is_bf16_supported()
+        return not bf16, bf16
+    return bool(fp16), bool(bf16)
+
+
+def _optimizer(spec: JobSpec, notes: list[str]) -> str:
+    import torch
+
+    optim = spec.training.optim
+    if optim in _CUDA_ONLY_OPTIMS and not torch.cuda.is_available():
+        notes.append(f"optim {optim} needs CUDA (bitsandbytes): used adamw_torch on the CPU")
+        return "adamw_torch"
+    return optim
+
+
+def train(
+    spec: JobSpec, loaded: Loaded, items: list[Encoded], *, output_dir: Path, sink: MetricsSink
+) -> TrainOutcome:
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    notes: list[str] = []
+    cfg = spec.training
+    fp16, bf16 = _precision(spec, notes)
+    tokenizer = loaded.tokenizer
+    # Any id will do for padding (its labels are ignored); Llama 3 ships no pad token.
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    collator = PadCollator(pad_id)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        num_train_epochs=cfg.num_train_epochs,
+        learning_rate=cfg.learning_rate,
+        fp16=fp16,
+        bf16=bf16,
+        logging_steps=cfg.logging_steps,
+        optim=_optimizer(spec, notes),
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        seed=cfg.seed,
+        gradient_checkpointing=bool(spec.lora.use_gradient_checkpointing)
+        and loaded.engine != "unsloth",  # Unsloth wires its own checkpointing into the model
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in items]
+
+    class SinkCallback(TrainerCallback):
+        cancelled = False
+        last_loss: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            sink.begin(state.max_steps)
+            self.mark = (time.perf_counter(), trainer.tokens, trainer.samples)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if sink.should_stop():
+                self.cancelled = True
+                control.should_training_stop = True
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+            if not logs or "loss" not in logs:
+                return  # the end-of-training summary carries train_loss only
+            now, tokens, samples = time.perf_counter(), trainer.tokens, trainer.samples
+            elapsed = max(now - self.mark[0], 1e-9)
+            current, peak = memory_mb()
+            self.last_loss = float(logs["loss"])
+            sink.log(
+                state.global_step,
+                {
+                    "loss": self.last_loss,
+                    "learning_rate": _num(logs.get("learning_rate")),
+                    "grad_norm": _num(logs.get("grad_norm")),
+                    "epoch": _num(logs.get("epoch")),
+                    "tokens_per_second": (tokens - self.mark[1]) / elapsed,
+                    "samples_per_second": (samples - self.mark[2]) / elapsed,
+                    "memory_mb": current,
+                    "peak_memory_mb": peak,
+                },
+            )
+            self.mark = (now, tokens, samples)
+
+    class CountingTrainer(Trainer):
+        """Counts real tokens where they are trained (the data loader prefetches ahead)."""
+
+        tokens = 0
+        samples = 0
+
+        def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            # Still CPU tensors here (moved to the device inside), so no GPU sync.
+            self.tokens += int(inputs["attention_mask"].sum())
+            self.samples += int(inputs["attention_mask"].shape[0])
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    callback = SinkCallback()
+    trainer = CountingTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[callback],
+    )
+    trainer.remove_callback(PrinterCallback)  # the sink reports; no raw dicts on stdout
+    trainer.train()
+    return TrainOutcome(
+        steps=trainer.state.global_step,
+        total_steps=trainer.state.max_steps,
+        cancelled=callback.cancelled,
+        final_loss=callback.last_loss,
+        notes=notes,
+    )
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

@@ -1,0 +1,211 @@
+"""Shared fixtures: real Postgres and Redis on loopback, the embedded model, live service stacks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("MEDTUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("MEDTUNE_TEST_REDIS", "redis://127.0.0.1:6379/15")
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """The embedded model, converted once per machine and reused (as `make model` does)."""
+    from core.embedded_model import prepare_embedded_model
+
+    cache = Path(os.environ.get("MEDTUNE_MODEL_CACHE", ROOT / ".medtune" / "models"))
+    prepare_embedded_model(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def model_dir(model_cache: Path) -> Path:
+    from core.embedded_model import EMBEDDED_MODEL_NAME
+
+    return model_cache / EMBEDDED_MODEL_NAME
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server, dropped at the end."""
+    import psycopg
+
+    name = f"medtune_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    from core.db import get_engine
+
+    get_engine.cache_clear()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def migrated_pg(pg_url: str) -> str:
+    from core.migrate import upgrade
+
+    upgrade(pg_url)
+    return pg_url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    return REDIS_URL
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    from core.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(url)
+    return url
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    """Service processes started for a test, reachable at ``url``."""
+
+    url: str
+    home: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=httpx.Timeout(30, read=300))
+
+    def tail_logs(self, lines: int = 40) -> str:
+        out = []
+        for log in self.logs:
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def start(stack: Stack, name: str, argv: list[str], env: dict[str, str]) -> None:
+    log = stack.home / f"{name}.log"
+    stack.logs.append(log)
+    fh = log.open("wb")
+    stack.procs.append(
+        subprocess.Popen(argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    )
+
+
+def wait_healthy(stack: Stack, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{stack.url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if any(p.poll() is not None for p in stack.procs):
+            break
+        time.sleep(0.3)
+    stack.stop()
+    raise RuntimeError("service did not come up:\n" + stack.tail_logs())
+
+
+def stack_env(home: Path, model_cache: Path, **urls: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDTUNE_")}
+    env.update(
+        MEDTUNE_HOME=str(home),
+        MEDTUNE_MODEL_CACHE=str(model_cache),
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update({f"MEDTUNE_{k.upper()}": v for k, v in urls.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def pg_redis_stack(
+    tmp_path_factory: pytest.TempPathFactory, migrated_pg: str, redis_url: str, model_cache: Path
+) -> Iterator[Stack]:
+    """API + one Celery worker (both queues) on real Postgres and real Redis."""
+    home = tmp_path_factory.mktemp("stack")
+    env = stack_env(home, model_cache, database_url=migrated_pg, broker_url=redis_url)
+    port = free_port()
+    stack = Stack(url=f"http://127.0.0.1:{port}", home=home)
+    start(
+        stack,
+        "worker",
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "--pool",
+            "solo",
+            "-Q",
+            "medtune.train,medtune.infer",
+            "-n",
+            f"test-{port}@%h",
+            "--loglevel",
+            "INFO",
+        ],
+        env,
+    )
+    start(
+        stack,
+        "api",
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env,
+    )
+    wait_healthy(stack)
+    yield stack
+    stack.stop()

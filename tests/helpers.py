@@ -1,0 +1,113 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "core" / "samples" / "medical_qa_sample.jsonl"
+
+
+def tiny_dataset(path: Path, rows: int = 8) -> Path:
+    lines = SAMPLE.read_text().splitlines()[:rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def recipe_spec(dataset: Path | str, **training: Any) -> dict[str, Any]:
+    """The recipe's full config layout, pointed at the embedded model and a small dataset."""
+    return {
+        "model_config": {
+            "base_model": "smollm2-135m-instruct",
+            "finetuned_model": "smollm2-medical-test",
+            "max_seq_length": 256,
+            "dtype": None,
+            "load_in_4bit": True,
+        },
+        "lora_config": {
+            "r": 16,
+            "target_modules": [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+            "lora_alpha": 16,
+            "lora_dropout": 0,
+            "bias": "none",
+            "use_gradient_checkpointing": True,
+            "use_rslora": False,
+            "use_dora": False,
+            "loftq_config": None,
+        },
+        "training_dataset": {"name": str(dataset), "split": "train", "input_field": "prompt"},
+        "training_config": {
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "warmup_steps": 1,
+            "max_steps": 4,
+            "num_train_epochs": 1,
+            "learning_rate": 2e-3,
+            "fp16": None,
+            "bf16": None,
+            "logging_steps": 1,
+            "optim": "adamw_8bit",
+            "weight_decay": 0.01,
+            "lr_scheduler_type": "linear",
+            "seed": 42,
+            "output_dir": "outputs",
+            **training,
+        },
+        "hugging_face_username": "medtune-tests",
+    }
+
+
+def wait_status(
+    client: httpx.Client, job_id: str, statuses: set[str], timeout_s: float = 300
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job stayed {job['status']} past {timeout_s} s: {job}")
+        time.sleep(0.3)
+
+
+def sse(
+    client: httpx.Client, path: str, headers: dict[str, str] | None = None
+) -> Iterator[tuple[str | None, str, dict[str, Any]]]:
+    """(id, event, data) triples of a Server-Sent Events stream."""
+    with client.stream("GET", path, headers=headers) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event_id, event, data = None, "message", []
+        for line in response.iter_lines():
+            if not line:
+                if data:
+                    yield event_id, event, json.loads("\n".join(data))
+                event_id, event, data = None, "message", []
+            elif line.startswith("id:"):
+                event_id = line[3:].strip()
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+
+
+def wait_steps(client: httpx.Client, job_id: str, steps: int, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get(f"/jobs/{job_id}").json()["steps_done"] < steps:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} did not reach step {steps} in {timeout_s} s")
+        time.sleep(0.2)

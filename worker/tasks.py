@@ -1,0 +1,64 @@
+"""Tasks take ids and plain values, re-read the job store, and delegate to core."""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from typing import Any
+
+from core import jobs
+from core.db import session_scope
+from core.errors import JobNotReady, MedtuneError
+from core.inference import InferenceEngine
+from core.models import JobStatus
+from core.pipeline import run_job
+from core.queue import INFER_TASK, RUN_JOB_TASK
+from core.settings import get_settings
+from worker.celery_app import app
+
+
+@app.task(name=RUN_JOB_TASK, bind=True)
+def run_job_task(self: Any, job_id: str) -> str:
+    return run_job(job_id, get_settings(), worker=self.request.hostname or socket.gethostname())
+
+
+@lru_cache(maxsize=1)
+def _engine() -> InferenceEngine:
+    return InferenceEngine(models_dir=get_settings().models_dir)
+
+
+@app.task(name=INFER_TASK)
+def infer_task(
+    job_id: str,
+    messages: list[dict[str, str]],
+    *,
+    use_adapter: bool = True,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> dict[str, Any]:
+    """Returns the answer, or {"error": {...}} so the API can answer with the same problem."""
+    try:
+        with session_scope(get_settings().db_url) as s:
+            job = jobs.get_job(s, job_id)
+        if use_adapter and (job.status != JobStatus.succeeded or not job.adapter_dir):
+            raise JobNotReady(f"job {job_id} is {job.status}, not succeeded", field="job_id")
+        result = _engine().answer(
+            base_model=job.base_model,
+            messages=messages,
+            adapter_dir=job.adapter_dir if use_adapter else None,
+            adapter_name=job_id,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+        )
+        return {**result, "loads": dict(_engine().loads)}
+    except MedtuneError as exc:
+        return {
+            "error": {
+                "code": exc.code,
+                "status": exc.status,
+                "detail": exc.detail,
+                "field": exc.field,
+            }
+        }
