@@ -234,6 +234,15 @@ def _convert(source: Path, target: Path) -> None:
     _check_tokenizer(AutoTokenizer.from_pretrained(target), info)
 
 
+def _current(folder: Path) -> bool:
+    """Finished, and by this version of the conversion (older caches lack later fixes)."""
+    try:
+        marker = json.loads((folder / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("conversion_version") == CONVERSION_VERSION
+
+
 def prepare_embedded_model(cache_dir: Path) -> Path:
     """Convert the embedded GGUF once into ``cache_dir / EMBEDDED_MODEL_NAME`` and return it.
 
@@ -242,14 +251,14 @@ def prepare_embedded_model(cache_dir: Path) -> Path:
     """
     cache_dir = Path(cache_dir)
     final = cache_dir / EMBEDDED_MODEL_NAME
-    if (final / COMPLETE_MARKER).is_file():
+    if _current(final):
         logger.debug("Embedded model already prepared at %s", final)
         return final
 
     source = gguf_path()
     cache_dir.mkdir(parents=True, exist_ok=True)
     if final.exists():
-        # No marker: not ours or left half-made by something else; move it out of the way
+        # No current marker: half-made, foreign, or an older conversion; move it out of the way
         # atomically so a concurrent reader never sees it half-deleted.
         stale = cache_dir / f".{EMBEDDED_MODEL_NAME}.stale-{uuid.uuid4().hex}"
         logger.warning("Removing incomplete model folder %s", final)

@@ -27,14 +27,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_default_queue": TRAIN_QUEUE,
         "task_routes": {RUN_JOB_TASK: {"queue": TRAIN_QUEUE}, INFER_TASK: {"queue": INFER_QUEUE}},
-        "broker_transport_options": {
-            "visibility_timeout": VISIBILITY_TIMEOUT_S,
-            "polling_interval": 0.2,  # SQL transport: how often an idle worker looks for work
-        },
+        "broker_transport_options": _transport_options(settings.celery_broker_url),
         "result_expires": 3600,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
     }
+
+
+def _transport_options(broker_url: str) -> dict[str, Any]:
+    if broker_url.startswith(("redis://", "rediss://")):
+        return {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    # Kombu's SQL transport hands every option to create_engine(), so it gets none.
+    return {}
 
 
 def make_celery(settings: Settings, name: str = "medtune") -> Any:

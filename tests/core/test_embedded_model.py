@@ -260,3 +260,12 @@ def test_failed_conversion_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(RuntimeError, match="boom"):
         prepare_embedded_model(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_from_an_older_conversion_is_not_current(tmp_path: Path) -> None:
+    from core.embedded_model import COMPLETE_MARKER, CONVERSION_VERSION, _current
+
+    (tmp_path / COMPLETE_MARKER).write_text(json.dumps({"conversion_version": 0}))
+    assert not _current(tmp_path)
+    (tmp_path / COMPLETE_MARKER).write_text(json.dumps({"conversion_version": CONVERSION_VERSION}))
+    assert _current(tmp_path)
