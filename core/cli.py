@@ -134,12 +134,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from core.demo import run_demo
 
     try:
-        httpx.get(f"{args.url}/healthz", timeout=2)
-        return run_demo(url=args.url, max_steps=args.max_steps)
+        running = httpx.get(f"{args.url}/healthz", timeout=2).status_code == 200
     except httpx.TransportError:
-        pass
+        running = False
+    if running:
+        return run_demo(url=args.url, max_steps=args.max_steps)
     port = httpx.URL(args.url).port or 8000
-    up = subprocess.Popen([sys.executable, "-m", "core.cli", "up", "--port", str(port)])
+    settings = get_settings()
+    settings.ensure_dirs()
+    log_path = settings.home / "demo-services.log"
+    print(f"starting medtune on port {port} (service logs: {log_path})", flush=True)
+    with log_path.open("ab") as log_file:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "core.cli", "up", "--port", str(port)],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
     try:
         return run_demo(url=args.url, max_steps=args.max_steps)
     finally:
