@@ -151,6 +151,11 @@ class TrainingSection(_Section):
     lr_scheduler_type: Scheduler = "linear"
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     output_dir: str = Field(default="outputs", description="Folder name under the job's artifacts.")
+    packing: bool = Field(
+        default=False,
+        description="Pack short examples into rows of per_device_train_batch_size x "
+        "max_seq_length tokens, padding-free, attention kept inside each example.",
+    )
     engine: Literal["auto", "unsloth", "transformers"] = Field(
         default="auto",
         description="auto: Unsloth on CUDA, transformers + peft elsewhere.",

@@ -11,6 +11,7 @@ from typing import Any
 from core.data.tokenize import IGNORE_INDEX, Encoded
 from core.spec import JobSpec
 from core.training.engines import Loaded
+from core.training.packing import PackedCollator, pack
 from core.training.sink import MetricsSink
 
 # 8-bit and paged optimizers live in bitsandbytes' CUDA kernels.
@@ -97,10 +98,20 @@ def train(
     tokenizer = loaded.tokenizer
     # Any id will do for padding (its labels are ignored); Llama 3 ships no pad token.
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    collator = PadCollator(pad_id)
+    collator: Any
+    if cfg.packing:
+        dataset: list[dict[str, Any]] = pack(
+            items,
+            capacity=cfg.per_device_train_batch_size * spec.model.max_seq_length,
+            seed=cfg.seed,
+        )
+        collator = PackedCollator()
+    else:
+        dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in items]
+        collator = PadCollator(pad_id)
     args = TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_train_batch_size=1 if cfg.packing else cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         warmup_steps=cfg.warmup_steps,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
@@ -123,7 +134,6 @@ def train(
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
-    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in items]
 
     class SinkCallback(TrainerCallback):
         cancelled = False
@@ -168,10 +178,16 @@ def train(
 
         def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             # Still CPU tensors here (moved to the device inside), so no GPU sync.
-            self.tokens += int(inputs["attention_mask"].sum())
-            self.samples += int(inputs["attention_mask"].shape[0])
+            mask = inputs.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            lengths = inputs.get("packed_seq_lengths")
+            if lengths is not None and loaded.engine != "unsloth":
+                inputs = {k: v for k, v in inputs.items() if k != "packed_seq_lengths"}
+            self.samples += len(lengths) if lengths is not None else len(inputs["input_ids"])
             return super().training_step(model, inputs, *args, **kwargs)
 
+    # Training needs no KV cache, and with one transformers would not mask packed rows per example.
+    loaded.model.config.use_cache = False
     callback = SinkCallback()
     trainer = CountingTrainer(
         model=loaded.model,
