@@ -58,8 +58,10 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+def _field(err: dict[str, Any]) -> str:
+    if err["type"] == "json_invalid":
+        return "body"  # its location is a character offset, not a field
+    parts = [str(p) for p in err["loc"] if p not in ("body", "query", "path")]
     return ".".join(parts) or "body"
 
 
@@ -68,14 +70,16 @@ def _fix(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         return "remove this key; see the JobSpec schema at /docs for the accepted keys"
     if kind == "json_invalid":
-        return "send a valid JSON body"
+        offset = next((p for p in err["loc"] if isinstance(p, int)), None)
+        where = f" (error at character {offset})" if offset is not None else ""
+        return f"the body is not valid JSON{where}; send a JSON object"
     return err["msg"]
 
 
 async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [
         {
-            "field": _field(tuple(e["loc"])),
+            "field": _field(e),
             "code": _VALIDATION_CODES.get(e["type"], "invalid_value"),
             "message": _fix(e),
         }

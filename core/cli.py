@@ -147,7 +147,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with log_path.open("ab") as log_file:
         up = subprocess.Popen(
             [sys.executable, "-m", "core.cli", "up", "--port", str(port)],
-            stdout=log_file, stderr=subprocess.STDOUT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     try:
         return run_demo(url=args.url, max_steps=args.max_steps)

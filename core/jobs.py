@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, case, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -190,7 +190,13 @@ def add_metrics(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) -
         session.execute(
             update(Job)
             .where(col(Job.id) == job_id)
-            .values(steps_done=max(steps), updated_at=utcnow())
+            # Only forward: a replayed batch of old steps must not move progress back.
+            .values(
+                steps_done=case(
+                    (col(Job.steps_done) < max(steps), max(steps)), else_=col(Job.steps_done)
+                ),
+                updated_at=utcnow(),
+            )
         )
         session.commit()
     except IntegrityError:

@@ -28,10 +28,6 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Celery broker URL.")
     result_backend: str | None = Field(default=None, description="Celery result backend URL.")
     model_cache: Path | None = Field(default=None, description="Where converted models live.")
-    data_roots: list[Path] = Field(
-        default_factory=list,
-        description="Extra folders that job specs may read datasets from (besides the samples).",
-    )
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     infer_timeout_s: float = Field(default=300.0, gt=0)

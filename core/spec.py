@@ -47,7 +47,7 @@ class ModelSection(_Section):
     @field_validator("finetuned_model")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not _SAFE_NAME.match(value):
+        if not _SAFE_NAME.fullmatch(value):
             raise ValueError(
                 "use 1-96 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
@@ -102,7 +102,7 @@ class DatasetSection(_Section):
 
     @model_validator(mode="after")
     def _known_kind(self) -> DatasetSection:
-        if self.kind == "hub" and not _HUB_ID.match(self.name):
+        if self.kind == "hub" and not _HUB_ID.fullmatch(self.name):
             raise ValueError(
                 f"name {self.name!r} is neither a file path (.jsonl, .json, .csv, .parquet or a "
                 "folder) nor a Hub dataset id like 'owner/name'"
@@ -164,7 +164,7 @@ class TrainingSection(_Section):
     @field_validator("output_dir")
     @classmethod
     def _relative_name(cls, value: str) -> str:
-        if not _SAFE_NAME.match(value):
+        if not _SAFE_NAME.fullmatch(value):
             raise ValueError("use a plain folder name (letters, digits, '.', '_', '-')")
         return value
 

@@ -81,7 +81,12 @@ def _read_file(path: Path) -> Iterator[Row]:
         if suffix == ".jsonl":
             yield from _read_jsonl(path)
         elif suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_text(encoding="utf-8")
+            if not raw.strip():
+                raise DatasetError(
+                    f"{path.name} is empty", field="training_dataset.name", code="dataset_empty"
+                )
+            data = json.loads(raw)
             rows = data.get("data") if isinstance(data, dict) else data
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise DatasetError(
@@ -94,9 +99,18 @@ def _read_file(path: Path) -> Iterator[Row]:
             with path.open(encoding="utf-8", newline="") as fh:
                 yield from csv.DictReader(fh)
         elif suffix == ".parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            yield from pq.read_table(path).to_pylist()
+            try:
+                table = pq.read_table(path)
+            except (pa.ArrowException, OSError) as exc:
+                raise DatasetError(
+                    f"{path.name} is not a readable Parquet file: {str(exc)[:200]}",
+                    field="training_dataset.name",
+                    code="dataset_format",
+                ) from exc
+            yield from table.to_pylist()
         else:
             raise DatasetError(
                 f"{path.name}: unsupported file type; use {', '.join(DATA_SUFFIXES)}",

@@ -10,15 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.data.conversations import Example, Message
+from core.data.templates import CHATML
 
 IGNORE_INDEX = -100
-
-# Used only when a tokenizer ships no chat template.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @dataclass
@@ -36,7 +30,7 @@ class EncodedSet:
 
 def ensure_chat_template(tokenizer: Any) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.chat_template = CHATML  # used only when a tokenizer ships none
 
 
 def render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = False) -> str:

@@ -312,11 +312,6 @@ def test_bad_input_is_a_problem_and_changes_nothing(
     assert api.queue.calls == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: api/problems.py _field keeps the integer character offset of a json_invalid "
-    "error's loc ('body', 17), so 'field' is '17' instead of 'body'",
-    strict=True,
-)
 def test_malformed_json_names_the_body_as_the_field(api: Api) -> None:
     response = api.client.post("/jobs", content=b'{"model_config": {', headers=JSON)
     assert_problem(response, 422, "invalid_json", "body")

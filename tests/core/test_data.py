@@ -139,24 +139,12 @@ def test_empty_file_is_dataset_empty(tmp_path: Path, filename: str, content: str
     assert err.field == "training_dataset.name"
 
 
-@pytest.mark.xfail(
-    reason="BUG: core/data/sources.py _read_file parses .json with json.loads, so a zero-byte "
-    ".json file is reported as dataset_format ('not valid JSON') while zero-byte .jsonl/.csv "
-    "files are dataset_empty",
-    strict=True,
-)
 def test_zero_byte_json_file_is_dataset_empty(tmp_path: Path) -> None:
     path = tmp_path / "e.json"
     path.write_bytes(b"")
     assert raises(DatasetError, section(path)).code == "dataset_empty"
 
 
-@pytest.mark.xfail(
-    reason="BUG: core/data/sources.py _read_file does not catch pyarrow errors, so a corrupt or "
-    "zero-byte .parquet file raises pyarrow.lib.ArrowInvalid (no stable code; the worker then "
-    "reports internal_error) instead of DatasetError code dataset_format",
-    strict=True,
-)
 @pytest.mark.parametrize("content", [b"", b"this is not parquet"])
 def test_corrupt_parquet_is_a_format_error(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.parquet"

@@ -293,11 +293,6 @@ def test_add_metrics_keeps_other_jobs_apart(session: Session) -> None:
     assert fresh(session, b.id)["steps_done"] == 1
 
 
-@pytest.mark.xfail(
-    reason="BUG: core/jobs.py add_metrics sets steps_done=max(steps of the batch), including "
-    "replayed steps it skipped, so replaying older steps moves steps_done backwards",
-    strict=True,
-)
 def test_replaying_older_steps_does_not_move_progress_backwards(session: Session) -> None:
     job = jobs.create_job(session, SPEC)
     assert jobs.claim(session, job.id, worker="w")

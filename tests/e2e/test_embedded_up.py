@@ -14,13 +14,15 @@ from tests.helpers import recipe_spec, tiny_dataset, wait_status
 pytestmark = pytest.mark.slow
 
 
-def test_up_runs_a_job_and_answers_on_embedded_defaults(
-    tmp_path: Path, model_cache: Path
-) -> None:
+def test_up_runs_a_job_and_answers_on_embedded_defaults(tmp_path: Path, model_cache: Path) -> None:
     port = free_port()
     stack = Stack(url=f"http://127.0.0.1:{port}", home=tmp_path)
-    start(stack, "up", [sys.executable, "-m", "core.cli", "up", "--port", str(port)],
-          stack_env(tmp_path, model_cache))
+    start(
+        stack,
+        "up",
+        [sys.executable, "-m", "core.cli", "up", "--port", str(port)],
+        stack_env(tmp_path, model_cache),
+    )
     try:
         wait_healthy(stack, timeout_s=120)
         data = tiny_dataset(tmp_path / "tiny.jsonl", rows=4)
@@ -28,8 +30,10 @@ def test_up_runs_a_job_and_answers_on_embedded_defaults(
             job = client.post("/jobs", json=recipe_spec(data, max_steps=2)).json()
             final = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"})
             assert final["status"] == "succeeded", stack.tail_logs() + str(final)
-            reply = client.post("/infer", json={"job_id": job["id"], "max_new_tokens": 16,
-                                                "question": "What is a fever?"})
+            reply = client.post(
+                "/infer",
+                json={"job_id": job["id"], "max_new_tokens": 16, "question": "What is a fever?"},
+            )
             assert reply.status_code == 200, reply.text + stack.tail_logs()
             assert reply.json()["answer"]
     finally:
