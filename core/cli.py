@@ -67,15 +67,19 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
+def _exec(argv: list[str]) -> int:
+    # Replace this process, so signals (a container's SIGTERM) reach uvicorn or celery directly.
+    os.execv(argv[0], argv)
+    return 1  # not reached
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     settings = get_settings()
-    return subprocess.call(
-        api_command(args.host or settings.api_host, args.port or settings.api_port)
-    )
+    return _exec(api_command(args.host or settings.api_host, args.port or settings.api_port))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    return subprocess.call(worker_command(args.queues, args.name))
+    return _exec(worker_command(args.queues, args.name))
 
 
 def cmd_prepare_model(_: argparse.Namespace) -> int:

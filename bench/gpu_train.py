@@ -1,0 +1,321 @@
+"""GPU training benchmark: the service's trainer vs a bare Unsloth loop vs transformers + peft.
+
+Random weights of a real architecture (Llama-3-8B-Instruct or Mistral-7B-Instruct-v0.2) with the
+real tokenizer (bench/real_tokenizers.py), so speed and memory are faithful; quality is not the
+point. Run each measurement in its own process: Unsloth patches transformers when imported.
+
+    python bench/gpu_train.py make llama3-8b TOKENIZER_DIR MODEL_DIR
+    python bench/gpu_train.py service MODEL_DIR --engine unsloth|transformers [--steps --bs --seq]
+    python bench/gpu_train.py bare MODEL_DIR [--steps --bs --seq]
+    python bench/gpu_train.py epoch MODEL_DIR DATA.jsonl [--no-packing]
+
+Each prints one JSON line (and appends it to $BENCH_OUT if set). bench/gpu_all.sh runs the set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": {
+        "arch": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": False,
+    },
+    "llama3-1b": {
+        "arch": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+    },
+    "mistral-7b": {
+        "arch": "mistral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+def emit(record: dict[str, Any]) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if os.environ.get("BENCH_OUT"):
+        with open(os.environ["BENCH_OUT"], "a") as fh:
+            fh.write(line + "\n")
+
+
+def make(shape: str, tokenizer_dir: str, out: str) -> None:
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
+
+    started = time.time()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = dict(SHAPES[shape])
+    arch = cfg.pop("arch")
+    config_cls, model_cls = (
+        (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (MistralConfig, MistralForCausalLM)
+    )
+    config = config_cls(
+        **cfg,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = model_cls(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    emit(
+        {
+            "made": shape,
+            "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+            "s": round(time.time() - started, 1),
+        }
+    )
+
+
+def _spec(
+    model_dir: str,
+    *,
+    engine: str,
+    bs: int,
+    seq: int,
+    steps: int,
+    grad_accum: int = 1,
+    packing: bool = False,
+    epochs: float = 1,
+) -> Any:
+    from core.spec import JobSpec
+
+    return JobSpec.model_validate(
+        {
+            "model_config": {"base_model": model_dir, "max_seq_length": seq, "load_in_4bit": True},
+            "lora_config": {
+                "r": 16,
+                "lora_alpha": 16,
+                "lora_dropout": 0,
+                "target_modules": PROJECTIONS,
+                "use_gradient_checkpointing": "unsloth" if engine == "unsloth" else True,
+            },
+            "training_config": {
+                "per_device_train_batch_size": bs,
+                "gradient_accumulation_steps": grad_accum,
+                "max_steps": steps,
+                "num_train_epochs": epochs,
+                "warmup_steps": 5,
+                "learning_rate": 2e-4,
+                "optim": "adamw_8bit",
+                "logging_steps": 1,
+                "engine": engine,
+                "packing": packing,
+            },
+        }
+    )
+
+
+def _synthetic(vocab: int, *, n: int, seq: int) -> list[Any]:
+    from core.data.tokenize import Encoded
+
+    rng = random.Random(1)
+    rows = [[rng.randrange(10, vocab - 300) for _ in range(seq)] for _ in range(n)]
+    return [Encoded(ids, ids, False) for ids in rows]
+
+
+def service(model_dir: str, *, engine: str, steps: int, bs: int, seq: int) -> None:
+    """The worker's own code path: engines.load + trainer.train with the sink it reports to."""
+    import torch
+
+    from core.training import engines, trainer
+    from core.training.sink import ListSink
+
+    spec = _spec(model_dir, engine=engine, bs=bs, seq=seq, steps=steps)
+    started = time.time()
+    loaded = engines.load(spec, model_dir)
+    load_s = time.time() - started
+    items = _synthetic(len(loaded.tokenizer), n=steps * bs, seq=seq)
+    sink = ListSink()
+    trainer.train(spec, loaded, items, output_dir=Path("/tmp/bench-out"), sink=sink)
+    rates = [r["tokens_per_second"] for r in sink.rows[2:]]
+    emit(
+        {
+            "bench": "service",
+            "engine": loaded.engine,
+            "model": Path(model_dir).name,
+            "bs": bs,
+            "seq": seq,
+            "steps": steps,
+            "load_s": round(load_s, 1),
+            "tokens_per_s_median": round(statistics.median(rates), 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "loss_first": round(sink.rows[0]["loss"], 3),
+            "loss_last": round(sink.rows[-1]["loss"], 3),
+        }
+    )
+
+
+def bare(model_dir: str, *, steps: int, bs: int, seq: int) -> None:
+    """A bare Unsloth loop on the same spec (the shape of shared/gpu/probe.py's loop)."""
+    import bitsandbytes as bnb
+    import torch
+    from unsloth import FastLanguageModel
+
+    started = time.time()
+    model, tok = FastLanguageModel.from_pretrained(
+        model_dir, max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        target_modules=PROJECTIONS,
+        lora_alpha=16,
+        lora_dropout=0,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=42,
+    )
+    load_s = time.time() - started
+    opt = bnb.optim.AdamW8bit(
+        [p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01
+    )
+    model.train()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    times = []
+    for _ in range(steps):
+        ids = torch.randint(10, len(tok) - 300, (bs, seq), device="cuda", generator=gen)
+        torch.cuda.synchronize()
+        t = time.time()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.time() - t)
+    step = statistics.median(times[2:])
+    emit(
+        {
+            "bench": "bare_unsloth",
+            "model": Path(model_dir).name,
+            "bs": bs,
+            "seq": seq,
+            "steps": steps,
+            "load_s": round(load_s, 1),
+            "tokens_per_s_median": round(bs * seq / step, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        }
+    )
+
+
+def epoch(model_dir: str, data: str, *, packing: bool) -> None:
+    """One epoch of the recipe's 2,000-row set at its settings, through the service path."""
+    import torch
+
+    from core.data.conversations import to_examples
+    from core.data.sources import load_rows
+    from core.data.tokenize import encode_all
+    from core.spec import RECIPE_SYSTEM_PROMPT, DatasetSection
+    from core.training import engines, trainer
+    from core.training.sink import ListSink
+
+    spec = _spec(
+        model_dir, engine="unsloth", bs=2, seq=2048, steps=0, grad_accum=4, packing=packing
+    )
+    loaded = engines.load(spec, model_dir)
+    started = time.time()
+    rows = load_rows(DatasetSection(name=data))
+    examples = to_examples(rows, system_prompt=RECIPE_SYSTEM_PROMPT, input_field="prompt")
+    encoded = encode_all(loaded.tokenizer, examples.examples, max_length=2048)
+    prep_s = time.time() - started
+    sink = ListSink()
+    started = time.time()
+    outcome = trainer.train(
+        spec, loaded, encoded.items, output_dir=Path("/tmp/bench-out"), sink=sink
+    )
+    train_s = time.time() - started
+    emit(
+        {
+            "bench": "epoch",
+            "engine": loaded.engine,
+            "model": Path(model_dir).name,
+            "packing": packing,
+            "rows": len(rows),
+            "tokens": encoded.stats["tokens"],
+            "steps": outcome.steps,
+            "prep_s": round(prep_s, 1),
+            "train_s": round(train_s, 1),
+            "tokens_per_s": round(encoded.stats["tokens"] / train_s, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "loss_first": round(sink.rows[0]["loss"], 3),
+            "loss_last": round(sink.rows[-1]["loss"], 3),
+            # Per-step rates show warm-up and recompilation apart from the steady state.
+            "step_tokens_per_s": [round(r["tokens_per_second"]) for r in sink.rows],
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("make")
+    p.add_argument("shape", choices=sorted(SHAPES))
+    p.add_argument("tokenizer_dir")
+    p.add_argument("out")
+    for name in ("service", "bare"):
+        p = sub.add_parser(name)
+        p.add_argument("model_dir")
+        p.add_argument("--steps", type=int, default=10)
+        p.add_argument("--bs", type=int, default=2)
+        p.add_argument("--seq", type=int, default=2048)
+        if name == "service":
+            p.add_argument("--engine", choices=["unsloth", "transformers"], default="unsloth")
+    p = sub.add_parser("epoch")
+    p.add_argument("model_dir")
+    p.add_argument("data")
+    p.add_argument("--no-packing", action="store_true")
+    args = parser.parse_args()
+    if args.cmd == "make":
+        make(args.shape, args.tokenizer_dir, args.out)
+    elif args.cmd == "service":
+        service(args.model_dir, engine=args.engine, steps=args.steps, bs=args.bs, seq=args.seq)
+    elif args.cmd == "bare":
+        bare(args.model_dir, steps=args.steps, bs=args.bs, seq=args.seq)
+    else:
+        epoch(args.model_dir, args.data, packing=not args.no_packing)
+
+
+if __name__ == "__main__":
+    main()
