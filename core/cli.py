@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from core.cli_client import register as register_client_commands
 from core.settings import get_settings
 
 log = logging.getLogger("medtune")
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--url", default=os.environ.get("MEDTUNE_URL", "http://127.0.0.1:8000"))
     demo.add_argument("--max-steps", type=int, default=60)
     demo.set_defaults(func=cmd_demo)
+    register_client_commands(sub)
     return parser
 
 
