@@ -14,11 +14,10 @@ from typing import Any
 
 from core import jobs
 from core.base_models import hub_call, resolve
-from core.data.conversations import to_examples
-from core.data.sources import load_rows
-from core.data.tokenize import encode_all, ensure_chat_template
+from core.data.prepare import prepare
+from core.data.tokenize import ensure_chat_template
 from core.db import session_scope
-from core.errors import DatasetError, MedtuneError
+from core.errors import MedtuneError
 from core.models import JobStage, JobStatus
 from core.settings import Settings
 from core.spec import JobSpec
@@ -46,30 +45,12 @@ class DatabaseSink:
 
 
 def _prepare_data(spec: JobSpec, model_path: str) -> tuple[list[Any], dict[str, Any]]:
+    """Load, clean, render and tokenize; the gate fails the job on the first bad example."""
     from transformers import AutoTokenizer
 
-    rows = load_rows(spec.dataset)
-    conv = to_examples(
-        rows, system_prompt=spec.dataset.system_prompt, input_field=spec.dataset.input_field
-    )
     tokenizer = hub_call(spec.model.base_model, AutoTokenizer.from_pretrained, model_path)
-    ensure_chat_template(tokenizer)
-    encoded = encode_all(tokenizer, conv.examples, max_length=spec.model.max_seq_length)
-    if encoded.stats["trained_tokens"] == 0:
-        raise DatasetError(
-            "no token of any example is trained (every label is masked); check that rows have "
-            "answers and that max_seq_length leaves room for them",
-            field="training_dataset",
-            code="no_trained_tokens",
-        )
-    stats = {
-        "source": spec.dataset.name,
-        "layout": conv.layout,
-        "rows": len(rows),
-        "dropped": dict(conv.dropped),
-        **encoded.stats,
-    }
-    return encoded.items, stats
+    prepared = prepare(spec.dataset, tokenizer, max_seq_length=spec.model.max_seq_length)
+    return prepared.train, prepared.stats
 
 
 def _save_adapter(loaded: Any, target: Path) -> None:
@@ -126,7 +107,7 @@ def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -
     with session_scope(url) as s:
         jobs.set_fields(s, job_id, dataset_stats=stats, stage=JobStage.training)
     loaded = engines.load(spec, model_path)
-    ensure_chat_template(loaded.tokenizer)
+    ensure_chat_template(loaded.tokenizer, spec.dataset.chat_template)
     with session_scope(url) as s:
         jobs.set_fields(s, job_id, engine=loaded.engine)
         for note in loaded.notes:

@@ -10,7 +10,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 RECIPE_SYSTEM_PROMPT = "Answer the question truthfully, you are a medical professional."
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -19,6 +26,8 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# MedQuAD as published: a folder or a zip of XML documents.
+ARCHIVE_SUFFIXES = (".zip", ".xml")
 
 
 class _Section(BaseModel):
@@ -73,13 +82,54 @@ class LoraSection(_Section):
     loftq_config: dict[str, Any] | None = None
 
 
+class ColumnMap(_Section):
+    """Which columns of a table hold the conversation: question/answer (alias input/output),
+    optionally a system column, or one column with a ready list of role/content messages."""
+
+    question: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        validation_alias=AliasChoices("question", "input"),
+        description="Column with the user's question (alias: input).",
+    )
+    answer: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        validation_alias=AliasChoices("answer", "output"),
+        description="Column with the answer the model learns (alias: output).",
+    )
+    system: str | None = Field(
+        default=None, min_length=1, max_length=200, description="Column with a per-row system text."
+    )
+    messages: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Column with a list of {role, content} messages; excludes question/answer.",
+    )
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> ColumnMap:
+        if self.messages is not None:
+            if self.question or self.answer or self.system:
+                raise ValueError("map either 'messages' or question/answer columns, not both")
+        elif not (self.question and self.answer):
+            raise ValueError("map both 'question' and 'answer' (or 'input' and 'output')")
+        return self
+
+
 class DatasetSection(_Section):
     name: str = Field(
         default="Shekswess/medical_llama3_instruct_dataset_short",
         min_length=1,
         max_length=1000,
-        description="A local file (.jsonl/.json/.csv/.parquet) or folder, 'sample:medical_qa' "
-        "for the shipped sample, or a Hugging Face Hub dataset id.",
+        description="A local file (.jsonl/.json/.csv/.parquet) or folder, MedQuAD as published "
+        "(a folder or .zip of its XML files), 'sample:medical_qa' for the shipped sample, or a "
+        "Hugging Face Hub dataset id.",
     )
     split: str = Field(default="train", min_length=1, max_length=100)
     input_field: str = Field(
@@ -91,6 +141,63 @@ class DatasetSection(_Section):
     )
     max_samples: int | None = Field(default=None, ge=1, description="Keep the first N rows.")
     system_prompt: str = Field(default=RECIPE_SYSTEM_PROMPT, max_length=4000)
+    format: Literal["auto", "medquad", "records"] = Field(
+        default="auto",
+        description="auto: MedQuAD XML when the folder or zip holds .xml files, else records "
+        "(JSON, JSONL, CSV, Parquet or Hub rows).",
+    )
+    rename_columns: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=100,
+        description="Rename columns before mapping, old -> new (the recipe's rename step).",
+    )
+    remove_columns: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Drop these columns before mapping (the recipe's remove_columns step).",
+    )
+    columns: ColumnMap | None = Field(
+        default=None,
+        description="Explicit column mapping; null detects Alpaca, question/answer, messages "
+        "or input_field text.",
+    )
+    dedupe: Literal["none", "exact", "normalized"] = Field(
+        default="normalized",
+        description="Drop duplicate conversations: exact text, or after case, punctuation and "
+        "whitespace are normalised.",
+    )
+    min_tokens: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Drop examples shorter than this (tokens)."
+    )
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Drop examples longer than this (tokens) instead of truncating them.",
+    )
+    validation_share: float = Field(
+        default=0.0, ge=0.0, le=0.5, description="Share of examples held out for validation."
+    )
+    validation_seed: int = Field(
+        default=42, ge=0, le=2**32 - 1, description="Seed of the validation split (stable)."
+    )
+    chat_template: Literal["auto", "llama3", "mistral_v2", "gemma", "llama2", "chatml"] = Field(
+        default="auto",
+        description="auto: the tokenizer's own chat template, ChatML when it has none; or a "
+        "built-in template written from the model family's reference format.",
+    )
+    train_on_prompt: bool = Field(
+        default=False,
+        description="Train on the whole text; false trains on the answers only (end-of-turn "
+        "token included).",
+    )
+    max_truncated_share: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="Fail before training when more than this share of examples is cut by "
+        "max_seq_length.",
+    )
 
     @property
     def kind(self) -> Literal["sample", "path", "hub"]:
@@ -107,11 +214,15 @@ class DatasetSection(_Section):
                 f"name {self.name!r} is neither a file path (.jsonl, .json, .csv, .parquet or a "
                 "folder) nor a Hub dataset id like 'owner/name'"
             )
+        if self.min_tokens and self.max_tokens and self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
         return self
 
 
 def looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or name.lower().endswith(DATA_SUFFIXES)
+    return name.startswith(("/", "./", "../", "~")) or name.lower().endswith(
+        DATA_SUFFIXES + ARCHIVE_SUFFIXES
+    )
 
 
 Optimizer = Literal[

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.data.cleaning import clean_text
 from core.data.sources import Row
 from core.errors import DatasetError
 
 Message = dict[str, str]
 QUESTION_KEYS = ("question", "query", "prompt_text")
 ANSWER_KEYS = ("answer", "response", "completion")
+# Row columns kept on an example as metadata (MedQuAD's question type and focus, its collection).
+META_KEYS = ("qtype", "focus", "source", "document")
 
 
 @dataclass
 class Example:
-    """One training example: a conversation, or raw text when the row only had ready text."""
+    """One training example: a conversation, or raw text when the row only had ready text.
+
+    ``meta`` holds the row's index in the loaded dataset (``row``) and metadata columns.
+    """
 
     messages: list[Message] | None = None
     text: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -31,9 +37,7 @@ class Conversion:
 
 
 def _text(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value).strip()
+    return clean_text(value)
 
 
 def _first(row: Row, keys: tuple[str, ...]) -> str:
@@ -69,11 +73,12 @@ def to_examples(rows: list[Row], *, system_prompt: str, input_field: str) -> Con
     """
     layout = detect_layout(rows[0], input_field)
     conv = Conversion(examples=[], layout=layout)
-    for row in rows:
+    for index, row in enumerate(rows):
         example = _convert(row, layout, system_prompt=system_prompt, input_field=input_field)
         if isinstance(example, str):
             conv.dropped[example] += 1
         else:
+            example.meta = {"row": index, **{k: row[k] for k in META_KEYS if row.get(k)}}
             conv.examples.append(example)
     if not conv.examples:
         raise DatasetError(
@@ -104,7 +109,8 @@ def _convert(row: Row, layout: str, *, system_prompt: str, input_field: str) -> 
         answer = _text(row.get("output"))
         system, user = (instruction, user_input) if user_input else (system_prompt, instruction)
     else:
-        system, user, answer = system_prompt, _first(row, QUESTION_KEYS), _first(row, ANSWER_KEYS)
+        system = _text(row.get("system")) or system_prompt
+        user, answer = _first(row, QUESTION_KEYS), _first(row, ANSWER_KEYS)
     if not user:
         return "empty_question"
     if not answer:

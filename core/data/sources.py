@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from core.data.medquad import is_medquad, read_medquad
 from core.errors import DatasetError, DatasetNotFound, HubUnavailable
 from core.spec import DATA_SUFFIXES, DatasetSection
 
@@ -46,18 +49,99 @@ def resolve_local(section: DatasetSection) -> Path | None:
     return path
 
 
-def load_rows(section: DatasetSection) -> list[Row]:
+@dataclass
+class Loaded:
+    """Rows as read (after the rename/remove/column steps), and what was skipped while reading."""
+
+    rows: list[Row]
+    format: str
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+def load(section: DatasetSection) -> Loaded:
     path = resolve_local(section)
-    rows = list(_read_path(path)) if path is not None else _read_hub(section)
+    dropped: Counter[str] = Counter()
+    fmt = "records"
+    if (
+        path is not None
+        and section.format != "records"
+        and (section.format == "medquad" or is_medquad(path))
+    ):
+        medquad = read_medquad(path)
+        rows, dropped, fmt = medquad.rows, medquad.dropped, "medquad"
+    else:
+        rows = list(_read_path(path)) if path is not None else _read_hub(section)
     if section.max_samples is not None:
         rows = rows[: section.max_samples]
     if not rows:
         raise DatasetError(
-            f"dataset {section.name!r} has no rows",
+            f"dataset {section.name!r} has no rows" + (f" ({dict(dropped)})" if dropped else ""),
             field="training_dataset.name",
             code="dataset_empty",
         )
-    return rows
+    return Loaded(rows=map_columns(rows, section), format=fmt, dropped=dropped)
+
+
+def load_rows(section: DatasetSection) -> list[Row]:
+    return load(section).rows
+
+
+def map_columns(rows: list[Row], section: DatasetSection) -> list[Row]:
+    """The recipe's rename and remove steps, then the explicit column mapping, if any."""
+    if not (section.rename_columns or section.remove_columns or section.columns):
+        return rows
+    columns = set().union(*(r.keys() for r in rows[:100]))
+    for old, where in [(c, "rename_columns") for c in section.rename_columns] + [
+        (c, "remove_columns") for c in section.remove_columns
+    ]:
+        if old not in columns:
+            raise _missing_column(old, f"training_dataset.{where}", columns)
+    rename, remove = section.rename_columns, set(section.remove_columns)
+    if rename or remove:
+        rows = [{rename.get(k, k): v for k, v in r.items() if k not in remove} for r in rows]
+        columns = {rename.get(c, c) for c in columns if c not in remove}
+    mapping = section.columns
+    if mapping is None:
+        return rows
+    wanted = {
+        key: column
+        for key, column in (
+            ("question", mapping.question),
+            ("answer", mapping.answer),
+            ("system", mapping.system),
+            ("messages", mapping.messages),
+        )
+        if column is not None
+    }
+    for key, column in wanted.items():
+        if column not in columns:
+            raise _missing_column(column, f"training_dataset.columns.{key}", columns)
+    keep = ("qtype", "focus", "source", "document")
+    mapped = []
+    for row in rows:
+        out = {key: row.get(column) for key, column in wanted.items()}
+        if isinstance(out.get("messages"), str):
+            out["messages"] = _parse_messages(out["messages"])
+        out.update({k: row[k] for k in keep if k in row and k not in wanted})
+        mapped.append(out)
+    return mapped
+
+
+def _parse_messages(value: str) -> Any:
+    # CSV cells hold the messages list as JSON text.
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return None
+
+
+def _missing_column(column: str, where: str, columns: set[str]) -> DatasetError:
+    return DatasetError(
+        f"{where} names column {column!r}, which the dataset does not have; its columns are "
+        f"{sorted(columns)[:20]}",
+        field=where,
+        code="dataset_columns",
+    )
 
 
 def _read_path(path: Path) -> Iterator[Row]:

@@ -39,4 +39,41 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-TEMPLATES = {"llama3": LLAMA3, "mistral_v2": MISTRAL_V2, "chatml": CHATML}
+# Gemma 1.1 it: <bos> once, <start_of_turn>user|model ... <end_of_turn>\n. Gemma has no system role
+# (its own template raises on one), so a system message is folded into the first user turn.
+GEMMA = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] | trim %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}"
+    "{% set loop_messages = messages %}{% endif %}{{ bos_token }}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{% set content = message['content'] | trim %}"
+    "{% if loop.first and system %}{% set content = system + '\n\n' + content %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + content + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+# Llama-2-chat: every exchange is <s>[INST] user [/INST] answer </s>; the system text sits in a
+# <<SYS>> block inside the first [INST]. Each user turn opens with its own BOS, as in Meta's
+# reference chat_completion.
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}"
+    "{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set content = message['content'] | trim %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.first and system %}"
+    "{% set content = '<<SYS>>\n' + system | trim + '\n<</SYS>>\n\n' + content %}{% endif %}"
+    "{{ bos_token + '[INST] ' + content + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+TEMPLATES = {
+    "llama3": LLAMA3,
+    "mistral_v2": MISTRAL_V2,
+    "gemma": GEMMA,
+    "llama2": LLAMA2,
+    "chatml": CHATML,
+}

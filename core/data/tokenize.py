@@ -10,16 +10,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.data.conversations import Example, Message
-from core.data.templates import CHATML
+from core.data.templates import CHATML, TEMPLATES
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class Encoded:
+    """Token ids and labels (cut to max_length), and what the gate needs from before the cut."""
+
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    length: int = 0  # tokens before truncation
+    answer_spans: list[tuple[int, int]] = field(default_factory=list)  # token spans, uncut
+    full_ids: list[int] = field(default_factory=list, repr=False)  # the uncut ids
+    full_labels: list[int] = field(default_factory=list, repr=False)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -28,9 +35,19 @@ class EncodedSet:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def ensure_chat_template(tokenizer: Any) -> None:
+def ensure_chat_template(tokenizer: Any, choice: str = "auto") -> str:
+    """Set the template a job renders with and return its name.
+
+    ``auto`` keeps the tokenizer's own template (ChatML when it ships none); any other choice
+    replaces it with the built-in one, so training and inference render alike.
+    """
+    if choice != "auto":
+        tokenizer.chat_template = TEMPLATES[choice]
+        return choice
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML  # used only when a tokenizer ships none
+        return "chatml"
+    return "tokenizer"
 
 
 def render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = False) -> str:
@@ -54,30 +71,97 @@ def answer_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tup
 def encode(
     tokenizer: Any, example: Example, *, max_length: int, train_on_prompt: bool = False
 ) -> Encoded:
-    if example.text is not None:
-        ids = tokenizer(example.text, add_special_tokens=True)["input_ids"]
-        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids = [*ids, tokenizer.eos_token_id]
-        return Encoded(ids[:max_length], ids[:max_length], truncated=len(ids) > max_length)
-    assert example.messages is not None
-    text, spans = answer_spans(tokenizer, example.messages)
-    # The template writes the special tokens itself; letting the tokenizer add them too doubles BOS.
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
-    labels = [
-        tok if train_on_prompt or any(s <= start < e for s, e in spans) else IGNORE_INDEX
-        for tok, (start, _end) in zip(ids, enc["offset_mapping"], strict=True)
-    ]
-    return Encoded(ids[:max_length], labels[:max_length], truncated=len(ids) > max_length)
+    return _encode_batch(
+        tokenizer, [example], max_length=max_length, train_on_prompt=train_on_prompt
+    )[0]
+
+
+def _encode_batch(
+    tokenizer: Any, examples: list[Example], *, max_length: int, train_on_prompt: bool
+) -> list[Encoded]:
+    chats = [(i, e) for i, e in enumerate(examples) if e.messages is not None]
+    texts = [(i, e) for i, e in enumerate(examples) if e.messages is None]
+    out: list[Encoded | None] = [None] * len(examples)
+    if chats:
+        rendered = [answer_spans(tokenizer, e.messages or []) for _, e in chats]
+        # The template writes the special tokens itself; letting the tokenizer add them too
+        # doubles BOS. One batched call lets the Rust tokenizer use every core.
+        enc = tokenizer(
+            [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
+        )
+        for (index, example), (_, spans), ids, offsets in zip(
+            chats, rendered, enc["input_ids"], enc["offset_mapping"], strict=True
+        ):
+            out[index] = _label(ids, offsets, spans, example, max_length, train_on_prompt)
+    if texts:
+        enc = tokenizer([e.text or "" for _, e in texts], add_special_tokens=True)
+        for (index, example), ids in zip(texts, enc["input_ids"], strict=True):
+            if tokenizer.eos_token_id is not None and (
+                not ids or ids[-1] != tokenizer.eos_token_id
+            ):
+                ids = [*ids, tokenizer.eos_token_id]
+            out[index] = Encoded(
+                ids[:max_length],
+                ids[:max_length],
+                truncated=len(ids) > max_length,
+                length=len(ids),
+                answer_spans=[(0, len(ids))],
+                full_ids=ids,
+                full_labels=ids,
+                meta=example.meta,
+            )
+    return [e for e in out if e is not None]
+
+
+def _label(
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    spans: list[tuple[int, int]],
+    example: Example,
+    max_length: int,
+    train_on_prompt: bool,
+) -> Encoded:
+    labels = [IGNORE_INDEX] * len(ids)
+    token_spans = []
+    cursor = 0
+    for start, end in spans:  # spans are in order; walk the tokens once
+        while cursor < len(ids) and offsets[cursor][0] < start:
+            cursor += 1
+        first = cursor
+        while cursor < len(ids) and offsets[cursor][0] < end:
+            labels[cursor] = ids[cursor]
+            cursor += 1
+        token_spans.append((first, cursor))
+    if train_on_prompt:
+        labels = list(ids)
+    return Encoded(
+        ids[:max_length],
+        labels[:max_length],
+        truncated=len(ids) > max_length,
+        length=len(ids),
+        answer_spans=token_spans,
+        full_ids=ids,
+        full_labels=labels,
+        meta=example.meta,
+    )
 
 
 def encode_all(
-    tokenizer: Any, examples: list[Example], *, max_length: int, train_on_prompt: bool = False
+    tokenizer: Any,
+    examples: list[Example],
+    *,
+    max_length: int,
+    train_on_prompt: bool = False,
+    batch_size: int = 1024,
 ) -> EncodedSet:
-    items = [
-        encode(tokenizer, ex, max_length=max_length, train_on_prompt=train_on_prompt)
-        for ex in examples
-    ]
+    items: list[Encoded] = []
+    for start in range(0, len(examples), batch_size):
+        items += _encode_batch(
+            tokenizer,
+            examples[start : start + batch_size],
+            max_length=max_length,
+            train_on_prompt=train_on_prompt,
+        )
     lengths = sorted(len(i.input_ids) for i in items)
     trained = sum(sum(1 for t in i.labels if t != IGNORE_INDEX) for i in items)
     total = sum(lengths)
@@ -87,7 +171,7 @@ def encode_all(
         "trained_tokens": trained,
         "trained_token_share": round(trained / total, 4) if total else 0.0,
         "truncated": sum(i.truncated for i in items),
-        "length_p50": lengths[len(lengths) // 2],
-        "length_max": lengths[-1],
+        "length_p50": lengths[len(lengths) // 2] if lengths else 0,
+        "length_max": lengths[-1] if lengths else 0,
     }
     return EncodedSet(items=items, stats=stats)

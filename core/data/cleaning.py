@@ -1,0 +1,105 @@
+"""Text cleaning, duplicate removal and the validation split.
+
+MedQuAD answers carry HTML entities (sometimes escaped twice), non-breaking spaces and runs of
+indentation between paragraphs; scraped CSVs add NaN cells. Everything a model reads passes
+through ``clean_text`` once, when rows become conversations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import math
+import re
+import unicodedata
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # conversations imports clean_text from here
+    from core.data.conversations import Example
+
+_SPACES = re.compile(r"[ \t\f\v\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+_SPACE_AROUND_NEWLINE = re.compile(r" ?\n ?")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
+def clean_text(value: Any) -> str:
+    """Unescape HTML entities, normalise whitespace, strip; None and NaN become ''."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = value if isinstance(value, str) else str(value)
+    if "&" in text:
+        # Twice: scraped medical text is often escaped twice ("&amp;apos;").
+        text = html.unescape(html.unescape(text))
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _SPACES.sub(" ", text)
+    if "\n" in text:
+        text = _BLANK_LINES.sub("\n\n", _SPACE_AROUND_NEWLINE.sub("\n", text))
+    text = text.strip()
+    return "" if text.lower() == "nan" else text  # a NaN cell written out as text
+
+
+def normalized_key(text: str) -> str:
+    """Case, accents, punctuation and whitespace folded away: near-identical texts collide."""
+    folded = unicodedata.normalize("NFKD", text.casefold())
+    return _NOT_WORD.sub(" ", folded).strip()
+
+
+def _conversation_text(example: Example) -> str:
+    if example.messages is None:
+        return example.text or ""
+    # The system prompt is the same for most rows; duplicates are about what is asked and said.
+    return "\x1f".join(
+        f"{m['role']}\x1e{m['content']}" for m in example.messages if m["role"] != "system"
+    )
+
+
+def dedupe(
+    examples: list[Example], mode: Literal["none", "exact", "normalized"]
+) -> tuple[list[Example], Counter[str]]:
+    """Keep the first of each duplicate; count the rest as exact or normalised duplicates."""
+    dropped: Counter[str] = Counter()
+    if mode == "none":
+        return examples, dropped
+    seen_exact: set[str] = set()
+    seen_norm: set[str] = set()
+    kept = []
+    for example in examples:
+        text = _conversation_text(example)
+        if text in seen_exact:
+            dropped["duplicate_exact"] += 1
+            continue
+        seen_exact.add(text)
+        if mode == "normalized":
+            key = normalized_key(text)
+            if key in seen_norm:
+                dropped["duplicate_normalized"] += 1
+                continue
+            seen_norm.add(key)
+        kept.append(example)
+    return kept, dropped
+
+
+def validation_split(
+    examples: list[Example], *, share: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Hold out round(share * n) examples, chosen by a seeded hash of each conversation.
+
+    The choice depends on the seed and the example's own text, not on row order, so the same
+    question lands on the same side when the file is shuffled or grows.
+    """
+    count = round(share * len(examples))
+    if count == 0:
+        return examples, []
+    salt = str(seed).encode()
+
+    def rank(index: int) -> bytes:
+        text = _conversation_text(examples[index]).encode()
+        return hashlib.blake2b(text, key=salt[:64], digest_size=8).digest()
+
+    held = set(sorted(range(len(examples)), key=rank)[:count])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    validation = [e for i, e in enumerate(examples) if i in held]
+    return train, validation

@@ -1,0 +1,158 @@
+"""MedQuAD as published: one XML document per focus, each with question/answer pairs.
+
+    <Document id="0000007" source="NHLBI" url="...">
+      <Focus>ARDS</Focus>
+      <QAPairs><QAPair pid="1">
+        <Question qid="0000007-1" qtype="information">What is (are) ARDS ?</Question>
+        <Answer>ARDS, or acute respiratory distress syndrome, ...</Answer>
+      </QAPair></QAPairs>
+    </Document>
+
+A few NINDS files use a lower-case variant (<doc corpus=...>, <doctitle-focus>, <pair>,
+<question>, <answer>); both are read. Three of the twelve collections had their answers removed
+for copyright, so about two thirds of the pairs have an empty <Answer>; they are skipped and
+counted, never trained on.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from core.errors import DatasetError
+
+FIELD = "training_dataset.name"
+# The published corpus has two layouts: most files use <Document>, a few NINDS files <doc>.
+_LAYOUTS = {
+    "Document": {
+        "source": "source",
+        "focus": "Focus",
+        "pair": "QAPair",
+        "question": "Question",
+        "answer": "Answer",
+    },
+    "doc": {
+        "source": "corpus",
+        "focus": "doctitle-focus",
+        "pair": "pair",
+        "question": "question",
+        "answer": "answer",
+    },
+}
+
+
+@dataclass
+class MedQuadRows:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)
+    files: int = 0
+
+
+def is_medquad(path: Path) -> bool:
+    """A .zip or .xml file, or a folder that holds .xml files (and no other data files)."""
+    if path.is_file():
+        return path.suffix.lower() in (".zip", ".xml")
+    return path.is_dir() and next(path.rglob("*.xml"), None) is not None
+
+
+def read_medquad(path: Path) -> MedQuadRows:
+    out = MedQuadRows()
+    for name, data in _documents(path):
+        out.files += 1
+        _parse_document(name, data, out)
+    if out.files == 0:
+        raise DatasetError(
+            f"{path.name!r} holds no MedQuAD .xml documents",
+            field=FIELD,
+            code="dataset_empty",
+        )
+    return out
+
+
+def _documents(path: Path) -> Iterator[tuple[str, bytes]]:
+    if path.is_dir():
+        for file in sorted(path.rglob("*.xml")):
+            yield str(file.relative_to(path)), file.read_bytes()
+    elif path.suffix.lower() == ".zip":
+        try:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DatasetError(
+                f"{path.name} is not a readable zip file: {exc}", field=FIELD, code="dataset_format"
+            ) from exc
+        with archive:
+            names = sorted(
+                n
+                for n in archive.namelist()
+                if n.lower().endswith(".xml") and not n.startswith("__MACOSX/")
+            )
+            for name in names:
+                yield name, archive.read(name)
+    else:
+        yield path.name, path.read_bytes()
+
+
+def _declares_other_encoding(data: bytes) -> bool:
+    head = data[:200].split(b"?>", 1)[0].lower()
+    if not head.startswith(b"<?xml") or b"encoding" not in head:
+        return False
+    return b"utf-8" not in head and b"utf8" not in head
+
+
+def _parse_document(name: str, data: bytes, out: MedQuadRows) -> None:
+    if not data.strip():
+        raise DatasetError(f"MedQuAD file {name} is empty", field=FIELD, code="dataset_empty")
+    try:
+        # Bytes, not text: the parser honours the document's own encoding declaration.
+        root = ET.fromstring(data)
+    except ET.ParseError as exc:
+        line, column = exc.position
+        if not _declares_other_encoding(data):
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as decode_error:
+                raise DatasetError(
+                    f"MedQuAD file {name} is not UTF-8 text (byte {decode_error.start}) and "
+                    "declares no other encoding; re-save it as UTF-8",
+                    field=FIELD,
+                    code="dataset_encoding",
+                ) from exc
+        raise DatasetError(
+            f"MedQuAD file {name} is not well-formed XML (line {line}, column {column}): "
+            f"{str(exc).split(':')[0]}",
+            field=FIELD,
+            code="dataset_format",
+        ) from exc
+    tags = _LAYOUTS.get(root.tag)
+    if tags is None:
+        raise DatasetError(
+            f"MedQuAD file {name}: the root element is <{root.tag}>, expected <Document>",
+            field=FIELD,
+            code="dataset_format",
+        )
+    source = root.get(tags["source"]) or Path(name).parent.name or "medquad"
+    focus = (root.findtext(tags["focus"]) or "").strip()
+    for pair in root.iter(tags["pair"]):
+        question = pair.find(tags["question"])
+        answer = pair.findtext(tags["answer"]) or ""
+        if question is None or not (question.text or "").strip():
+            out.dropped["medquad_no_question"] += 1
+            continue
+        if not answer.strip():
+            out.dropped["medquad_no_answer"] += 1
+            continue
+        out.rows.append(
+            {
+                "question": question.text,
+                "answer": answer,
+                "qtype": question.get("qtype") or "",
+                "focus": focus,
+                "source": source,
+                "document": f"{name}#{pair.get('pid', '')}",
+            }
+        )
