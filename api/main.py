@@ -5,10 +5,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import problems
-from api.routes import health, infer, jobs
+from api.routes import health, infer, jobs, metrics
+from core.logs import configure_from_env
 
 
 def create_app() -> FastAPI:
+    # MEDTUNE_LOG_FORMAT=json: uvicorn has set up its loggers by the time it imports the app.
+    configure_from_env()
     app = FastAPI(
         title="medtune",
         version="0.1.0",
@@ -16,9 +19,11 @@ def create_app() -> FastAPI:
         "watch them train, and ask the tuned model.",
     )
     problems.install(app)
+    app.add_middleware(metrics.PrometheusMiddleware)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(infer.router)
+    app.include_router(metrics.router)
     return app
 
 

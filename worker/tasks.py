@@ -10,16 +10,22 @@ from core import jobs
 from core.db import session_scope
 from core.errors import JobNotReady, MedtuneError
 from core.inference import InferenceEngine
+from core.logs import install_celery_logging, job_context
 from core.models import JobStatus
 from core.pipeline import run_job
 from core.queue import INFER_TASK, RUN_JOB_TASK
 from core.settings import get_settings
 from worker.celery_app import app
 
+# MEDTUNE_LOG_FORMAT=json: JSON lines; this module is imported before Celery sets up logging.
+install_celery_logging()
+
 
 @app.task(name=RUN_JOB_TASK, bind=True)
 def run_job_task(self: Any, job_id: str) -> str:
-    return run_job(job_id, get_settings(), worker=self.request.hostname or socket.gethostname())
+    # Every line logged while the job runs (ours, transformers', celery's) carries its id.
+    with job_context(job_id):
+        return run_job(job_id, get_settings(), worker=self.request.hostname or socket.gethostname())
 
 
 @lru_cache(maxsize=1)
