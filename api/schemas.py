@@ -146,3 +146,15 @@ class InferResponse(BaseModel):
     generation_seconds: float
     tokens_per_second: float | None
     latency_ms: float
+
+
+class CheckpointPublic(_Out):
+    step: int
+    created_at: datetime
+    loss: float | None = Field(description="Training loss last logged before this checkpoint.")
+
+
+class CheckpointsPage(BaseModel):
+    object: Literal["list"] = "list"
+    job_id: str
+    data: list[CheckpointPublic]

@@ -80,3 +80,10 @@ class JobCancelled(MedtuneError):
 
     code = "job_cancelled"
     status = 409
+
+
+class OutOfMemory(MedtuneError):
+    """Training does not fit the GPU even at the smallest micro-batch."""
+
+    code = "cuda_out_of_memory"
+    status = 422

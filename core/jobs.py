@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, or_, update
+from sqlalchemy import and_, case, delete, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -26,6 +26,7 @@ METRIC_FIELDS = (
     "memory_mb",
     "peak_memory_mb",
 )
+DEFAULT_LEASE_S = 300.0  # a worker renews its lease every third of this
 TERMINAL = [s.value for s in JobStatus if s.terminal]
 
 
@@ -121,16 +122,62 @@ def request_cancel(session: Session, job_id: str) -> Job:
     return job
 
 
-def claim(session: Session, job_id: str, *, worker: str) -> bool:
-    """Move a queued job to running; False if someone else has it or it is no longer queued."""
+def claim(session: Session, job_id: str, *, worker: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
+    """Move a queued job to running under a lease; False if it is not queued (any more)."""
+    now = utcnow()
     return _update(
         session,
         job_id,
         col(Job.status) == JobStatus.queued,
         status=JobStatus.running,
-        started_at=utcnow(),
+        started_at=now,
         worker=worker,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+        attempts=Job.attempts + 1,
     )
+
+
+def renew_lease(session: Session, job_id: str, *, worker: str, lease_s: float) -> bool:
+    """Extend the running worker's lease; False if the job is no longer this worker's."""
+    return _update(
+        session,
+        job_id,
+        and_(col(Job.status) == JobStatus.running, col(Job.worker) == worker),
+        lease_expires_at=utcnow() + timedelta(seconds=lease_s),
+    )
+
+
+def requeue_lapsed(session: Session) -> list[str]:
+    """Running jobs whose worker stopped renewing its lease go back to queued, to be resumed.
+
+    Returns the ids requeued; the conditional UPDATE makes two reconcilers agree on each job.
+    """
+    now = utcnow()
+    lapsed = session.exec(
+        select(Job.id).where(Job.status == JobStatus.running, col(Job.lease_expires_at) < now)
+    ).all()
+    requeued = []
+    for job_id in lapsed:
+        if _update(
+            session,
+            job_id,
+            and_(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now),
+            status=JobStatus.queued,
+            stage=None,
+            lease_expires_at=None,
+        ):
+            add_note(session, job_id, f"worker lost ({now:%Y-%m-%d %H:%M:%S} UTC); requeued")
+            requeued.append(job_id)
+    return requeued
+
+
+def delete_metrics_after(session: Session, job_id: str, step: int) -> None:
+    """Drop rows past the checkpoint a resumed run restarts from, so its curve has no seam."""
+    session.execute(
+        delete(MetricRow).where(col(MetricRow.job_id) == job_id, col(MetricRow.step) > step)
+    )
+    session.execute(update(Job).where(col(Job.id) == job_id).values(steps_done=step))
+    session.commit()
 
 
 def set_fields(session: Session, job_id: str, **values: Any) -> None:

@@ -66,6 +66,9 @@ class Job(SQLModel, table=True):
     artifacts_dir: str | None = None
     adapter_dir: str | None = None
     worker: str | None = Field(default=None, max_length=200)
+    # The running worker renews this lease; once it lapses the job is requeued and resumed.
+    lease_expires_at: datetime | None = _ts(index=True)
+    attempts: int = 0
     dataset_stats: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
 

@@ -17,7 +17,8 @@ from core.base_models import hub_call, resolve
 from core.data.prepare import prepare
 from core.data.tokenize import ensure_chat_template
 from core.db import session_scope
-from core.errors import MedtuneError
+from core.errors import MedtuneError, OutOfMemory
+from core.lease import LeaseKeeper
 from core.models import JobStage, JobStatus
 from core.settings import Settings
 from core.spec import JobSpec
@@ -67,7 +68,7 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
     """Run one job to a terminal status and return it."""
     url = settings.db_url
     with session_scope(url) as s:
-        if not jobs.claim(s, job_id, worker=worker):
+        if not jobs.claim(s, job_id, worker=worker, lease_s=settings.lease_seconds):
             status = jobs.get_job(s, job_id).status
             log.info("job %s not claimed (status %s)", job_id, status)
             return status
@@ -75,7 +76,8 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
     job_dir = settings.artifacts_dir / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _run_stages(job_id, spec, job_dir, settings)
+        with LeaseKeeper(url, job_id, worker=worker, lease_s=settings.lease_seconds):
+            return _run_stages(job_id, spec, job_dir, settings)
     except MedtuneError as exc:
         log.warning("job %s failed: %s %s", job_id, exc.code, exc.detail)
         _finish(url, job_id, JobStatus.failed, error_code=exc.code, error_message=exc.detail)
@@ -96,8 +98,14 @@ def _finish(url: str, job_id: str, status: JobStatus, **values: Any) -> None:
         jobs.finish(s, job_id, status, **values)
 
 
+def _note(url: str, job_id: str, *notes: str) -> None:
+    with session_scope(url) as s:
+        for note in notes:
+            jobs.add_note(s, job_id, note)
+
+
 def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -> str:
-    from core.training import engines, trainer
+    from core.training import engines
 
     url = settings.db_url
     with session_scope(url) as s:
@@ -110,18 +118,10 @@ def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -
     ensure_chat_template(loaded.tokenizer, spec.dataset.chat_template)
     with session_scope(url) as s:
         jobs.set_fields(s, job_id, engine=loaded.engine)
-        for note in loaded.notes:
-            jobs.add_note(s, job_id, note)
-    outcome = trainer.train(
-        spec,
-        loaded,
-        items,
-        output_dir=job_dir / spec.training.output_dir,
-        sink=DatabaseSink(url, job_id),
-    )
+    _note(url, job_id, *loaded.notes)
+    outcome = _train_with_recovery(job_id, spec, loaded, items, job_dir, url)
+    _note(url, job_id, *outcome.notes)
     with session_scope(url) as s:
-        for note in outcome.notes:
-            jobs.add_note(s, job_id, note)
         jobs.set_fields(s, job_id, stage=JobStage.exporting)
     adapter_dir = job_dir / "adapter"
     _save_adapter(loaded, adapter_dir)
@@ -132,3 +132,65 @@ def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -
         "job %s %s after %d steps (loss %s)", job_id, status, outcome.steps, outcome.final_loss
     )
     return status
+
+
+def _train_with_recovery(
+    job_id: str, spec: JobSpec, loaded: Any, items: list[Any], job_dir: Path, url: str
+) -> Any:
+    """Train, resuming from the last checkpoint after a lost worker or a CUDA out-of-memory.
+
+    Out of memory: retry from the last checkpoint with half the micro-batch and twice the
+    gradient accumulation (the same effective batch) until the micro-batch is 1.
+    """
+    import torch
+
+    from core.training import checkpoints, trainer
+
+    output_dir = job_dir / spec.training.output_dir
+    resume = checkpoints.latest(output_dir / "checkpoints")
+    if resume:
+        with session_scope(url) as s:
+            jobs.delete_metrics_after(s, job_id, resume.step)
+        _note(url, job_id, f"resumed from checkpoint-{resume.step}")
+    while True:
+        try:
+            return trainer.train(
+                spec,
+                loaded,
+                items,
+                output_dir=output_dir,
+                sink=DatabaseSink(url, job_id),
+                resume_from=resume.path if resume else None,
+            )
+        except torch.cuda.OutOfMemoryError as exc:
+            cfg = spec.training
+            if cfg.per_device_train_batch_size == 1:
+                raise OutOfMemory(
+                    "CUDA ran out of memory even at per_device_train_batch_size 1; lower "
+                    "model_config.max_seq_length or use a GPU with more memory",
+                    field="training_config.per_device_train_batch_size",
+                ) from exc
+            batch = cfg.per_device_train_batch_size // 2
+            accumulation = cfg.gradient_accumulation_steps * 2
+            spec = spec.model_copy(
+                update={
+                    "training": cfg.model_copy(
+                        update={
+                            "per_device_train_batch_size": batch,
+                            "gradient_accumulation_steps": accumulation,
+                        }
+                    )
+                }
+            )
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            resume = checkpoints.latest(output_dir / "checkpoints")
+            step = resume.step if resume else 0
+            with session_scope(url) as s:
+                jobs.delete_metrics_after(s, job_id, step)
+            _note(
+                url,
+                job_id,
+                f"CUDA out of memory; retrying from step {step} with micro-batch "
+                f"{batch} x {accumulation} accumulation",
+            )

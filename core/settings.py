@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     infer_timeout_s: float = Field(default=300.0, gt=0)
+    lease_seconds: float = Field(
+        default=300.0, gt=0, description="A running job's lease; renewed every third of it."
+    )
+    reconcile_interval_s: float = Field(
+        default=30.0, gt=0, description="How often a worker requeues jobs whose lease lapsed."
+    )
     env: str = Field(default="development", description="development or production")
 
     @field_validator("database_url", "broker_url", "result_backend")

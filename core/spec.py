@@ -262,6 +262,13 @@ class TrainingSection(_Section):
     lr_scheduler_type: Scheduler = "linear"
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     output_dir: str = Field(default="outputs", description="Folder name under the job's artifacts.")
+    save_steps: int = Field(
+        default=50,
+        ge=0,
+        le=10_000_000,
+        description="Checkpoint every N steps (and at cancel); 0 saves only at cancel.",
+    )
+    save_total_limit: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept.")
     packing: bool = Field(
         default=False,
         description="Pack short examples into rows of per_device_train_batch_size x "

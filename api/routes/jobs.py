@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request
@@ -12,7 +13,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import QueueDep, SessionDep, SettingsDep
-from api.schemas import JobPublic, JobsPublic, MetricPublic, MetricsPage
+from api.schemas import (
+    CheckpointPublic,
+    CheckpointsPage,
+    JobPublic,
+    JobsPublic,
+    MetricPublic,
+    MetricsPage,
+)
 from core import jobs
 from core.base_models import check_base_model
 from core.data.sources import resolve_local
@@ -20,6 +28,7 @@ from core.db import session_scope
 from core.models import JobStatus
 from core.queue import RUN_JOB_TASK, TRAIN_QUEUE
 from core.spec import JobSpec
+from core.training import checkpoints
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -94,6 +103,21 @@ def read_metrics(
         data=[MetricPublic.of(r) for r in rows],
         has_more=has_more,
         last_step=rows[-1].step if rows else None,
+    )
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointsPage)
+def list_checkpoints(session: SessionDep, job_id: str) -> CheckpointsPage:
+    """The job's complete training checkpoints, oldest first."""
+    job = jobs.get_job(session, job_id)
+    found = []
+    if job.artifacts_dir:
+        output_dir = JobSpec.model_validate(job.spec).training.output_dir
+        root = Path(job.artifacts_dir) / output_dir / "checkpoints"
+        found = checkpoints.list_checkpoints(root)
+    return CheckpointsPage(
+        job_id=job_id,
+        data=[CheckpointPublic(step=c.step, created_at=c.created_at, loss=c.loss) for c in found],
     )
 
 

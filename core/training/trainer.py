@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 from core.data.tokenize import IGNORE_INDEX, Encoded
 from core.spec import JobSpec
+from core.training import checkpoints
 from core.training.engines import Loaded
 from core.training.packing import PackedCollator, pack
 from core.training.sink import MetricsSink
@@ -87,8 +90,18 @@ def _optimizer(spec: JobSpec, notes: list[str]) -> str:
 
 
 def train(
-    spec: JobSpec, loaded: Loaded, items: list[Encoded], *, output_dir: Path, sink: MetricsSink
+    spec: JobSpec,
+    loaded: Loaded,
+    items: list[Encoded],
+    *,
+    output_dir: Path,
+    sink: MetricsSink,
+    resume_from: Path | None = None,
 ) -> TrainOutcome:
+    """Train to the spec's end (or a cancel), checkpointing into ``output_dir/checkpoints``.
+
+    ``resume_from`` restores optimizer, scheduler, RNG and data position from a checkpoint.
+    """
     import torch
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -127,7 +140,8 @@ def train(
         gradient_checkpointing=bool(spec.lora.use_gradient_checkpointing)
         and loaded.engine != "unsloth",  # Unsloth wires its own checkpointing into the model
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        save_strategy="no",
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or None,
         report_to="none",
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -143,10 +157,14 @@ def train(
             sink.begin(state.max_steps)
             self.mark = (time.perf_counter(), trainer.tokens, trainer.samples)
 
+        def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            _maybe_inject_oom(state.global_step + 1)
+
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             if sink.should_stop():
                 self.cancelled = True
                 control.should_training_stop = True
+                control.should_save = True  # a cancelled job keeps a usable checkpoint
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
             if not logs or "loss" not in logs:
@@ -170,11 +188,24 @@ def train(
             )
             self.mark = (now, tokens, samples)
 
+    checkpoint_root = output_dir / "checkpoints"
+    staging = checkpoint_root / checkpoints.STAGING
+
     class CountingTrainer(Trainer):
-        """Counts real tokens where they are trained (the data loader prefetches ahead)."""
+        """Counts real tokens where they are trained (the data loader prefetches ahead), and
+        writes checkpoints into a staging folder that is renamed into place when complete."""
 
         tokens = 0
         samples = 0
+
+        def _get_output_dir(self, trial: Any) -> str:
+            return str(staging)
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            shutil.rmtree(staging, ignore_errors=True)
+            super()._save_checkpoint(model, trial)
+            checkpoints.publish(staging / f"checkpoint-{self.state.global_step}", checkpoint_root)
+            checkpoints.prune(checkpoint_root, keep=cfg.save_total_limit)
 
         def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             # Still CPU tensors here (moved to the device inside), so no GPU sync.
@@ -197,7 +228,7 @@ def train(
         callbacks=[callback],
     )
     trainer.remove_callback(PrinterCallback)  # the sink reports; no raw dicts on stdout
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return TrainOutcome(
         steps=trainer.state.global_step,
         total_steps=trainer.state.max_steps,
@@ -205,6 +236,20 @@ def train(
         final_loss=callback.last_loss,
         notes=notes,
     )
+
+
+# Fault injection for tests: a CUDA out-of-memory error at this step, once per process.
+FAULT_OOM_ENV = "MEDTUNE_FAULT_OOM_AT_STEP"
+_injected: set[int] = set()
+
+
+def _maybe_inject_oom(step: int) -> None:
+    wanted = os.environ.get(FAULT_OOM_ENV)
+    if wanted and int(wanted) == step and step not in _injected:
+        import torch
+
+        _injected.add(step)
+        raise torch.cuda.OutOfMemoryError(f"injected by {FAULT_OOM_ENV} at step {step}")
 
 
 def _num(value: Any) -> float | None:

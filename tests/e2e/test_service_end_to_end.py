@@ -120,6 +120,10 @@ def test_cancel_running_job_stops_at_step_boundary(pg_redis_stack: Stack, tmp_pa
         final = wait_status(client, job["id"], {"cancelled", "failed", "succeeded"}, 120)
         assert final["status"] == "cancelled", final
         assert 1 <= final["steps_done"] < 400
+        # Cancel saves a checkpoint at the step it stopped on, and the adapter beside it.
+        saved = client.get(f"/jobs/{job['id']}/checkpoints").json()["data"]
+        assert saved and saved[-1]["step"] == final["steps_done"]
+        assert Path(final["artifacts"]["adapter"], "adapter_model.safetensors").is_file()
         again = client.post(f"/jobs/{job['id']}/cancel")
         assert again.status_code == 409
         assert again.json()["code"] == "job_not_cancellable"
