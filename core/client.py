@@ -210,7 +210,9 @@ class MedtuneClient:
         )
         return result
 
-    def events(self, job_id: str, *, after_step: int = -1, reconnects: int = 5) -> Iterator[Event]:
+    def events(
+        self, job_id: str, *, after_step: int = -1, reconnects: int = 5, backoff_s: float = 2.0
+    ) -> Iterator[Event]:
         """The job's event stream until its ``end`` event.
 
         A dropped connection is resumed with ``Last-Event-ID`` (the last metric step seen), so
@@ -246,7 +248,7 @@ class MedtuneClient:
                 failures += 1  # the server closed the stream before its end event
                 if failures > reconnects:
                     raise ServerUnreachable(self.url, "event stream closed before its end")
-            time.sleep(min(2.0 * failures, 10.0))
+            time.sleep(min(backoff_s * failures, 10.0))
 
     def infer(
         self,
