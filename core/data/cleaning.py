@@ -44,6 +44,8 @@ def clean_text(value: Any) -> str:
 def normalized_key(text: str) -> str:
     """Case, accents, punctuation and whitespace folded away: near-identical texts collide."""
     folded = unicodedata.normalize("NFKD", text.casefold())
+    if not folded.isascii():
+        folded = "".join(c for c in folded if not unicodedata.combining(c))
     return _NOT_WORD.sub(" ", folded).strip()
 
 
