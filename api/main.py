@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import problems
-from api.routes import health, infer, jobs, metrics
+from api.routes import datasets, health, infer, jobs, metrics
 from core.logs import configure_from_env
 
 
@@ -23,6 +23,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(infer.router)
+    app.include_router(datasets.router)
     app.include_router(metrics.router)
     return app
 

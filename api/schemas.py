@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from core.models import Job, MetricRow
+from core.spec import DatasetSection
 
 
 class _Out(BaseModel):
@@ -158,3 +159,60 @@ class CheckpointsPage(BaseModel):
     object: Literal["list"] = "list"
     job_id: str
     data: list[CheckpointPublic]
+
+
+class JobDatasetPublic(BaseModel):
+    object: Literal["job_dataset"] = "job_dataset"
+    job_id: str
+    status: str
+    dataset: dict[str, Any] = Field(description="The job's training_dataset section.")
+    stats: dict[str, Any] = Field(
+        description="Counts by source, dropped rows by reason, token length percentiles "
+        "(p50/p90/p99/max, before truncation), trained-token share, truncation rate."
+    )
+
+
+class DatasetPreviewRequest(BaseModel):
+    """Render the first examples of a dataset spec with a model's tokenizer, without training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(default="smollm2-135m-instruct", min_length=1, max_length=300)
+    max_seq_length: int = Field(default=2048, ge=16, le=131072)
+    training_dataset: DatasetSection = Field(default_factory=DatasetSection)
+    count: int = Field(default=3, ge=1, le=50, description="Examples to render.")
+
+
+class PreviewToken(BaseModel):
+    id: int
+    piece: str
+    trained: bool
+
+
+class PreviewExample(BaseModel):
+    index: int
+    meta: dict[str, Any]
+    text: str
+    length: int = Field(description="Tokens before truncation.")
+    truncated: bool
+    trained_tokens: int
+    tokens: list[PreviewToken]
+
+
+class GateProblem(BaseModel):
+    code: str
+    detail: str
+    example_index: int | None
+    field: str
+
+
+class DatasetPreview(BaseModel):
+    object: Literal["dataset_preview"] = "dataset_preview"
+    base_model: str
+    format: str
+    layout: str
+    chat_template: str
+    end_of_turn_token: str | None
+    dropped: dict[str, int]
+    examples: list[PreviewExample]
+    problems: list[GateProblem] = Field(description="What the gate would fail on, if anything.")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 from functools import lru_cache
 from typing import Any
 
 from core import jobs
+from core.base_models import hub_call, resolve
+from core.data.preview import PREVIEW_TASK, preview
 from core.db import session_scope
 from core.errors import JobNotReady, MedtuneError
 from core.inference import InferenceEngine
@@ -15,6 +18,7 @@ from core.models import JobStatus
 from core.pipeline import run_job
 from core.queue import INFER_TASK, RUN_JOB_TASK
 from core.settings import get_settings
+from core.spec import DatasetSection
 from worker.celery_app import app
 
 # MEDTUNE_LOG_FORMAT=json: JSON lines; this module is imported before Celery sets up logging.
@@ -59,6 +63,36 @@ def infer_task(
             top_p=top_p,
         )
         return {**result, "loads": dict(_engine().loads)}
+    except MedtuneError as exc:
+        return {
+            "error": {
+                "code": exc.code,
+                "status": exc.status,
+                "detail": exc.detail,
+                "field": exc.field,
+            }
+        }
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@app.task(name=PREVIEW_TASK)
+def preview_task(request: dict[str, Any]) -> dict[str, Any]:
+    """Render a dataset preview; returns {"error": {...}} so the API answers the same problem."""
+    try:
+        base_model = request["base_model"]
+        section = DatasetSection.model_validate(request["training_dataset"])
+        path = resolve(base_model, models_dir=get_settings().models_dir)
+        # A copy: the preview may set another chat template on it.
+        tokenizer = copy.deepcopy(hub_call(base_model, _tokenizer, path))
+        return preview(
+            section, tokenizer, max_seq_length=request["max_seq_length"], count=request["count"]
+        )
     except MedtuneError as exc:
         return {
             "error": {

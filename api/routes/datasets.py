@@ -1,0 +1,66 @@
+"""Datasets: a job's dataset statistics, and previews of a dataset spec rendered by a worker."""
+
+from __future__ import annotations
+
+from celery.exceptions import TimeoutError as CeleryTimeout
+from fastapi import APIRouter
+
+from api.deps import QueueDep, SessionDep, SettingsDep
+from api.schemas import DatasetPreview, DatasetPreviewRequest, JobDatasetPublic
+from core import jobs
+from core.base_models import check_base_model
+from core.data.preview import PREVIEW_TASK
+from core.data.sources import resolve_local
+from core.errors import InferenceTimeout, JobNotReady, MedtuneError
+from core.queue import INFER_QUEUE
+from core.spec import JobSpec
+
+router = APIRouter(tags=["datasets"])
+
+
+@router.get("/jobs/{job_id}/dataset", response_model=JobDatasetPublic)
+def read_job_dataset(session: SessionDep, job_id: str) -> JobDatasetPublic:
+    """The statistics of a job's prepared dataset (stored before training starts)."""
+    job = jobs.get_job(session, job_id)
+    if not job.dataset_stats:
+        raise JobNotReady(
+            f"job {job.id} is {job.status} and has no dataset statistics yet; they are stored "
+            "once its data is prepared",
+            field="job_id",
+            code="dataset_not_ready",
+        )
+    return JobDatasetPublic(
+        job_id=job.id,
+        status=job.status,
+        dataset=JobSpec.model_validate(job.spec).dataset.model_dump(mode="json"),
+        stats=job.dataset_stats,
+    )
+
+
+@router.post("/datasets/preview", response_model=DatasetPreview)
+def preview_dataset(
+    body: DatasetPreviewRequest, settings: SettingsDep, queue: QueueDep
+) -> DatasetPreview:
+    """Render the first examples of a dataset spec, per token marked trained or not."""
+    check_base_model(body.base_model)
+    resolve_local(body.training_dataset)
+    # The tokenizer lives on an inference worker: the API never imports transformers.
+    pending = queue.send_task(
+        PREVIEW_TASK,
+        args=[body.model_dump(mode="json")],
+        queue=INFER_QUEUE,
+    )
+    try:
+        result = pending.get(timeout=settings.infer_timeout_s)
+    except CeleryTimeout as exc:
+        pending.revoke()
+        raise InferenceTimeout(
+            f"no inference worker answered within {settings.infer_timeout_s:.0f} s; is a worker "
+            "consuming the medtune.infer queue?",
+        ) from exc
+    if "error" in result:
+        err = result["error"]
+        failure = MedtuneError(err["detail"], field=err.get("field"), code=err["code"])
+        failure.status = err["status"]
+        raise failure
+    return DatasetPreview(base_model=body.base_model, **result)
