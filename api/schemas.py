@@ -28,6 +28,10 @@ class JobPublic(_Out):
     base_model: str
     finetuned_model: str
     engine: str | None
+    queue: str | None = Field(description="The worker queue the job was routed to.")
+    estimated_gpu_memory_gib: float | None = Field(
+        description="Peak GPU memory estimated from the spec (null: model shape unknown)."
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -50,6 +54,8 @@ class JobPublic(_Out):
             base_model=job.base_model,
             finetuned_model=job.finetuned_model,
             engine=job.engine,
+            queue=job.queue,
+            estimated_gpu_memory_gib=job.estimated_gpu_memory_gib,
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,

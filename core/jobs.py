@@ -35,12 +35,20 @@ class InvalidCursor(MedtuneError):
     status = 400
 
 
-def create_job(session: Session, spec: JobSpec) -> Job:
+def create_job(
+    session: Session,
+    spec: JobSpec,
+    *,
+    queue: str | None = None,
+    estimated_gpu_memory_gib: float | None = None,
+) -> Job:
     job = Job(
         base_model=spec.model.base_model,
         finetuned_model=spec.model.finetuned_model,
         spec=spec.to_json(),
         updated_at=utcnow(),
+        queue=queue,
+        estimated_gpu_memory_gib=estimated_gpu_memory_gib,
     )
     session.add(job)
     session.commit()

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -68,7 +68,9 @@ class Job(SQLModel, table=True):
     worker: str | None = Field(default=None, max_length=200)
     # The running worker renews this lease; once it lapses the job is requeued and resumed.
     lease_expires_at: datetime | None = _ts(index=True)
-    attempts: int = 0
+    attempts: int = Field(default=0, sa_column_kwargs={"server_default": text("0")})
+    queue: str | None = Field(default=None, max_length=100)
+    estimated_gpu_memory_gib: float | None = None
     dataset_stats: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
 
@@ -91,5 +93,23 @@ class MetricRow(SQLModel, table=True):
     memory_mb: float | None = None
     peak_memory_mb: float | None = None
     created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+
+
+class Worker(SQLModel, table=True):
+    """A training worker process, announced at start and refreshed while it lives.
+
+    GPU workers consume a queue per memory class, so the API can route a job to a worker that
+    can hold it, and refuse one that none can.
+    """
+
+    __tablename__ = "workers"
+
+    name: str = Field(primary_key=True, max_length=200)
+    queue: str = Field(max_length=100)
+    gpu_name: str | None = Field(default=None, max_length=200)
+    gpu_memory_gib: float | None = None
+    last_seen: datetime = Field(
         default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
     )

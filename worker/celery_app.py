@@ -2,19 +2,55 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery.signals import worker_ready
 
-from core.queue import make_celery
+from core.queue import TRAIN_QUEUE, make_celery
 from core.settings import get_settings
 
 app = make_celery(get_settings())
 app.conf.include = ["worker.tasks"]
+log = logging.getLogger(__name__)
+
+
+def _gpu() -> tuple[str, float] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)  # one worker process per GPU
+    return props.name, props.total_memory / 2**30
 
 
 @worker_ready.connect
-def _start_reconciler(sender: Any = None, **_: Any) -> None:
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    """Train workers join their GPU's memory-class queue and announce it; all reconcile."""
+    from core.db import session_scope
+    from core.routing import announce, gpu_queue
     from worker import reconciler
 
-    reconciler.start(app, get_settings())
+    settings = get_settings()
+    consumed = {q.name for q in sender.task_consumer.queues} if sender else set()
+    heartbeat = None
+    if TRAIN_QUEUE in consumed:
+        gpu = _gpu()
+        queue = gpu_queue(gpu[1]) if gpu else TRAIN_QUEUE
+        if gpu:
+            sender.add_task_queue(queue)
+        name = sender.hostname
+
+        def heartbeat() -> None:
+            with session_scope(settings.db_url) as s:
+                announce(
+                    s,
+                    name=name,
+                    queue=queue,
+                    gpu_name=gpu[0] if gpu else None,
+                    gpu_memory_gib=gpu[1] if gpu else None,
+                )
+
+        heartbeat()
+        log.info("worker %s consumes %s", name, queue)
+    reconciler.start(app, settings, heartbeat=heartbeat)

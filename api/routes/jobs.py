@@ -21,12 +21,12 @@ from api.schemas import (
     MetricPublic,
     MetricsPage,
 )
-from core import jobs
+from core import jobs, routing
 from core.base_models import check_base_model
 from core.data.sources import resolve_local
 from core.db import session_scope
 from core.models import JobStatus
-from core.queue import RUN_JOB_TASK, TRAIN_QUEUE
+from core.queue import RUN_JOB_TASK
 from core.spec import JobSpec
 from core.training import checkpoints
 
@@ -46,16 +46,24 @@ SPEC_EXAMPLE = {
 @router.post("", status_code=201, response_model=JobPublic)
 def create_job(
     session: SessionDep,
+    settings: SettingsDep,
     queue: QueueDep,
     spec: Annotated[JobSpec, Body(openapi_examples={"embedded": {"value": SPEC_EXAMPLE}})],
 ) -> JobPublic:
-    """Validate a job spec, store the job, then queue it."""
+    """Validate a job spec, store the job, then queue it for a worker that can hold it."""
     # Fail now, not minutes later on a worker, for what the server can check cheaply.
     check_base_model(spec.model.base_model)
     resolve_local(spec.dataset)
-    job = jobs.create_job(session, spec)
+    local_dir = routing.local_model_dir(spec.model.base_model, settings.models_dir)
+    target, needed = routing.route(spec, routing.live_workers(session), local_dir=local_dir)
+    job = jobs.create_job(
+        session,
+        spec,
+        queue=target,
+        estimated_gpu_memory_gib=round(needed.total_gib, 2) if needed else None,
+    )
     # Commit first, enqueue the id second: the task re-reads the row (the store is the truth).
-    queue.send_task(RUN_JOB_TASK, args=[job.id], queue=TRAIN_QUEUE)
+    queue.send_task(RUN_JOB_TASK, args=[job.id], queue=target)
     return JobPublic.of(job)
 
 

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 
+from core.migrate import alembic_config
 from tests.conftest import Stack, free_port, stack_env, start, wait_healthy
 from tests.helpers import recipe_spec, tiny_dataset, wait_status
 
@@ -40,7 +42,8 @@ def test_up_runs_a_job_and_answers_on_embedded_defaults(tmp_path: Path, model_ca
         stack.stop()
     # Everything lived in SQLite files under MEDTUNE_HOME, migrated by `up` itself.
     with sqlite3.connect(tmp_path / "medtune.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+        head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == (head,)
         assert db.execute("SELECT status FROM jobs").fetchall() == [("succeeded",)]
     assert (tmp_path / "broker.db").is_file()
     assert all(p.returncode is not None for p in stack.procs)
