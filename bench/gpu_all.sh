@@ -14,6 +14,12 @@ if [ "$MODE" = quick ]; then  # a smoke run on the 1B shape
   run epoch "$WORK/llama3-1b" "$WORK/small.jsonl"
   exit 0
 fi
+if [ "$MODE" = third ]; then  # length-grouped packing, then no packing, on the recipe's epoch
+  run make llama3-8b "$TOKS/llama3" "$WORK/llama3-8b"
+  run epoch "$WORK/llama3-8b" "$DATA" --mode length_grouped
+  run epoch "$WORK/llama3-8b" "$DATA" --no-packing
+  exit 0
+fi
 if [ "$MODE" = second ]; then  # packing diagnosis and the Mistral shape
   run make llama3-8b "$TOKS/llama3" "$WORK/llama3-8b"
   TORCH_LOGS=recompiles run epoch "$WORK/llama3-8b" "$DATA" 2> "$WORK/epoch-packing.err"

@@ -240,7 +240,7 @@ def bare(model_dir: str, *, steps: int, bs: int, seq: int) -> None:
     )
 
 
-def epoch(model_dir: str, data: str, *, packing: bool) -> None:
+def epoch(model_dir: str, data: str, *, packing: bool, mode: str = "length_grouped") -> None:
     """One epoch of the recipe's 2,000-row set at its settings, through the service path."""
     import torch
 
@@ -254,6 +254,7 @@ def epoch(model_dir: str, data: str, *, packing: bool) -> None:
     spec = _spec(
         model_dir, engine="unsloth", bs=2, seq=2048, steps=0, grad_accum=4, packing=packing
     )
+    spec.training.packing_mode = mode  # type: ignore[assignment]
     loaded = engines.load(spec, model_dir)
     started = time.time()
     rows = load_rows(DatasetSection(name=data))
@@ -272,6 +273,7 @@ def epoch(model_dir: str, data: str, *, packing: bool) -> None:
             "engine": loaded.engine,
             "model": Path(model_dir).name,
             "packing": packing,
+            "packing_mode": mode if packing else None,
             "rows": len(rows),
             "tokens": encoded.stats["tokens"],
             "steps": outcome.steps,
@@ -306,6 +308,7 @@ def main() -> None:
     p.add_argument("model_dir")
     p.add_argument("data")
     p.add_argument("--no-packing", action="store_true")
+    p.add_argument("--mode", choices=["length_grouped", "padding_free"], default="length_grouped")
     args = parser.parse_args()
     if args.cmd == "make":
         make(args.shape, args.tokenizer_dir, args.out)
@@ -314,7 +317,7 @@ def main() -> None:
     elif args.cmd == "bare":
         bare(args.model_dir, steps=args.steps, bs=args.bs, seq=args.seq)
     else:
-        epoch(args.model_dir, args.data, packing=not args.no_packing)
+        epoch(args.model_dir, args.data, packing=not args.no_packing, mode=args.mode)
 
 
 if __name__ == "__main__":

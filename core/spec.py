@@ -271,8 +271,13 @@ class TrainingSection(_Section):
     save_total_limit: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept.")
     packing: bool = Field(
         default=False,
-        description="Pack short examples into rows of per_device_train_batch_size x "
-        "max_seq_length tokens, padding-free, attention kept inside each example.",
+        description="Fill each micro-batch with up to per_device_train_batch_size x "
+        "max_seq_length tokens of short examples, attention kept inside each example.",
+    )
+    packing_mode: Literal["padding_free", "length_grouped"] = Field(
+        default="length_grouped",
+        description="padding_free: examples concatenated in one row (needs a varlen attention "
+        "kernel to be fast); length_grouped: similar lengths in a dense, right-padded batch.",
     )
     engine: Literal["auto", "unsloth", "transformers"] = Field(
         default="auto",

@@ -14,7 +14,7 @@ from core.data.tokenize import IGNORE_INDEX, Encoded
 from core.spec import JobSpec
 from core.training import checkpoints
 from core.training.engines import Loaded
-from core.training.packing import PackedCollator, pack
+from core.training.packing import GroupedCollator, PackedCollator, group_by_length, pack
 from core.training.sink import MetricsSink
 
 # 8-bit and paged optimizers live in bitsandbytes' CUDA kernels.
@@ -50,6 +50,8 @@ class PadCollator:
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),
             "attention_mask": torch.tensor(mask),
+            "_real_tokens": sum(len(b["input_ids"]) for b in batch),
+            "_samples": len(batch),
         }
 
 
@@ -112,13 +114,13 @@ def train(
     # Any id will do for padding (its labels are ignored); Llama 3 ships no pad token.
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     collator: Any
-    if cfg.packing:
-        dataset: list[dict[str, Any]] = pack(
-            items,
-            capacity=cfg.per_device_train_batch_size * spec.model.max_seq_length,
-            seed=cfg.seed,
-        )
-        collator = PackedCollator()
+    capacity = cfg.per_device_train_batch_size * spec.model.max_seq_length
+    dataset: list[dict[str, Any]]
+    if cfg.packing and cfg.packing_mode == "padding_free":
+        dataset, collator = pack(items, capacity=capacity, seed=cfg.seed), PackedCollator()
+    elif cfg.packing:
+        dataset = group_by_length(items, capacity=capacity, seed=cfg.seed)
+        collator = GroupedCollator(pad_id)
     else:
         dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in items]
         collator = PadCollator(pad_id)
@@ -208,13 +210,13 @@ def train(
             checkpoints.prune(checkpoint_root, keep=cfg.save_total_limit)
 
         def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            # Still CPU tensors here (moved to the device inside), so no GPU sync.
-            mask = inputs.get("attention_mask")
-            self.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            lengths = inputs.get("packed_seq_lengths")
-            if lengths is not None and loaded.engine != "unsloth":
-                inputs = {k: v for k, v in inputs.items() if k != "packed_seq_lengths"}
-            self.samples += len(lengths) if lengths is not None else len(inputs["input_ids"])
+            # The collators report real (non-padding) tokens and examples under "_" keys.
+            self.tokens += int(inputs["_real_tokens"])
+            self.samples += int(inputs["_samples"])
+            drop = {"_real_tokens", "_samples"}
+            if loaded.engine != "unsloth":
+                drop.add("packed_seq_lengths")  # transformers reads boundaries from position_ids
+            inputs = {k: v for k, v in inputs.items() if k not in drop}
             return super().training_step(model, inputs, *args, **kwargs)
 
     # Training needs no KV cache, and with one transformers would not mask packed rows per example.

@@ -12,7 +12,7 @@ from core.data.conversations import to_examples
 from core.data.sources import load_rows
 from core.data.tokenize import IGNORE_INDEX, Encoded, encode_all
 from core.spec import DatasetSection, JobSpec
-from core.training.packing import PackedCollator, pack
+from core.training.packing import GroupedCollator, PackedCollator, group_by_length, pack
 
 
 def _items(lengths: list[int]) -> list[Encoded]:
@@ -65,8 +65,45 @@ def test_packed_row_attends_only_within_each_example(model_dir: Path, tokenizer:
             offset += n
 
 
+def test_length_groups_hold_every_example_once_within_padded_capacity() -> None:
+    lengths = [5, 9, 3, 7, 8, 2, 6, 9, 4]
+    groups = group_by_length(_items(lengths), capacity=20, seed=3)
+    widths = [[len(r) for r in g["input_ids"]] for g in groups]
+    assert sorted(n for w in widths for n in w) == sorted(lengths)
+    assert all(max(w) * len(w) <= 20 for w in widths)  # padded size within the budget
+    assert all(w == sorted(w) for w in widths)  # neighbours in length share a batch
+    batch = GroupedCollator(pad_id=0)([groups[0]])
+    assert "attention_mask" not in batch  # right padding + causal attention needs none
+    assert batch["_real_tokens"] == sum(widths[0]) and batch["_samples"] == len(widths[0])
+    pads = batch["input_ids"] == 0  # real ids here are >= 2000
+    assert int(pads.sum()) == batch["input_ids"].numel() - batch["_real_tokens"] > 0
+    assert (batch["labels"][pads] == IGNORE_INDEX).all()
+
+
+def test_right_padding_without_mask_leaves_real_logits_unchanged(
+    model_dir: Path, tokenizer: Any
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    short, long = (
+        tokenizer("Drink water.")["input_ids"],
+        tokenizer("What is anemia? Tell me.")["input_ids"],
+    )
+    items = [Encoded(short, short, False), Encoded(long, long, False)]
+    (group,) = group_by_length(items, capacity=1000, seed=0)
+    batch = GroupedCollator(pad_id=0)([group])
+    with torch.no_grad():
+        dense = model(input_ids=batch["input_ids"], use_cache=False).logits
+        alone = model(input_ids=torch.tensor([short]), use_cache=False).logits
+    row = [len(r) for r in group["input_ids"]].index(len(short))
+    assert torch.allclose(dense[row, : len(short)], alone[0], atol=1e-4)
+
+
 @pytest.mark.slow
-def test_packed_training_runs_and_counts_real_tokens(model_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["padding_free", "length_grouped"])
+def test_packed_training_runs_and_counts_real_tokens(model_dir: Path, mode: str) -> None:
     from core.training import engines, trainer
     from core.training.sink import ListSink
 
@@ -83,6 +120,7 @@ def test_packed_training_runs_and_counts_real_tokens(model_dir: Path) -> None:
                 "gradient_accumulation_steps": 1,
                 "max_steps": 2,
                 "packing": True,
+                "packing_mode": mode,
                 "optim": "adamw_torch",
             },
         }
