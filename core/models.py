@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, UniqueConstraint, text
+from sqlalchemy import JSON, Column, DateTime, ForeignKey, String, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -17,6 +17,10 @@ def utcnow() -> datetime:
 
 def new_job_id() -> str:
     return "job_" + uuid.uuid4().hex[:24]
+
+
+def new_key_id() -> str:
+    return "key_" + uuid.uuid4().hex[:16]
 
 
 class JobStatus(StrEnum):
@@ -73,6 +77,16 @@ class Job(SQLModel, table=True):
     estimated_gpu_memory_gib: float | None = None
     dataset_stats: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # The API key that created the job; null for jobs created with authentication disabled.
+    owner_key_id: str | None = Field(
+        default=None,
+        sa_column=Column(
+            String(40),
+            ForeignKey("api_keys.id", name="fk_jobs_owner_key_id"),
+            nullable=True,
+            index=True,
+        ),
+    )
 
 
 class MetricRow(SQLModel, table=True):
@@ -111,5 +125,43 @@ class Worker(SQLModel, table=True):
     gpu_name: str | None = Field(default=None, max_length=200)
     gpu_memory_gib: float | None = None
     last_seen: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+
+
+class ApiKey(SQLModel, table=True):
+    """A client's API key. Only the SHA-256 of the key is stored; the key is shown once.
+
+    Keys are revoked, never deleted, so the jobs they own keep a valid owner.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(default_factory=new_key_id, primary_key=True, max_length=40)
+    name: str | None = Field(default=None, max_length=100)
+    key_hash: str = Field(max_length=64, unique=True, index=True)
+    prefix: str = Field(max_length=16, description="The key's first characters, to recognise it.")
+    admin: bool = False
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+    revoked_at: datetime | None = _ts()
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """An Idempotency-Key sent with POST /jobs, and the job it created (kept as long as the job).
+
+    ``scope`` is who sent it (an API key id, ``admin`` or ``anonymous``): keys are per client.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("scope", "key", name="uq_idempotency_keys_scope_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str = Field(max_length=64)
+    key: str = Field(max_length=255)
+    fingerprint: str = Field(max_length=64, description="SHA-256 of the normalised job spec.")
+    job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40, ondelete="CASCADE")
+    created_at: datetime = Field(
         default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
     )

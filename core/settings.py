@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_home() -> Path:
@@ -38,6 +41,27 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="How often a worker requeues jobs whose lease lapsed."
     )
     env: str = Field(default="development", description="development or production")
+    auth: Literal["required", "disabled", "auto"] = Field(
+        default="auto",
+        description="API keys: required, disabled, or auto (required unless the API is bound "
+        "to loopback).",
+    )
+    admin_key: SecretStr | None = Field(
+        default=None, description="An admin API key from the environment; sees every job."
+    )
+    data_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders dataset paths may point into, besides the shipped samples and "
+        "$MEDTUNE_HOME/data: a JSON list, or paths separated by the OS path separator (:).",
+    )
+    rate_jobs_per_minute: int = Field(
+        default=30, ge=0, description="Jobs one API key may create per minute (0: no limit)."
+    )
+    rate_infer_per_minute: int = Field(
+        default=120,
+        ge=0,
+        description="Inference and preview requests per API key per minute (0: no limit).",
+    )
 
     @field_validator("database_url", "broker_url", "result_backend")
     @classmethod
@@ -45,6 +69,28 @@ class Settings(BaseSettings):
         # Users paste libpq URLs; SQLAlchemy needs the driver named.
         if value and value.startswith(("postgres://", "postgresql://")):
             return "postgresql+psycopg://" + value.split("://", 1)[1]
+        return value
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part for part in text.split(os.pathsep) if part]
+        return value
+
+    @field_validator("admin_key")
+    @classmethod
+    def _strong_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value()) < 24:
+            raise ValueError(
+                "MEDTUNE_ADMIN_KEY is too short to be a secret (under 24 characters); make one "
+                "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         return value
 
     @property
@@ -71,8 +117,13 @@ class Settings(BaseSettings):
     def models_dir(self) -> Path:
         return self.model_cache or self.home / "models"
 
+    @property
+    def data_dir(self) -> Path:
+        """Where datasets for jobs go by default: always an allowed dataset root."""
+        return self.home / "data"
+
     def ensure_dirs(self) -> None:
-        for path in (self.home, self.artifacts_dir, self.models_dir):
+        for path in (self.home, self.artifacts_dir, self.models_dir, self.data_dir):
             path.mkdir(parents=True, exist_ok=True)
 
 
