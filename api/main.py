@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import problems
-from api.routes import datasets, health, infer, jobs, metrics
+from api.routes import datasets, health, infer, jobs, metrics, openai_ft
 from core.logs import configure_from_env
 
 
@@ -25,6 +25,7 @@ def create_app() -> FastAPI:
     app.include_router(infer.router)
     app.include_router(datasets.router)
     app.include_router(metrics.router)
+    app.include_router(openai_ft.router)
     return app
 
 

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    field_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from core.models import Job, MetricRow
 from core.spec import DatasetSection
@@ -222,3 +231,149 @@ class DatasetPreview(BaseModel):
     dropped: dict[str, int]
     examples: list[PreviewExample]
     problems: list[GateProblem] = Field(description="What the gate would fail on, if anything.")
+
+
+# --- OpenAI-compatible fine-tuning (/v1/fine_tuning) ----------------------------------------------
+
+
+def _auto_or_number(*, integer: bool, gt: int, le: int) -> Any:
+    """ "auto" or a number in (gt, le]: one error naming the field, not one per union member."""
+    kind = "an integer" if integer else "a number"
+
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return value
+        ok = isinstance(value, int) or (not integer and isinstance(value, float))
+        if isinstance(value, bool) or not ok:
+            raise PydanticCustomError(
+                "auto_or_number", 'Input should be "auto" or {kind}', {"kind": kind}
+            )
+        if value <= gt:
+            raise PydanticCustomError(
+                "greater_than", "Input should be greater than {gt}", {"gt": gt}
+            )
+        if value > le:
+            raise PydanticCustomError(
+                "less_than_equal", "Input should be less than or equal to {le}", {"le": le}
+            )
+        return value
+
+    number = {"type": "integer" if integer else "number", "exclusiveMinimum": gt, "maximum": le}
+    return Annotated[
+        Any,  # "auto" | int | float: the validator above is the type
+        PlainValidator(check),
+        WithJsonSchema({"anyOf": [{"const": "auto"}, number], "default": "auto"}),
+    ]
+
+
+class FineTuningHyperparameters(BaseModel):
+    """OpenAI's hyperparameters; "auto" keeps medtune's recipe values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: _auto_or_number(integer=True, gt=0, le=1000) = "auto"  # type: ignore[valid-type]
+    batch_size: _auto_or_number(integer=True, gt=0, le=4096) = Field(  # type: ignore[valid-type]
+        default="auto",
+        description="Examples per optimizer step (micro-batch x gradient accumulation).",
+    )
+    learning_rate_multiplier: _auto_or_number(  # type: ignore[valid-type]
+        integer=False, gt=0, le=5000
+    ) = Field(default="auto", description="learning_rate = 2e-4 x this.")
+
+
+class FineTuningJobCreate(BaseModel):
+    """OpenAI's create-fine-tuning-job body, plus ``medtune`` for any medtune spec section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=300, description="The base model.")
+    training_file: str = Field(
+        min_length=1,
+        max_length=1000,
+        description="A dataset as medtune's training_dataset.name takes it: a local file or "
+        "folder, 'sample:medical_qa', or a Hub dataset id (file uploads are not supported yet).",
+    )
+    validation_file: str | None = Field(
+        default=None,
+        description="Not supported: medtune holds validation examples out of the training file "
+        "(medtune.training_dataset.validation_share).",
+    )
+    suffix: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=96,
+        description="The tuned model's name (finetuned_model); default '<base model>-ft'.",
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    hyperparameters: FineTuningHyperparameters = Field(default_factory=FineTuningHyperparameters)
+    medtune: dict[str, Any] | None = Field(
+        default=None,
+        description="medtune job spec sections (model_config, lora_config, training_dataset, "
+        "training_config) merged under the OpenAI fields, which must agree with them.",
+    )
+
+
+class FineTuningError(BaseModel):
+    code: str
+    message: str
+    param: str | None
+
+
+class FineTuningJob(BaseModel):
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str
+    model: str
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None
+    organization_id: str
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    error: FineTuningError | None
+    hyperparameters: dict[str, Any]
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    result_files: list[str]
+    seed: int | None
+    estimated_finish: int | None
+    user_provided_suffix: str | None
+
+
+class FineTuningJobsPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class FineTuningJobEvent(BaseModel):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None
+
+
+class FineTuningEventsPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobEvent]
+    has_more: bool
+
+
+class FineTuningCheckpoint(BaseModel):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuning_job_id: str
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+class FineTuningCheckpointsPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningCheckpoint]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None

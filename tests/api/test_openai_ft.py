@@ -1,0 +1,533 @@
+"""/v1/fine_tuning in-process (SQLite store, fake queue), and the pure OpenAI mapping under it."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core import jobs
+from core import openai_shapes as shapes
+from core.db import session_scope
+from core.models import Job, JobStatus, MetricRow
+from core.queue import RUN_JOB_TASK, TRAIN_QUEUE
+from tests.api.test_api import Api, assert_problem
+from tests.helpers import recipe_spec
+
+V1 = "/v1/fine_tuning/jobs"
+SMOL = "smollm2-135m-instruct"
+JOB_KEYS = {
+    "object",
+    "id",
+    "model",
+    "created_at",
+    "finished_at",
+    "fine_tuned_model",
+    "organization_id",
+    "status",
+    "error",
+    "hyperparameters",
+    "trained_tokens",
+    "training_file",
+    "validation_file",
+    "result_files",
+    "seed",
+    "estimated_finish",
+    "user_provided_suffix",
+}
+
+
+def create_v1(api: Api, **body: Any) -> dict[str, Any]:
+    response = api.client.post(
+        V1, json={"model": SMOL, "training_file": "sample:medical_qa", **body}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def run_to_end(
+    api: Api,
+    job_id: str,
+    *,
+    steps: int,
+    status: JobStatus = JobStatus.succeeded,
+    **values: Any,
+) -> None:
+    """Play a worker: claim, log ``steps`` metric rows, then finish with ``status``."""
+    with session_scope(api.db_url) as s:
+        assert jobs.claim(s, job_id, worker="test")
+        jobs.set_fields(s, job_id, steps_total=steps, **values)
+        jobs.add_metrics(
+            s,
+            job_id,
+            [{"step": n, "loss": 2.0 / n, "learning_rate": 1e-4 * n} for n in range(1, steps + 1)],
+        )
+        if status == JobStatus.failed:
+            jobs.finish(
+                s, job_id, status, error_code="dataset_invalid", error_message="no answer column"
+            )
+        else:
+            jobs.finish(s, job_id, status)
+
+
+# --- create ------------------------------------------------------------------------------------
+
+
+def test_create_with_auto_hyperparameters_is_a_medtune_job_with_recipe_defaults(api: Api) -> None:
+    job = create_v1(api, hyperparameters={"n_epochs": "auto", "batch_size": "auto"})
+    assert set(job) == JOB_KEYS
+    assert job["object"] == "fine_tuning.job"
+    assert job["status"] == "queued" and job["fine_tuned_model"] is None
+    assert job["model"] == SMOL and job["training_file"] == "sample:medical_qa"
+    assert job["hyperparameters"] == {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 1}
+    assert isinstance(job["created_at"], int) and job["finished_at"] is None
+    assert job["error"] is None and job["result_files"] == [] and job["seed"] == 42
+
+    # The same job through medtune's own API, queued once like any POST /jobs.
+    native = api.client.get(f"/jobs/{job['id']}").json()
+    assert native["status"] == "queued"
+    assert native["finetuned_model"] == "smollm2-135m-instruct-ft"
+    training = native["spec"]["training_config"]
+    assert training["learning_rate"] == 2e-4 and training["num_train_epochs"] == 1
+    assert (training["per_device_train_batch_size"], training["gradient_accumulation_steps"]) == (
+        2,
+        4,
+    )
+    assert [(c.name, c.args, c.options) for c in api.queue.calls] == [
+        (RUN_JOB_TASK, [job["id"]], {"queue": TRAIN_QUEUE})
+    ]
+
+
+def test_create_with_numbers_suffix_seed_and_medtune_sections(api: Api) -> None:
+    job = create_v1(
+        api,
+        suffix="cardio-v1",
+        seed=7,
+        hyperparameters={"n_epochs": 3, "batch_size": 16, "learning_rate_multiplier": 5},
+        medtune={"lora_config": {"r": 8}, "training_config": {"max_steps": 9, "save_steps": 3}},
+    )
+    assert job["hyperparameters"] == {
+        "n_epochs": 3,
+        "batch_size": 16,
+        "learning_rate_multiplier": 5,
+    }
+    assert job["seed"] == 7 and job["user_provided_suffix"] == "cardio-v1"
+    spec = api.client.get(f"/jobs/{job['id']}").json()["spec"]
+    assert spec["model_config"]["finetuned_model"] == "cardio-v1"
+    assert spec["lora_config"]["r"] == 8
+    training = spec["training_config"]
+    assert training["learning_rate"] == pytest.approx(1e-3)
+    assert training["num_train_epochs"] == 3 and training["seed"] == 7
+    assert training["max_steps"] == 9 and training["save_steps"] == 3
+    # An effective batch of 16 keeps the recipe's micro-batch of 2 and accumulates 8.
+    assert training["per_device_train_batch_size"] == 2
+    assert training["gradient_accumulation_steps"] == 8
+
+
+def test_jobs_created_natively_read_back_through_v1(api: Api) -> None:
+    native = api.client.post("/jobs", json=recipe_spec("sample:medical_qa", seed=3))
+    assert native.status_code == 201
+    job = api.client.get(f"{V1}/{native.json()['id']}").json()
+    assert job["id"] == native.json()["id"] and job["status"] == "queued"
+    assert job["seed"] == 3 and job["training_file"] == "sample:medical_qa"
+    # recipe_spec: micro-batch 2, accumulation 1, learning rate 2e-3
+    assert job["hyperparameters"] == {
+        "n_epochs": 1,
+        "batch_size": 2,
+        "learning_rate_multiplier": 10,
+    }
+
+
+BAD_CREATE = [
+    pytest.param(
+        {"hyperparameters": {"learning_rate_multiplier": 0}},
+        "out_of_range", "hyperparameters.learning_rate_multiplier", id="multiplier-zero",
+    ),
+    pytest.param(
+        {"hyperparameters": {"n_epochs": "many"}},
+        None, "hyperparameters.n_epochs", id="epochs-not-auto-or-int",
+    ),
+    pytest.param(
+        {"hyperparameters": {"warmup": 3}}, "unknown_field", "hyperparameters.warmup",
+        id="unknown-hyperparameter",
+    ),
+    pytest.param({"integrations": []}, "unknown_field", "integrations", id="unknown-top-field"),
+    pytest.param(
+        {"medtune": {"training_config": {"foo": 1}}},
+        "unknown_field", "medtune.training_config.foo", id="unknown-medtune-key",
+    ),
+    pytest.param(
+        {"medtune": {"training_config": {"warmup_steps": -1}}},
+        "out_of_range", "medtune.training_config.warmup_steps", id="medtune-out-of-range",
+    ),
+    pytest.param({"suffix": "bad name!"}, "invalid_value", "suffix", id="suffix-unsafe"),
+    pytest.param(
+        {"training_file": "/no/such/qa.jsonl"}, "dataset_not_found", "training_file",
+        id="training-file-missing",
+    ),
+    pytest.param({"model": "./no/such/model"}, "model_not_available", "model", id="model-missing"),
+    pytest.param(
+        {"validation_file": "sample:medical_qa"}, "unsupported_parameter", "validation_file",
+        id="validation-file",
+    ),
+    pytest.param(
+        {"medtune": {"model_config": {"base_model": "other-model"}}},
+        "conflicting_fields", "medtune.model_config.base_model", id="medtune-contradicts-model",
+    ),
+    pytest.param(
+        {"hyperparameters": {"batch_size": 16},
+         "medtune": {"training_config": {"gradient_accumulation_steps": 3}}},
+        "conflicting_fields", "medtune.training_config.gradient_accumulation_steps",
+        id="medtune-contradicts-batch-size",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("override", "code", "field"), BAD_CREATE)
+def test_bad_create_is_a_problem_naming_the_openai_field_and_stores_nothing(
+    api: Api, override: dict[str, Any], code: str | None, field: str
+) -> None:
+    before = api.snapshot()
+    body = {"model": SMOL, "training_file": "sample:medical_qa", **override}
+    response = api.client.post(V1, json=body)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["field"] == field, problem
+    if code is not None:
+        assert problem["code"] == code
+    assert problem["instance"] == V1 and problem["detail"]
+    assert api.snapshot() == before
+    assert api.queue.calls == []
+
+
+# --- read, list, cancel ------------------------------------------------------------------------
+
+
+def test_succeeded_job_shape(api: Api) -> None:
+    job_id = create_v1(api, suffix="done-model")["id"]
+    run_to_end(api, job_id, steps=3, dataset_stats={"examples": 8, "trained_tokens": 1234})
+    job = api.client.get(f"{V1}/{job_id}").json()
+    assert job["status"] == "succeeded"
+    assert job["fine_tuned_model"] == "done-model"
+    assert job["trained_tokens"] == 1234
+    assert isinstance(job["finished_at"], int) and job["finished_at"] >= job["created_at"]
+    assert job["error"] is None and job["estimated_finish"] is None
+
+
+def test_failed_job_has_an_openai_error(api: Api) -> None:
+    job_id = create_v1(api)["id"]
+    run_to_end(api, job_id, steps=1, status=JobStatus.failed)
+    job = api.client.get(f"{V1}/{job_id}").json()
+    assert job["status"] == "failed" and job["fine_tuned_model"] is None
+    assert job["error"] == {
+        "code": "dataset_invalid",
+        "message": "no answer column",
+        "param": "training_file",
+    }
+
+
+def test_list_pages_newest_first_with_after(api: Api) -> None:
+    ids = [create_v1(api)["id"] for _ in range(3)]
+    ids.append(api.client.post("/jobs", json=recipe_spec("sample:medical_qa")).json()["id"])
+    first = api.client.get(V1, params={"limit": 3}).json()
+    assert set(first) == {"object", "data", "has_more"}
+    assert first["object"] == "list" and first["has_more"] is True
+    assert [j["id"] for j in first["data"]] == ids[::-1][:3]
+    assert all(j["object"] == "fine_tuning.job" for j in first["data"])
+    rest = api.client.get(V1, params={"limit": 3, "after": first["data"][-1]["id"]}).json()
+    assert [j["id"] for j in rest["data"]] == [ids[0]] and rest["has_more"] is False
+    # Every job is listed by both APIs.
+    assert {j["id"] for j in api.client.get("/jobs").json()["data"]} == set(ids)
+
+
+def test_cancel_through_v1_is_seen_by_jobs(api: Api) -> None:
+    job_id = create_v1(api)["id"]
+    cancelled = api.client.post(f"{V1}/{job_id}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    assert api.client.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+    again = api.client.post(f"{V1}/{job_id}/cancel")
+    assert_problem(again, 409, "job_not_cancellable", "job_id")
+
+
+def test_cancel_of_a_running_job_is_requested(api: Api) -> None:
+    job_id = create_v1(api)["id"]
+    with session_scope(api.db_url) as s:
+        assert jobs.claim(s, job_id, worker="w")
+    body = api.client.post(f"{V1}/{job_id}/cancel").json()
+    assert body["status"] == "running"
+    assert api.client.get(f"/jobs/{job_id}").json()["cancel_requested"] is True
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("get", f"{V1}/job_missing"),
+        ("post", f"{V1}/job_missing/cancel"),
+        ("get", f"{V1}/job_missing/events"),
+        ("get", f"{V1}/job_missing/checkpoints"),
+    ],
+)
+def test_unknown_job_is_a_404_problem(api: Api, method: str, path: str) -> None:
+    body = assert_problem(api.client.request(method, path), 404, "job_not_found", "job_id")
+    assert body["instance"] == path
+
+
+def test_list_after_an_unknown_job_is_a_404_problem(api: Api) -> None:
+    response = api.client.get(V1, params={"after": "job_missing"})
+    assert_problem(response, 404, "job_not_found", "after")
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+def test_events_from_metric_rows_newest_first(api: Api) -> None:
+    job_id = create_v1(api)["id"]
+    run_to_end(api, job_id, steps=5)
+    page = api.client.get(f"{V1}/{job_id}/events").json()
+    assert page["object"] == "list" and page["has_more"] is False
+    events = page["data"]
+    assert [e["id"].removeprefix(f"ftevent-{job_id}-") for e in events] == [
+        "finished", "step-5", "step-4", "step-3", "step-2", "step-1", "started", "created",
+    ]  # fmt: skip
+    assert all(e["object"] == "fine_tuning.job.event" for e in events)
+    assert all(isinstance(e["created_at"], int) for e in events)
+    metric = events[1]
+    assert metric["type"] == "metrics" and metric["level"] == "info"
+    assert metric["data"]["step"] == 5 and metric["data"]["total_steps"] == 5
+    assert metric["data"]["train_loss"] == pytest.approx(0.4)
+    assert metric["data"]["learning_rate"] == pytest.approx(5e-4)
+    assert "Step 5/5" in metric["message"]
+    assert events[0]["type"] == "message" and events[0]["data"] is None
+    assert events[0]["message"] == "The job has successfully completed"
+
+
+def test_events_page_with_after(api: Api) -> None:
+    job_id = create_v1(api)["id"]
+    run_to_end(api, job_id, steps=5)
+    seen: list[str] = []
+    params: dict[str, Any] = {"limit": 3}
+    while True:
+        page = api.client.get(f"{V1}/{job_id}/events", params=params).json()
+        seen += [e["id"] for e in page["data"]]
+        if not page["has_more"]:
+            break
+        params["after"] = page["data"][-1]["id"]
+    everything = api.client.get(f"{V1}/{job_id}/events", params={"limit": 100}).json()["data"]
+    assert seen == [e["id"] for e in everything] and len(seen) == 8
+
+
+def test_events_of_a_failed_job_end_with_an_error(api: Api) -> None:
+    job_id = create_v1(api)["id"]
+    run_to_end(api, job_id, steps=1, status=JobStatus.failed)
+    newest = api.client.get(f"{V1}/{job_id}/events", params={"limit": 1}).json()
+    assert newest["has_more"] is True
+    assert newest["data"][0]["level"] == "error"
+    assert "no answer column" in newest["data"][0]["message"]
+
+
+def test_events_of_a_queued_job(api: Api) -> None:
+    job_id = create_v1(api)["id"]
+    events = api.client.get(f"{V1}/{job_id}/events").json()["data"]
+    assert [e["id"] for e in events] == [f"ftevent-{job_id}-created"]
+
+
+def test_events_after_a_foreign_id_is_a_problem(api: Api) -> None:
+    job_id = create_v1(api)["id"]
+    response = api.client.get(f"{V1}/{job_id}/events", params={"after": "ftevent-job_x-step-3"})
+    assert_problem(response, 400, "invalid_cursor", "after")
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def fake_checkpoint(root: Path, step: int, loss: float) -> None:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    state = {"log_history": [{"step": step, "loss": loss}]}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+
+
+def test_checkpoints_shape_newest_first(api: Api, tmp_path: Path) -> None:
+    job_id = create_v1(api, suffix="ckpt-model")["id"]
+    artifacts = tmp_path / "artifacts" / job_id
+    root = artifacts / "outputs" / "checkpoints"
+    fake_checkpoint(root, 2, 1.5)
+    fake_checkpoint(root, 4, 0.75)
+    (root / ".staging").mkdir()  # debris of an interrupted save is not a checkpoint
+    run_to_end(api, job_id, steps=4, artifacts_dir=str(artifacts))
+    page = api.client.get(f"{V1}/{job_id}/checkpoints").json()
+    assert page["object"] == "list" and page["has_more"] is False
+    assert [c["step_number"] for c in page["data"]] == [4, 2]
+    newest = page["data"][0]
+    assert newest["object"] == "fine_tuning.job.checkpoint"
+    assert newest["metrics"] == {"step": 4, "train_loss": 0.75}
+    assert newest["fine_tuned_model_checkpoint"] == "ckpt-model:ckpt-step-4"
+    assert newest["fine_tuning_job_id"] == job_id and isinstance(newest["created_at"], int)
+    assert (page["first_id"], page["last_id"]) == (newest["id"], page["data"][1]["id"])
+    # The same checkpoints as medtune's own listing.
+    native = api.client.get(f"/jobs/{job_id}/checkpoints").json()["data"]
+    assert sorted(c["step"] for c in native) == [2, 4]
+    older = api.client.get(
+        f"{V1}/{job_id}/checkpoints", params={"after": newest["id"], "limit": 1}
+    ).json()
+    assert [c["step_number"] for c in older["data"]] == [2] and older["has_more"] is False
+
+
+def test_checkpoints_of_a_queued_job_are_empty(api: Api) -> None:
+    job_id = create_v1(api)["id"]
+    page = api.client.get(f"{V1}/{job_id}/checkpoints").json()
+    assert page == {
+        "object": "list",
+        "data": [],
+        "has_more": False,
+        "first_id": None,
+        "last_id": None,
+    }
+
+
+# --- the pure mapping (core/openai_shapes.py) ----------------------------------------------------
+
+
+def make_job(**values: Any) -> Job:
+    spec = recipe_spec("sample:medical_qa")
+    defaults: dict[str, Any] = {
+        "id": "job_x",
+        "base_model": SMOL,
+        "finetuned_model": "m",
+        "spec": spec,
+        "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+    }
+    return Job(**{**defaults, **values})
+
+
+def test_spec_from_request_auto_leaves_the_recipe_alone() -> None:
+    spec = shapes.spec_from_request(
+        model="unsloth/llama-3-8b-Instruct-bnb-4bit",
+        training_file="data/qa.jsonl",
+        hyperparameters={"n_epochs": "auto", "batch_size": "auto"},
+    )
+    assert spec == {
+        "model_config": {
+            "base_model": "unsloth/llama-3-8b-Instruct-bnb-4bit",
+            "finetuned_model": "llama-3-8b-Instruct-bnb-4bit-ft",
+        },
+        "training_dataset": {"name": "data/qa.jsonl"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "micro", "expected"),
+    [(8, None, (2, 4)), (3, None, (3, 1)), (1, None, (1, 1)), (12, 4, (4, 3)), (4, 4, (4, 1))],
+)
+def test_batch_size_is_the_effective_batch(
+    batch_size: int, micro: int | None, expected: tuple[int, int]
+) -> None:
+    medtune = {"training_config": {"per_device_train_batch_size": micro}} if micro else None
+    spec = shapes.spec_from_request(
+        model=SMOL,
+        training_file="sample:medical_qa",
+        hyperparameters={"batch_size": batch_size},
+        medtune=medtune,
+    )
+    training = spec["training_config"]
+    got = (training["per_device_train_batch_size"], training["gradient_accumulation_steps"])
+    assert got == expected
+    assert shapes.hyperparameters_of(spec)["batch_size"] == batch_size
+
+
+def test_batch_size_below_the_asked_micro_batch_is_a_conflict() -> None:
+    with pytest.raises(shapes.ConflictingFields) as caught:
+        shapes.spec_from_request(
+            model=SMOL,
+            training_file="sample:medical_qa",
+            hyperparameters={"batch_size": 2},
+            medtune={"training_config": {"per_device_train_batch_size": 4}},
+        )
+    assert caught.value.field == "medtune.training_config.per_device_train_batch_size"
+
+
+def test_spec_from_request_does_not_change_its_input() -> None:
+    medtune = {"training_config": {"max_steps": 5}}
+    shapes.spec_from_request(model=SMOL, training_file="x.jsonl", seed=1, medtune=medtune)
+    assert medtune == {"training_config": {"max_steps": 5}}
+
+
+def test_request_field_names_where_the_value_came_from() -> None:
+    hp = {"n_epochs": 2, "batch_size": "auto"}
+    assert shapes.request_field("training_dataset.name") == "training_file"
+    assert shapes.request_field("model_config.base_model") == "model"
+    assert shapes.request_field("training_config.num_train_epochs", hyperparameters=hp) == (
+        "hyperparameters.n_epochs"
+    )
+    assert shapes.request_field(
+        "training_config.per_device_train_batch_size", hyperparameters=hp
+    ) == ("medtune.training_config.per_device_train_batch_size")
+    assert shapes.request_field("lora_config.r") == "medtune.lora_config.r"
+
+
+def test_default_finetuned_name_is_a_valid_name() -> None:
+    assert shapes.default_finetuned_name("./models/My Model@v2/") == "My-Model-v2-ft"
+    assert len(shapes.default_finetuned_name("a" * 300)) == 96
+
+
+def test_estimated_finish_from_the_step_rate() -> None:
+    start = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    rows = [
+        MetricRow(job_id="job_x", step=n, created_at=start + timedelta(seconds=2 * n))
+        for n in range(1, 11)
+    ]
+    job = make_job(status=JobStatus.running, steps_done=10, steps_total=100)
+    # 2 s a step, 90 steps left after step 10 (at start + 20 s).
+    expected = int((start + timedelta(seconds=20 + 180)).timestamp())
+    assert shapes.estimated_finish(job, rows) == expected
+    naive = [
+        MetricRow(job_id="job_x", step=r.step, created_at=r.created_at.replace(tzinfo=None))
+        for r in rows
+    ]
+    assert shapes.estimated_finish(job, naive) == expected  # SQLite's naive stamps are UTC
+    assert shapes.estimated_finish(job, rows[:1]) is None
+    assert (
+        shapes.estimated_finish(make_job(status=JobStatus.succeeded, steps_total=100), rows) is None
+    )
+
+
+def test_job_object_status_and_model() -> None:
+    for status in JobStatus:
+        obj = shapes.job_object(make_job(status=status, finetuned_model="tuned"))
+        assert obj["status"] == status.value
+        assert obj["fine_tuned_model"] == ("tuned" if status == JobStatus.succeeded else None)
+    assert shapes.job_object(make_job())["created_at"] == int(
+        datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    )
+
+
+def test_events_page_bounds() -> None:
+    job = make_job(
+        status=JobStatus.cancelled,
+        started_at=datetime(2026, 1, 1, 0, 1, tzinfo=UTC),
+        finished_at=datetime(2026, 1, 1, 0, 2, tzinfo=UTC),
+        steps_done=2,
+        steps_total=10,
+    )
+    rows = [MetricRow(job_id="job_x", step=n, loss=1.0, created_at=job.started_at) for n in (2, 1)]
+    events, more = shapes.events_page(job, rows, after=None, limit=10)
+    assert [e["id"][len("ftevent-job_x-") :] for e in events] == [
+        "finished",
+        "step-2",
+        "step-1",
+        "started",
+        "created",
+    ]
+    assert events[0]["level"] == "warn" and not more
+    assert shapes.metrics_before(shapes.event_key("job_x", "ftevent-job_x-step-2")) == 2
+    assert shapes.metrics_before(shapes.event_key("job_x", "ftevent-job_x-finished")) is None
+    assert shapes.metrics_before(shapes.event_key("job_x", "ftevent-job_x-started")) == 0
+    after_started, _ = shapes.events_page(job, [], after="ftevent-job_x-started", limit=10)
+    assert [e["id"] for e in after_started] == ["ftevent-job_x-created"]
+    with pytest.raises(shapes.InvalidEventId):
+        shapes.event_key("job_x", "ftevent-job_x-step-two")
