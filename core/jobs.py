@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from core.errors import JobNotCancellable, JobNotFound, MedtuneError
-from core.models import Job, JobStatus, MetricRow, utcnow
+from core.models import IdempotencyKey, Job, JobStatus, MetricRow, utcnow
 from core.spec import JobSpec
 
 METRIC_FIELDS = (
@@ -41,7 +41,10 @@ def create_job(
     *,
     queue: str | None = None,
     estimated_gpu_memory_gib: float | None = None,
+    owner_key_id: str | None = None,
+    idempotency: IdempotencyKey | None = None,
 ) -> Job:
+    """Store a queued job; with ``idempotency``, that key row is committed with it (or neither)."""
     job = Job(
         base_model=spec.model.base_model,
         finetuned_model=spec.model.finetuned_model,
@@ -49,16 +52,21 @@ def create_job(
         updated_at=utcnow(),
         queue=queue,
         estimated_gpu_memory_gib=estimated_gpu_memory_gib,
+        owner_key_id=owner_key_id,
     )
     session.add(job)
+    if idempotency is not None:
+        idempotency.job_id = job.id
+        session.add(idempotency)
     session.commit()
     session.refresh(job)
     return job
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, job_id: str, *, owner: str | None = None) -> Job:
+    """The job; with ``owner``, only if that API key owns it (else the same 404 as no job)."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or (owner is not None and job.owner_key_id != owner):
         raise JobNotFound(f"no job with id {job_id!r}", field="job_id")
     return job
 
@@ -81,10 +89,20 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def list_jobs(
-    session: Session, *, limit: int, cursor: str | None = None, status: str | None = None
+    session: Session,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    status: str | None = None,
+    owner: str | None = None,
 ) -> tuple[Sequence[Job], str | None]:
-    """Newest first; returns the page and the cursor of the next one (None at the end)."""
+    """Newest first; returns the page and the cursor of the next one (None at the end).
+
+    With ``owner``, only the jobs of that API key.
+    """
     query = select(Job)
+    if owner is not None:
+        query = query.where(Job.owner_key_id == owner)
     if status:
         query = query.where(Job.status == status)
     if cursor:
@@ -108,9 +126,9 @@ def _update(session: Session, job_id: str, where: Any, **values: Any) -> bool:
     return bool(result.rowcount)
 
 
-def request_cancel(session: Session, job_id: str) -> Job:
+def request_cancel(session: Session, job_id: str, *, owner: str | None = None) -> Job:
     """Queued jobs are cancelled now; running ones stop at their next step boundary."""
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, owner=owner)
     if _update(
         session,
         job_id,

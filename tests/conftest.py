@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +20,25 @@ ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("MEDTUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("MEDTUNE_TEST_REDIS", "redis://127.0.0.1:6379/15")
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# Dataset paths must lie in allowed folders: tests write theirs under pytest's base temp folder.
+DATA_ROOTS: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Allow datasets from the session's temp folders and the shared data, here and in stacks."""
+    from core.settings import get_settings
+
+    DATA_ROOTS[:] = [str(tmp_path_factory.getbasetemp()), str(SHARED_DATA)]
+    previous = os.environ.get("MEDTUNE_DATA_ROOTS")
+    os.environ["MEDTUNE_DATA_ROOTS"] = json.dumps(DATA_ROOTS)
+    get_settings.cache_clear()
+    yield DATA_ROOTS
+    if previous is None:
+        os.environ.pop("MEDTUNE_DATA_ROOTS", None)
+    else:
+        os.environ["MEDTUNE_DATA_ROOTS"] = previous
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -156,6 +176,7 @@ def stack_env(home: Path, model_cache: Path, **urls: str) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
+        MEDTUNE_DATA_ROOTS=json.dumps(DATA_ROOTS),
     )
     env.update({f"MEDTUNE_{k.upper()}": v for k, v in urls.items()})
     return env

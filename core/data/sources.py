@@ -8,14 +8,15 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from core.data.medquad import is_medquad, read_medquad
-from core.errors import DatasetError, DatasetNotFound, HubUnavailable
+from core.errors import DatasetError, DatasetNotFound, HubUnavailable, SpecError
+from core.settings import Settings, get_settings
 from core.spec import DATA_SUFFIXES, DatasetSection
 
 SAMPLES = {"medical_qa": "medical_qa_sample.jsonl"}
@@ -33,20 +34,63 @@ def sample_path(name: str) -> Path:
     return Path(str(resources.files("core") / "samples" / SAMPLES[key]))
 
 
-def resolve_local(section: DatasetSection) -> Path | None:
-    """The file or folder a spec points at, checked to exist; None for Hub datasets."""
+class DatasetPathNotAllowed(SpecError):
+    code = "dataset_path_not_allowed"
+
+
+def allowed_roots(settings: Settings | None = None) -> list[Path]:
+    """Folders a dataset path may point into: the samples, $MEDTUNE_HOME/data, data_roots."""
+    settings = settings or get_settings()
+    samples = Path(str(resources.files("core") / "samples"))
+    return [p.expanduser().resolve() for p in (samples, settings.data_dir, *settings.data_roots)]
+
+
+def _not_allowed(section: DatasetSection, what: str) -> DatasetPathNotAllowed:
+    # Names only what the client sent: the server's folders are not the client's business.
+    return DatasetPathNotAllowed(
+        f"dataset path {section.name!r} {what}; this server reads datasets only from its "
+        "shipped samples, $MEDTUNE_HOME/data and the folders in MEDTUNE_DATA_ROOTS: copy the "
+        "file there, or ask the operator to add its folder",
+        field="training_dataset.name",
+    )
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def resolve_local(section: DatasetSection, *, roots: Sequence[Path] | None = None) -> Path | None:
+    """The file or folder a spec points at, checked to exist; None for Hub datasets.
+
+    A local path must lead inside ``roots`` (default: :func:`allowed_roots` of the settings)
+    once ``..`` and links are resolved, and a folder must hold no link leading outside them.
+    The API checks at submit time and the worker again before it reads.
+    """
     if section.kind == "sample":
         return sample_path(section.name)
     if section.kind == "hub":
         return None
-    path = Path(section.name).expanduser()
-    if not path.exists():
+    roots = allowed_roots() if roots is None else roots
+    try:
+        real = Path(section.name).expanduser().resolve()
+    except (OSError, RuntimeError):  # a link loop
+        real = None
+    # Where the path really leads is checked before whether it exists, so that a path outside
+    # the roots tells nothing of what exists there.
+    if real is not None and not _inside(real, roots):
+        raise _not_allowed(section, "is outside the folders datasets may come from")
+    if real is None or not real.exists():
         raise DatasetNotFound(
             f"dataset path {section.name!r} does not exist on the server; upload the file or give "
             "a path the worker can read",
             field="training_dataset.name",
         )
-    return path
+    # rglob lists linked files but does not enter linked folders: check where each link leads.
+    if real.is_dir() and any(
+        entry.is_symlink() and not _inside(entry.resolve(), roots) for entry in real.rglob("*")
+    ):
+        raise _not_allowed(section, "holds a link leading outside those folders")
+    return real
 
 
 @dataclass

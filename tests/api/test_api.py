@@ -184,6 +184,12 @@ def test_create_job_with_defaults_for_omitted_sections(api: Api) -> None:
     assert len(api.queue.calls) == 1
 
 
+def test_missing_dataset_file_in_an_allowed_folder_is_not_found(api: Api, tmp_path: Path) -> None:
+    response = api.client.post("/jobs", json=recipe_spec(tmp_path / "nowhere" / "qa.jsonl"))
+    assert_problem(response, 422, "dataset_not_found", "training_dataset.name")
+    assert api.queue.calls == []
+
+
 def test_create_job_accepts_an_existing_dataset_file(api: Api, tmp_path: Path) -> None:
     data = tmp_path / "qa.jsonl"
     data.write_text('{"question": "q", "answer": "a"}\n', encoding="utf-8")
@@ -217,7 +223,7 @@ BAD_INPUT = [
     ),
     pytest.param(
         "post", "/jobs", {"json": recipe_spec("/no/such/dir/qa.jsonl")},
-        422, "dataset_not_found", "training_dataset.name", id="dataset-missing",
+        422, "dataset_path_not_allowed", "training_dataset.name", id="dataset-outside-roots",
     ),
     pytest.param(
         "post", "/jobs", {"json": recipe_spec("sample:cardiology")},

@@ -73,9 +73,11 @@ def test_preview_lists_gate_problems_instead_of_failing(worker_queue: Api) -> No
     assert problems[0]["example_index"] == 0
 
 
-def test_preview_of_a_missing_dataset_is_refused_before_queueing(worker_queue: Api) -> None:
+def test_preview_of_a_missing_dataset_is_refused_before_queueing(
+    worker_queue: Api, tmp_path: Path
+) -> None:
     body = preview_body()
-    body["training_dataset"]["name"] = "/nowhere/qa.jsonl"
+    body["training_dataset"]["name"] = str(tmp_path / "nowhere" / "qa.jsonl")
     response = worker_queue.client.post("/datasets/preview", json=body)
     assert_problem(response, 422, "dataset_not_found", "training_dataset.name")
     assert worker_queue.queue.calls == []

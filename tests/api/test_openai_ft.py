@@ -165,8 +165,8 @@ BAD_CREATE = [
     ),
     pytest.param({"suffix": "bad name!"}, "invalid_value", "suffix", id="suffix-unsafe"),
     pytest.param(
-        {"training_file": "/no/such/qa.jsonl"}, "dataset_not_found", "training_file",
-        id="training-file-missing",
+        {"training_file": "/no/such/qa.jsonl"}, "dataset_path_not_allowed", "training_file",
+        id="training-file-outside-data-roots",
     ),
     pytest.param({"model": "./no/such/model"}, "model_not_available", "model", id="model-missing"),
     pytest.param(
