@@ -5,11 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from sqlmodel import Session
 
+from api import problems
+from core import auth
 from core.db import get_engine
+from core.errors import MedtuneError
 from core.queue import make_celery
+from core.ratelimit import RateLimited, RateLimiter
 from core.settings import Settings, get_settings
 
 
@@ -29,6 +34,43 @@ def get_queue(settings: Annotated[Settings, Depends(get_settings)]) -> Any:
     return _queues[key]
 
 
+def auth_mode(request: Request, settings: Settings) -> str:
+    """``required``, ``disabled`` or ``disabled (loopback only)`` for this request."""
+    return auth.mode(
+        settings, server=request.scope.get("server"), client=request.scope.get("client")
+    )
+
+
+def get_principal(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    session: Annotated[Session, Depends(get_session)],
+) -> auth.Principal:
+    """Who sent the request: the Bearer key's owner, or anonymous when auth is off."""
+    if auth_mode(request, settings) != "required":
+        return auth.ANONYMOUS
+    return auth.authenticate(session, settings, request.headers.get("authorization"))
+
+
+def get_limiter(request: Request) -> RateLimiter:
+    return request.app.state.rate_limiter  # type: ignore[no-any-return]
+
+
+async def _problem_with_headers(request: Request, exc: MedtuneError) -> JSONResponse:
+    response = await problems.medtune_handler(request, exc)
+    response.headers.update(getattr(exc, "headers", {}))
+    return response
+
+
+def install_security(app: FastAPI) -> None:
+    """The app's rate limiter, and 401/429 problems that carry WWW-Authenticate/Retry-After."""
+    app.state.rate_limiter = RateLimiter()
+    for error in (auth.Unauthorized, RateLimited):
+        app.add_exception_handler(error, _problem_with_headers)  # type: ignore[arg-type]
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 QueueDep = Annotated[Any, Depends(get_queue)]
+PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]
+LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import problems
+from api.deps import install_security
 from api.routes import datasets, health, infer, jobs, metrics, openai_ft
 from core.logs import configure_from_env
 
@@ -19,6 +20,7 @@ def create_app() -> FastAPI:
         "watch them train, and ask the tuned model.",
     )
     problems.install(app)
+    install_security(app)
     app.add_middleware(metrics.PrometheusMiddleware)
     app.include_router(health.router)
     app.include_router(jobs.router)

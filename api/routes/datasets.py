@@ -5,12 +5,12 @@ from __future__ import annotations
 from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter
 
-from api.deps import QueueDep, SessionDep, SettingsDep
+from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import DatasetPreview, DatasetPreviewRequest, JobDatasetPublic
 from core import jobs
 from core.base_models import check_base_model
 from core.data.preview import PREVIEW_TASK
-from core.data.sources import resolve_local
+from core.data.sources import allowed_roots, resolve_local
 from core.errors import InferenceTimeout, JobNotReady, MedtuneError
 from core.queue import INFER_QUEUE
 from core.spec import JobSpec
@@ -19,9 +19,9 @@ router = APIRouter(tags=["datasets"])
 
 
 @router.get("/jobs/{job_id}/dataset", response_model=JobDatasetPublic)
-def read_job_dataset(session: SessionDep, job_id: str) -> JobDatasetPublic:
+def read_job_dataset(session: SessionDep, principal: PrincipalDep, job_id: str) -> JobDatasetPublic:
     """The statistics of a job's prepared dataset (stored before training starts)."""
-    job = jobs.get_job(session, job_id)
+    job = jobs.get_job(session, job_id, owner=principal.job_owner)
     if not job.dataset_stats:
         raise JobNotReady(
             f"job {job.id} is {job.status} and has no dataset statistics yet; they are stored "
@@ -39,11 +39,19 @@ def read_job_dataset(session: SessionDep, job_id: str) -> JobDatasetPublic:
 
 @router.post("/datasets/preview", response_model=DatasetPreview)
 def preview_dataset(
-    body: DatasetPreviewRequest, settings: SettingsDep, queue: QueueDep
+    body: DatasetPreviewRequest,
+    settings: SettingsDep,
+    queue: QueueDep,
+    principal: PrincipalDep,
+    limiter: LimiterDep,
 ) -> DatasetPreview:
     """Render the first examples of a dataset spec, per token marked trained or not."""
+    # A preview takes an inference worker's time: it counts against the inference limit.
+    limiter.hit(
+        "infer", principal.scope, per_minute=settings.rate_infer_per_minute, what="inferences"
+    )
     check_base_model(body.base_model)
-    resolve_local(body.training_dataset)
+    resolve_local(body.training_dataset, roots=allowed_roots(settings))
     # The tokenizer lives on an inference worker: the API never imports transformers.
     pending = queue.send_task(
         PREVIEW_TASK,

@@ -7,7 +7,7 @@ import time
 from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter
 
-from api.deps import QueueDep, SessionDep, SettingsDep
+from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import InferRequest, InferResponse
 from core import jobs
 from core.errors import InferenceTimeout, JobNotReady, MedtuneError
@@ -20,10 +20,18 @@ router = APIRouter(tags=["inference"])
 
 @router.post("/infer", response_model=InferResponse)
 def infer(
-    body: InferRequest, session: SessionDep, settings: SettingsDep, queue: QueueDep
+    body: InferRequest,
+    session: SessionDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+    principal: PrincipalDep,
+    limiter: LimiterDep,
 ) -> InferResponse:
     """Answer a question with the job's adapter (or its base model with use_adapter=false)."""
-    job = jobs.get_job(session, body.job_id)
+    job = jobs.get_job(session, body.job_id, owner=principal.job_owner)
+    limiter.hit(
+        "infer", principal.scope, per_minute=settings.rate_infer_per_minute, what="inferences"
+    )
     if body.use_adapter and job.status != JobStatus.succeeded:
         raise JobNotReady(
             f"job {job.id} is {job.status}; only a succeeded job has a tuned model to ask "

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from sqlmodel import Session
 
-from api.deps import QueueDep, SessionDep, SettingsDep
+from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import (
     CheckpointPublic,
     CheckpointsPage,
@@ -21,12 +22,14 @@ from api.schemas import (
     MetricPublic,
     MetricsPage,
 )
-from core import jobs, routing
+from core import auth, idempotency, jobs, routing
 from core.base_models import check_base_model
-from core.data.sources import resolve_local
+from core.data.sources import allowed_roots, resolve_local
 from core.db import session_scope
-from core.models import JobStatus
+from core.models import Job, JobStatus
 from core.queue import RUN_JOB_TASK
+from core.ratelimit import RateLimiter
+from core.settings import Settings
 from core.spec import JobSpec
 from core.training import checkpoints
 
@@ -43,39 +46,101 @@ SPEC_EXAMPLE = {
 }
 
 
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias=idempotency.HEADER,
+        min_length=1,
+        max_length=255,
+        description="Retrying with the same key returns the job the first request created "
+        "(201, Idempotent-Replayed: true) and queues nothing; a different spec is a 409.",
+    ),
+]
+
+
 @router.post("", status_code=201, response_model=JobPublic)
 def create_job(
+    response: Response,
     session: SessionDep,
     settings: SettingsDep,
     queue: QueueDep,
+    principal: PrincipalDep,
+    limiter: LimiterDep,
     spec: Annotated[JobSpec, Body(openapi_examples={"embedded": {"value": SPEC_EXAMPLE}})],
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobPublic:
     """Validate a job spec, store the job, then queue it for a worker that can hold it."""
+    job, replayed = submit_job(
+        session,
+        settings,
+        queue,
+        spec,
+        principal=principal,
+        limiter=limiter,
+        idempotency_key=idempotency_key,
+    )
+    if replayed:
+        # Stripe's behaviour: the first request's status code again, marked as a replay.
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobPublic.of(job)
+
+
+def submit_job(
+    session: Session,
+    settings: Settings,
+    queue: Any,
+    spec: JobSpec,
+    *,
+    principal: auth.Principal,
+    limiter: RateLimiter,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Check, store and queue a job for ``principal``; returns (job, replayed).
+
+    With ``idempotency_key``, a key already used with the same spec returns that job and queues
+    nothing (replayed is True).
+    """
+    scope = principal.scope
+    if idempotency_key is not None:
+        earlier = idempotency.replay(session, scope=scope, key=idempotency_key, spec=spec)
+        if earlier is not None:
+            return earlier, True
+    limiter.hit("jobs", scope, per_minute=settings.rate_jobs_per_minute, what="jobs created")
     # Fail now, not minutes later on a worker, for what the server can check cheaply.
     check_base_model(spec.model.base_model)
-    resolve_local(spec.dataset)
+    resolve_local(spec.dataset, roots=allowed_roots(settings))
     local_dir = routing.local_model_dir(spec.model.base_model, settings.models_dir)
     target, needed = routing.route(spec, routing.live_workers(session), local_dir=local_dir)
-    job = jobs.create_job(
-        session,
-        spec,
-        queue=target,
-        estimated_gpu_memory_gib=round(needed.total_gib, 2) if needed else None,
-    )
+    options: dict[str, Any] = {
+        "queue": target,
+        "estimated_gpu_memory_gib": round(needed.total_gib, 2) if needed else None,
+        "owner_key_id": principal.key_id,
+    }
+    if idempotency_key is None:
+        job = jobs.create_job(session, spec, **options)
+    else:
+        job, replayed = idempotency.create_job_once(
+            session, spec, scope=scope, key=idempotency_key, **options
+        )
+        if replayed:  # a concurrent request with the same key won
+            return job, True
     # Commit first, enqueue the id second: the task re-reads the row (the store is the truth).
     queue.send_task(RUN_JOB_TASK, args=[job.id], queue=target)
-    return JobPublic.of(job)
+    return job, False
 
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(
     session: SessionDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     status: JobStatus | None = None,
 ) -> JobsPublic:
     """Jobs, newest first; follow next_cursor for older ones."""
-    page, next_cursor = jobs.list_jobs(session, limit=limit, cursor=cursor, status=status)
+    page, next_cursor = jobs.list_jobs(
+        session, limit=limit, cursor=cursor, status=status, owner=principal.job_owner
+    )
     return JobsPublic(
         data=[JobPublic.of(j) for j in page],
         has_more=next_cursor is not None,
@@ -84,26 +149,27 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def read_job(session: SessionDep, job_id: str) -> JobPublic:
+def read_job(session: SessionDep, principal: PrincipalDep, job_id: str) -> JobPublic:
     """One job with its status, stage, progress, error and artifacts."""
-    return JobPublic.of(jobs.get_job(session, job_id))
+    return JobPublic.of(jobs.get_job(session, job_id, owner=principal.job_owner))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(session: SessionDep, job_id: str) -> JobPublic:
+def cancel_job(session: SessionDep, principal: PrincipalDep, job_id: str) -> JobPublic:
     """Cancel a queued job now, or a running one at its next training step."""
-    return JobPublic.of(jobs.request_cancel(session, job_id))
+    return JobPublic.of(jobs.request_cancel(session, job_id, owner=principal.job_owner))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPage)
 def read_metrics(
     session: SessionDep,
+    principal: PrincipalDep,
     job_id: str,
     after_step: Annotated[int, Query(ge=-1)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> MetricsPage:
     """Per-step training metrics after a step, for polling."""
-    job = jobs.get_job(session, job_id)
+    job = jobs.get_job(session, job_id, owner=principal.job_owner)
     rows, has_more = jobs.metrics_page(session, job_id, after_step=after_step, limit=limit)
     return MetricsPage(
         job_id=job_id,
@@ -115,9 +181,9 @@ def read_metrics(
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointsPage)
-def list_checkpoints(session: SessionDep, job_id: str) -> CheckpointsPage:
+def list_checkpoints(session: SessionDep, principal: PrincipalDep, job_id: str) -> CheckpointsPage:
     """The job's complete training checkpoints, oldest first."""
-    job = jobs.get_job(session, job_id)
+    job = jobs.get_job(session, job_id, owner=principal.job_owner)
     found = []
     if job.artifacts_dir:
         output_dir = JobSpec.model_validate(job.spec).training.output_dir
@@ -143,19 +209,21 @@ def stream_events(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     job_id: str,
     last_event_id: Annotated[str | None, Header()] = None,
     after_step: Annotated[int, Query(ge=-1)] = -1,
     poll_seconds: Annotated[float, Query(gt=0, le=10)] = 0.5,
 ) -> StreamingResponse:
     """Metrics as Server-Sent Events (event id = step, resumable with Last-Event-ID)."""
-    jobs.get_job(session, job_id)  # 404 before the stream starts
+    owner = principal.job_owner
+    jobs.get_job(session, job_id, owner=owner)  # 404 before the stream starts
     start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after_step
     url = settings.db_url
 
     def poll(after: int) -> tuple[list[MetricPublic], str, dict[str, Any]]:
         with session_scope(url) as s:
-            job = jobs.get_job(s, job_id)
+            job = jobs.get_job(s, job_id, owner=owner)
             rows, _ = jobs.metrics_page(s, job_id, after_step=after, limit=500)
             return (
                 [MetricPublic.of(r) for r in rows],

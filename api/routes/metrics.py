@@ -28,7 +28,8 @@ from sqlalchemy import Engine, create_engine, func, text
 from sqlmodel import Session, col, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import PrincipalDep, SessionDep, SettingsDep
+from core.auth import Forbidden
 from core.models import Job, JobStatus, MetricRow
 from core.queue import INFER_QUEUE, TRAIN_QUEUE
 from core.settings import Settings
@@ -252,8 +253,11 @@ def queue_families(settings: Settings) -> list[Metric]:
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-def metrics(session: SessionDep, settings: SettingsDep) -> Response:
+def metrics(session: SessionDep, settings: SettingsDep, principal: PrincipalDep) -> Response:
     """Prometheus metrics: jobs by status, queue depth, running jobs' speed, HTTP traffic."""
+    if not principal.admin:
+        # Every job's id and figures are here, whoever owns it.
+        raise Forbidden("/metrics needs an admin key (medtune keys create --admin)")
     scrape = CollectorRegistry()
     scrape.register(_Snapshot(job_families(session) + queue_families(settings)))
     body = generate_latest(REGISTRY) + generate_latest(scrape)

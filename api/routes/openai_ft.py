@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlmodel import Session
 
-from api.deps import QueueDep, SessionDep, SettingsDep
-from api.routes.jobs import create_job
+from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
+from api.routes.jobs import submit_job
 from api.schemas import (
     FineTuningCheckpoint,
     FineTuningCheckpointsPage,
@@ -95,7 +95,12 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
 
 @router.post("/jobs", response_model=FineTuningJob)
 def create_fine_tuning_job(
-    body: FineTuningJobCreate, session: SessionDep, settings: SettingsDep, queue: QueueDep
+    body: FineTuningJobCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+    principal: PrincipalDep,
+    limiter: LimiterDep,
 ) -> FineTuningJob:
     """Create a medtune job from an OpenAI fine-tuning request."""
     if body.validation_file is not None:
@@ -117,46 +122,58 @@ def create_fine_tuning_job(
             )
         )
         # The same checks, routing and queueing as POST /jobs: one way in for every job.
-        created = create_job(session=session, settings=settings, queue=queue, spec=spec)
+        created, _ = submit_job(
+            session, settings, queue, spec, principal=principal, limiter=limiter
+        )
     return _job(session, jobs.get_job(session, created.id))
 
 
 @router.get("/jobs", response_model=FineTuningJobsPage)
 def list_fine_tuning_jobs(
-    session: SessionDep, after: After = None, limit: Limit = 20
+    session: SessionDep, principal: PrincipalDep, after: After = None, limit: Limit = 20
 ) -> FineTuningJobsPage:
     """Jobs newest first; ``after`` is the id of the last job of the previous page."""
     cursor = None
     if after:
         try:
-            cursor = jobs._encode_cursor(jobs.get_job(session, after))
+            cursor = jobs._encode_cursor(jobs.get_job(session, after, owner=principal.job_owner))
         except MedtuneError as exc:
             exc.field = "after"
             raise
-    page, next_cursor = jobs.list_jobs(session, limit=limit, cursor=cursor)
+    page, next_cursor = jobs.list_jobs(
+        session, limit=limit, cursor=cursor, owner=principal.job_owner
+    )
     return FineTuningJobsPage(
         data=[_job(session, j) for j in page], has_more=next_cursor is not None
     )
 
 
 @router.get("/jobs/{job_id}", response_model=FineTuningJob)
-def read_fine_tuning_job(session: SessionDep, job_id: str) -> FineTuningJob:
+def read_fine_tuning_job(
+    session: SessionDep, principal: PrincipalDep, job_id: str
+) -> FineTuningJob:
     """One job in OpenAI's shape."""
-    return _job(session, jobs.get_job(session, job_id))
+    return _job(session, jobs.get_job(session, job_id, owner=principal.job_owner))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=FineTuningJob)
-def cancel_fine_tuning_job(session: SessionDep, job_id: str) -> FineTuningJob:
+def cancel_fine_tuning_job(
+    session: SessionDep, principal: PrincipalDep, job_id: str
+) -> FineTuningJob:
     """Cancel a queued job now, or a running one at its next training step."""
-    return _job(session, jobs.request_cancel(session, job_id))
+    return _job(session, jobs.request_cancel(session, job_id, owner=principal.job_owner))
 
 
 @router.get("/jobs/{job_id}/events", response_model=FineTuningEventsPage)
 def list_fine_tuning_events(
-    session: SessionDep, job_id: str, after: After = None, limit: Limit = 20
+    session: SessionDep,
+    principal: PrincipalDep,
+    job_id: str,
+    after: After = None,
+    limit: Limit = 20,
 ) -> FineTuningEventsPage:
     """Status messages and one metrics event per logged step, newest first."""
-    job = jobs.get_job(session, job_id)
+    job = jobs.get_job(session, job_id, owner=principal.job_owner)
     bound = shapes.metrics_before(shapes.event_key(job.id, after) if after else None)
     rows = _rows_before(session, job, before=bound, count=limit + 1)
     events, has_more = shapes.events_page(job, rows, after=after, limit=limit)
@@ -167,10 +184,14 @@ def list_fine_tuning_events(
 
 @router.get("/jobs/{job_id}/checkpoints", response_model=FineTuningCheckpointsPage)
 def list_fine_tuning_checkpoints(
-    session: SessionDep, job_id: str, after: After = None, limit: Limit = 10
+    session: SessionDep,
+    principal: PrincipalDep,
+    job_id: str,
+    after: After = None,
+    limit: Limit = 10,
 ) -> FineTuningCheckpointsPage:
     """The job's complete training checkpoints, newest first."""
-    job = jobs.get_job(session, job_id)
+    job = jobs.get_job(session, job_id, owner=principal.job_owner)
     found: list[checkpoints.Checkpoint] = []
     if job.artifacts_dir:
         output_dir = JobSpec.model_validate(job.spec).training.output_dir

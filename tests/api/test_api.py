@@ -95,8 +95,11 @@ class Api:
 
 
 def make_client(db_url: str, home: Path, queue: FakeQueue) -> TestClient:
+    """The API with authentication off: tests/api/test_auth.py covers keys."""
     app = create_app()
-    settings = Settings(_env_file=None, database_url=db_url, home=home)  # type: ignore[call-arg]
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, database_url=db_url, home=home, auth="disabled"
+    )
     app.dependency_overrides[get_settings] = lambda: settings
     app.dependency_overrides[get_queue] = lambda: queue
     return TestClient(app, raise_server_exceptions=True)
@@ -471,7 +474,7 @@ def test_infer_worker_error_becomes_a_problem(api: Api, seeded: dict[str, str]) 
 def test_healthz(api: Api) -> None:
     response = api.client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+    assert response.json() == {"status": "ok", "auth": "disabled"}
 
 
 def test_healthz_reports_an_unreachable_database(tmp_path: Path) -> None:
