@@ -186,3 +186,19 @@ def mode(settings: Settings, *, server: Any = None, client: Any = None) -> str:
     if _seen_off_loopback(server) or _seen_off_loopback(client):
         return "required"
     return "disabled (loopback only)"
+
+
+def describe(settings: Settings) -> str:
+    """The auth mode for a start-up line, with how many keys could be used."""
+    current = mode(settings)
+    if current != "required":
+        return current
+    from core.db import session_scope
+
+    with session_scope(settings.db_url) as session:
+        active = sum(1 for k in list_keys(session) if k.revoked_at is None)
+    if settings.admin_key is not None:
+        return f"required ({active} active keys + MEDTUNE_ADMIN_KEY)"
+    if not active:
+        return "required, but no API key exists yet: create one with 'medtune keys create'"
+    return f"required ({active} active keys)"

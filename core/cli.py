@@ -15,7 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from core.auth import describe as describe_auth
 from core.cli_client import register as register_client_commands
+from core.cli_keys import register as register_key_commands
 from core.settings import get_settings
 
 log = logging.getLogger("medtune")
@@ -74,9 +76,17 @@ def _exec(argv: list[str]) -> int:
     return 1  # not reached
 
 
+def _bind(host: str) -> None:
+    # The API reads its bind host from the settings to decide whether keys are needed (auto).
+    os.environ["MEDTUNE_API_HOST"] = host
+    get_settings.cache_clear()
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     settings = get_settings()
-    return _exec(api_command(args.host or settings.api_host, args.port or settings.api_port))
+    host = args.host or settings.api_host
+    _bind(host)
+    return _exec(api_command(host, args.port or settings.api_port))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -99,6 +109,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = get_settings()
     cmd_migrate(args)
     host, port = args.host or settings.api_host, args.port or settings.api_port
+    _bind(host)
+    auth_line = describe_auth(get_settings())
     children = [
         subprocess.Popen(worker_command(TRAIN_QUEUE, "train")),
         subprocess.Popen(worker_command(INFER_QUEUE, "infer")),
@@ -106,7 +118,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     ]
     print(
         f"medtune is up: http://{host}:{port}/docs  (db {_redact(settings.db_url)}, "
-        f"broker {_redact(settings.celery_broker_url)})",
+        f"broker {_redact(settings.celery_broker_url)}; auth {auth_line})",
         flush=True,
     )
     stopping = False
@@ -198,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int, default=60)
     demo.set_defaults(func=cmd_demo)
     register_client_commands(sub)
+    register_key_commands(sub)
     return parser
 
 
