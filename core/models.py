@@ -38,6 +38,7 @@ class JobStatus(StrEnum):
 class JobStage(StrEnum):
     preparing_data = "preparing_data"
     training = "training"
+    evaluating = "evaluating"
     exporting = "exporting"
 
 

@@ -14,10 +14,11 @@ from typing import Any
 
 from core import jobs
 from core.base_models import hub_call, resolve
-from core.data.prepare import prepare
+from core.data.prepare import Prepared, prepare
 from core.data.tokenize import ensure_chat_template
 from core.db import session_scope
 from core.errors import MedtuneError, OutOfMemory
+from core.evaluation import EVALUATION_FILE
 from core.lease import LeaseKeeper
 from core.models import JobStage, JobStatus
 from core.settings import Settings
@@ -45,13 +46,12 @@ class DatabaseSink:
             return jobs.cancel_requested(s, self.job_id)
 
 
-def _prepare_data(spec: JobSpec, model_path: str) -> tuple[list[Any], dict[str, Any]]:
+def _prepare_data(spec: JobSpec, model_path: str) -> Prepared:
     """Load, clean, render and tokenize; the gate fails the job on the first bad example."""
     from transformers import AutoTokenizer
 
     tokenizer = hub_call(spec.model.base_model, AutoTokenizer.from_pretrained, model_path)
-    prepared = prepare(spec.dataset, tokenizer, max_seq_length=spec.model.max_seq_length)
-    return prepared.train, prepared.stats
+    return prepare(spec.dataset, tokenizer, max_seq_length=spec.model.max_seq_length)
 
 
 def _save_adapter(loaded: Any, target: Path) -> None:
@@ -111,16 +111,18 @@ def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -
     with session_scope(url) as s:
         jobs.set_fields(s, job_id, stage=JobStage.preparing_data, artifacts_dir=str(job_dir))
     model_path = resolve(spec.model.base_model, models_dir=settings.models_dir)
-    items, stats = _prepare_data(spec, model_path)
+    prepared = _prepare_data(spec, model_path)
     with session_scope(url) as s:
-        jobs.set_fields(s, job_id, dataset_stats=stats, stage=JobStage.training)
+        jobs.set_fields(s, job_id, dataset_stats=prepared.stats, stage=JobStage.training)
     loaded = engines.load(spec, model_path)
     ensure_chat_template(loaded.tokenizer, spec.dataset.chat_template)
     with session_scope(url) as s:
         jobs.set_fields(s, job_id, engine=loaded.engine)
     _note(url, job_id, *loaded.notes)
-    outcome = _train_with_recovery(job_id, spec, loaded, items, job_dir, url)
+    outcome = _train_with_recovery(job_id, spec, loaded, prepared.train, job_dir, url)
     _note(url, job_id, *outcome.notes)
+    if spec.evaluation.enabled and not outcome.cancelled:
+        _evaluate(job_id, spec, loaded, prepared, job_dir, url)
     with session_scope(url) as s:
         jobs.set_fields(s, job_id, stage=JobStage.exporting)
     adapter_dir = job_dir / "adapter"
@@ -132,6 +134,39 @@ def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -
         "job %s %s after %d steps (loss %s)", job_id, status, outcome.steps, outcome.final_loss
     )
     return status
+
+
+def _evaluate(
+    job_id: str, spec: JobSpec, loaded: Any, prepared: Prepared, job_dir: Path, url: str
+) -> None:
+    from core.evaluation import evaluate  # scoring libraries load only when evaluating
+
+    if not prepared.validation_examples:
+        _note(
+            url,
+            job_id,
+            "evaluation skipped: no held-out examples; set training_dataset.validation_share",
+        )
+        return
+    with session_scope(url) as s:
+        jobs.set_fields(s, job_id, stage=JobStage.evaluating)
+    result = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        prepared.validation_examples,
+        max_examples=spec.evaluation.max_examples,
+        max_new_tokens=spec.evaluation.max_new_tokens,
+    )
+    tmp = job_dir / "evaluation.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, job_dir / EVALUATION_FILE)
+    base, tuned = result["base"]["rougeL"], result["tuned"]["rougeL"]
+    _note(
+        url,
+        job_id,
+        f"evaluated on {result['examples']} held-out examples: ROUGE-L "
+        f"base {base:.4f}, tuned {tuned:.4f}",
+    )
 
 
 def _train_with_recovery(

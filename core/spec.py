@@ -298,6 +298,16 @@ class TrainingSection(_Section):
         return self
 
 
+class EvaluationSection(_Section):
+    enabled: bool = Field(
+        default=False,
+        description="After training, answer the held-out validation questions with the base "
+        "model and the tuned adapter, and score both against the reference answers.",
+    )
+    max_examples: int = Field(default=32, ge=1, le=10_000)
+    max_new_tokens: int = Field(default=128, ge=1, le=4096)
+
+
 class JobSpec(_Section):
     """A fine-tuning job, in the recipe's layout."""
 
@@ -305,6 +315,9 @@ class JobSpec(_Section):
     lora: LoraSection = Field(default_factory=LoraSection, alias="lora_config")
     dataset: DatasetSection = Field(default_factory=DatasetSection, alias="training_dataset")
     training: TrainingSection = Field(default_factory=TrainingSection, alias="training_config")
+    evaluation: EvaluationSection = Field(
+        default_factory=EvaluationSection, alias="evaluation_config"
+    )
     hugging_face_username: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.-]{0,95}$")
 
     model_config = ConfigDict(extra="forbid", validate_by_alias=True, validate_by_name=False)

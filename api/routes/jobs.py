@@ -26,6 +26,8 @@ from core import auth, idempotency, jobs, routing
 from core.base_models import check_base_model
 from core.data.sources import allowed_roots, resolve_local
 from core.db import session_scope
+from core.errors import ConflictError
+from core.evaluation import EVALUATION_FILE
 from core.models import Job, JobStatus
 from core.queue import RUN_JOB_TASK
 from core.ratelimit import RateLimiter
@@ -193,6 +195,21 @@ def list_checkpoints(session: SessionDep, principal: PrincipalDep, job_id: str) 
         job_id=job_id,
         data=[CheckpointPublic(step=c.step, created_at=c.created_at, loss=c.loss) for c in found],
     )
+
+
+@router.get("/{job_id}/evaluation")
+def read_evaluation(session: SessionDep, principal: PrincipalDep, job_id: str) -> dict[str, Any]:
+    """Base vs tuned scores (ROUGE-1/2/L, BLEU, METEOR where available) and answers side by side."""
+    job = jobs.get_job(session, job_id, owner=principal.job_owner)
+    path = Path(job.artifacts_dir or "", EVALUATION_FILE)
+    if not job.artifacts_dir or not path.is_file():
+        raise ConflictError(
+            f"job {job_id} has no evaluation (status {job.status}); set evaluation_config.enabled "
+            "and training_dataset.validation_share, and wait for the job to succeed",
+            field="job_id",
+            code="evaluation_not_ready",
+        )
+    return {"object": "evaluation", "job_id": job_id, **json.loads(path.read_text())}
 
 
 def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:

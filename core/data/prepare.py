@@ -24,6 +24,7 @@ class Prepared:
     train: list[Encoded]
     validation: list[Encoded]
     examples: list[Example]  # the training examples, parallel to ``train``
+    validation_examples: list[Example] = field(default_factory=list)  # parallel to validation
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -130,5 +131,6 @@ def prepare(section: DatasetSection, tokenizer: Any, *, max_seq_length: int) -> 
         train=train,
         validation=[by_id[id(e)] for e in val_ex],
         examples=train_ex,
+        validation_examples=val_ex,
         stats=stats,
     )

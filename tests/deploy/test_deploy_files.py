@@ -69,6 +69,8 @@ TRAINING_STACK = {
     "safetensors",
     "sentencepiece",
     "protobuf",
+    "rouge-score",
+    "sacrebleu",
 }
 # Never installed in the API image, whoever asks.
 HEAVY = TRAINING_STACK | {

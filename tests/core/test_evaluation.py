@@ -1,0 +1,94 @@
+"""Evaluation: scores that move the right way, reproducible answers, the stage in the pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core import jobs
+from core.data.conversations import Example
+from core.db import session_scope
+from core.evaluation import EVALUATION_FILE, evaluate, score
+from core.models import JobStatus
+from core.pipeline import run_job
+from core.settings import Settings
+from core.spec import JobSpec
+from tests.helpers import recipe_spec, tiny_dataset
+
+REFS = ["High blood pressure damages arteries over time.", "Drink water and rest."]
+
+
+def test_scores_reward_overlap_and_say_when_meteor_is_missing() -> None:
+    exact = score(REFS, REFS)
+    assert exact["rouge1"] == exact["rougeL"] == 1.0 and exact["bleu"] == pytest.approx(100)
+    unrelated = score(["Bananas are yellow fruit.", "The sky looks blue."], REFS)
+    assert unrelated["rougeL"] < 0.2 and unrelated["bleu"] < 5
+    partial = score(["High blood pressure hurts arteries.", "Rest."], REFS)
+    assert unrelated["rougeL"] < partial["rougeL"] < exact["rougeL"]
+    try:
+        from nltk.corpus import wordnet
+
+        wordnet.synsets("dog")
+        has_wordnet = True
+    except LookupError:
+        has_wordnet = False
+    assert (exact["meteor"] is not None) == has_wordnet
+
+
+def test_evaluation_is_reproducible(model_dir: Path, tokenizer: Any) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    examples = [
+        Example(
+            messages=[
+                {"role": "user", "content": "What is a fever?"},
+                {"role": "assistant", "content": "A body temperature above normal."},
+            ]
+        ),
+        Example(
+            messages=[
+                {"role": "user", "content": "What is anemia?"},
+                {"role": "assistant", "content": "Too few red blood cells."},
+            ]
+        ),
+    ]
+    first = evaluate(model, tokenizer, examples, max_examples=2, max_new_tokens=12)
+    second = evaluate(model, tokenizer, examples, max_examples=2, max_new_tokens=12)
+    assert first == second
+    assert first["examples"] == 2 and first["answers"][0]["reference"].startswith("A body")
+    # A fresh LoRA starts at zero: the tuned model answers exactly as the base does.
+    assert [a["base"] for a in first["answers"]] == [a["tuned"] for a in first["answers"]]
+
+
+@pytest.mark.slow
+def test_pipeline_evaluates_the_held_out_split(
+    tmp_path: Path, sqlite_url: str, model_cache: Path
+) -> None:
+    data = tiny_dataset(tmp_path / "tiny.jsonl", rows=12)
+    raw = recipe_spec(data, max_steps=2)
+    raw["training_dataset"]["validation_share"] = 0.25
+    raw["evaluation_config"] = {"enabled": True, "max_examples": 2, "max_new_tokens": 12}
+    spec = JobSpec.model_validate(raw)
+    with session_scope(sqlite_url) as s:
+        job_id = jobs.create_job(s, spec).id
+    settings = Settings(home=tmp_path, database_url=sqlite_url, model_cache=model_cache)
+    assert run_job(job_id, settings, worker="w") == JobStatus.succeeded
+    result = json.loads((tmp_path / "jobs" / job_id / EVALUATION_FILE).read_text())
+    assert result["examples"] == 2
+    assert (
+        set(result["base"])
+        == set(result["tuned"])
+        == {"rouge1", "rouge2", "rougeL", "bleu", "meteor"}
+    )
+    with session_scope(sqlite_url) as s:
+        job = jobs.get_job(s, job_id)
+    assert job.dataset_stats and job.dataset_stats["validation_examples"] == 3
+    assert any(n.startswith("evaluated on 2 held-out examples") for n in job.notes)
