@@ -61,11 +61,30 @@ def generate(
     max_new_tokens: int,
     adapter: bool,
 ) -> str:
+    return generate_with_stop(
+        model, tokenizer, messages, max_new_tokens=max_new_tokens, adapter=adapter
+    )["answer"]
+
+
+def generate_with_stop(
+    model: Any,
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    *,
+    max_new_tokens: int,
+    adapter: bool = True,
+) -> dict[str, Any]:
+    """Greedy answer, and whether it ended on the end-of-turn token (a tuned model should)."""
     import torch
 
     text = render(tokenizer, messages, add_generation_prompt=True)
     inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(model.device)
-    off = nullcontext() if adapter else model.disable_adapter()
+    # Only a PeftModel can switch its adapter off; plain (merged) models have none.
+    off = (
+        nullcontext()
+        if adapter or not hasattr(model, "disable_adapter")
+        else (model.disable_adapter())
+    )
     with torch.inference_mode(), off:
         out = model.generate(
             **inputs,
@@ -76,9 +95,13 @@ def generate(
             if tokenizer.pad_token_id is not None
             else tokenizer.eos_token_id,
         )
-    return tokenizer.decode(
-        out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-    ).strip()
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    return {
+        "question": messages[-1]["content"],
+        "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
+        "stopped": bool(new) and new[-1] == tokenizer.eos_token_id,
+        "tokens": len(new),
+    }
 
 
 def evaluate(

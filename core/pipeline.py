@@ -127,6 +127,8 @@ def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -
         jobs.set_fields(s, job_id, stage=JobStage.exporting)
     adapter_dir = job_dir / "adapter"
     _save_adapter(loaded, adapter_dir)
+    if not outcome.cancelled:
+        _export(job_id, spec, loaded, job_dir, adapter_dir, model_path, url)
     (job_dir / "spec.json").write_text(json.dumps(spec.to_json(), indent=2))
     status = JobStatus.cancelled if outcome.cancelled else JobStatus.succeeded
     _finish(url, job_id, status, adapter_dir=str(adapter_dir), steps_done=outcome.steps)
@@ -134,6 +136,42 @@ def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -
         "job %s %s after %d steps (loss %s)", job_id, status, outcome.steps, outcome.final_loss
     )
     return status
+
+
+def _export(
+    job_id: str,
+    spec: JobSpec,
+    loaded: Any,
+    job_dir: Path,
+    adapter_dir: Path,
+    model_path: str,
+    url: str,
+) -> None:
+    from core.export import export_all
+
+    manifest = export_all(
+        loaded,
+        job_dir=job_dir,
+        adapter_dir=adapter_dir,
+        base_path=model_path,
+        formats=list(spec.export.formats),
+        system_prompt=spec.dataset.system_prompt,
+    )
+    for fmt, entry in manifest.items():
+        if entry["status"] == "ok":
+            stops = sum(a["stopped"] for a in entry["smoke_test"])
+            _note(
+                url,
+                job_id,
+                f"export {fmt}: ok, {stops}/{len(entry['smoke_test'])} smoke "
+                "answers stopped at the end-of-turn token",
+            )
+        else:
+            _note(
+                url,
+                job_id,
+                f"export {fmt} failed ({entry['error']['code']}): {entry['error']['message']}",
+            )
 
 
 def _evaluate(

@@ -308,6 +308,14 @@ class EvaluationSection(_Section):
     max_new_tokens: int = Field(default=128, ge=1, le=4096)
 
 
+class ExportSection(_Section):
+    formats: list[Literal["lora", "merged_16bit"]] = Field(
+        default_factory=lambda: ["lora"],
+        min_length=1,
+        description="What to write after training; each is smoke-tested by loading it back.",
+    )
+
+
 class JobSpec(_Section):
     """A fine-tuning job, in the recipe's layout."""
 
@@ -318,6 +326,7 @@ class JobSpec(_Section):
     evaluation: EvaluationSection = Field(
         default_factory=EvaluationSection, alias="evaluation_config"
     )
+    export: ExportSection = Field(default_factory=ExportSection, alias="export_config")
     hugging_face_username: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.-]{0,95}$")
 
     model_config = ConfigDict(extra="forbid", validate_by_alias=True, validate_by_name=False)

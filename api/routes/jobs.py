@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from sqlmodel import Session
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
@@ -26,8 +26,9 @@ from core import auth, idempotency, jobs, routing
 from core.base_models import check_base_model
 from core.data.sources import allowed_roots, resolve_local
 from core.db import session_scope
-from core.errors import ConflictError
+from core.errors import ConflictError, NotFoundError
 from core.evaluation import EVALUATION_FILE
+from core.export import MANIFEST
 from core.models import Job, JobStatus
 from core.queue import RUN_JOB_TASK
 from core.ratelimit import RateLimiter
@@ -210,6 +211,50 @@ def read_evaluation(session: SessionDep, principal: PrincipalDep, job_id: str) -
             code="evaluation_not_ready",
         )
     return {"object": "evaluation", "job_id": job_id, **json.loads(path.read_text())}
+
+
+def _manifest(job: Job) -> dict[str, Any]:
+    path = Path(job.artifacts_dir or "", MANIFEST)
+    if not job.artifacts_dir or not path.is_file():
+        raise ConflictError(
+            f"job {job.id} has no exported artifacts yet (status {job.status})",
+            field="job_id",
+            code="artifacts_not_ready",
+        )
+    return json.loads(path.read_text())
+
+
+@router.get("/{job_id}/artifacts")
+def list_artifacts(session: SessionDep, principal: PrincipalDep, job_id: str) -> dict[str, Any]:
+    """Exported formats with their files (size, sha256) and smoke-test answers."""
+    job = jobs.get_job(session, job_id, owner=principal.job_owner)
+    return {"object": "artifacts", "job_id": job_id, "formats": _manifest(job)}
+
+
+@router.get("/{job_id}/artifacts/{fmt}/{file_name}", response_class=FileResponse)
+def download_artifact(
+    session: SessionDep, principal: PrincipalDep, job_id: str, fmt: str, file_name: str
+) -> FileResponse:
+    """Stream one exported file; only files the manifest lists can be fetched."""
+    job = jobs.get_job(session, job_id, owner=principal.job_owner)
+    entry = _manifest(job).get(fmt)
+    listed = {f["file"]: f for f in (entry or {}).get("files", [])}
+    if file_name not in listed:
+        raise NotFoundError(
+            f"job {job_id} has no artifact {fmt}/{file_name}; see GET /jobs/{job_id}/artifacts",
+            field="file_name",
+            code="artifact_not_found",
+        )
+    path = Path(job.artifacts_dir or "", entry["folder"], file_name)  # type: ignore[index]
+    if not path.is_file():
+        raise NotFoundError(
+            f"artifact {fmt}/{file_name} of job {job_id} was deleted from the server",
+            field="file_name",
+            code="artifact_missing",
+        )
+    return FileResponse(
+        path, filename=file_name, headers={"X-Checksum-Sha256": listed[file_name]["sha256"]}
+    )
 
 
 def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
