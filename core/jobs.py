@@ -56,6 +56,7 @@ def create_job(
     )
     session.add(job)
     if idempotency is not None:
+        session.flush()  # the job row first: the key row refers to it
         idempotency.job_id = job.id
         session.add(idempotency)
     session.commit()
