@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import DatasetPreview, DatasetPreviewRequest, JobDatasetPublic
+from api.worker_calls import call_inference_worker
 from core import jobs
 from core.base_models import check_base_model
 from core.data.preview import PREVIEW_TASK
 from core.data.sources import allowed_roots, resolve_local
-from core.errors import InferenceTimeout, JobNotReady, MedtuneError
-from core.queue import INFER_QUEUE
+from core.errors import JobNotReady
 from core.spec import JobSpec
 
 router = APIRouter(tags=["datasets"])
@@ -53,22 +52,10 @@ def preview_dataset(
     check_base_model(body.base_model)
     resolve_local(body.training_dataset, roots=allowed_roots(settings))
     # The tokenizer lives on an inference worker: the API never imports transformers.
-    pending = queue.send_task(
+    result = call_inference_worker(
+        queue,
         PREVIEW_TASK,
         args=[body.model_dump(mode="json")],
-        queue=INFER_QUEUE,
+        timeout_s=settings.infer_timeout_s,
     )
-    try:
-        result = pending.get(timeout=settings.infer_timeout_s)
-    except CeleryTimeout as exc:
-        pending.revoke()
-        raise InferenceTimeout(
-            f"no inference worker answered within {settings.infer_timeout_s:.0f} s; is a worker "
-            "consuming the medtune.infer queue?",
-        ) from exc
-    if "error" in result:
-        err = result["error"]
-        failure = MedtuneError(err["detail"], field=err.get("field"), code=err["code"])
-        failure.status = err["status"]
-        raise failure
     return DatasetPreview(base_model=body.base_model, **result)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 
-from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import InferRequest, InferResponse
+from api.worker_calls import call_inference_worker
 from core import jobs
-from core.errors import InferenceTimeout, JobNotReady, MedtuneError
+from core.errors import JobNotReady
 from core.models import JobStatus
-from core.queue import INFER_QUEUE, INFER_TASK
+from core.queue import INFER_TASK
 from core.spec import JobSpec
 
 router = APIRouter(tags=["inference"])
@@ -48,30 +48,18 @@ def infer(
         if system:
             messages.insert(0, {"role": "system", "content": system})
     started = time.perf_counter()
-    pending = queue.send_task(
+    result = call_inference_worker(
+        queue,
         INFER_TASK,
         args=[job.id, messages],
-        queue=INFER_QUEUE,
         kwargs={
             "use_adapter": body.use_adapter,
             "max_new_tokens": body.max_new_tokens,
             "temperature": body.temperature,
             "top_p": body.top_p,
         },
+        timeout_s=settings.infer_timeout_s,
     )
-    try:
-        result = pending.get(timeout=settings.infer_timeout_s)
-    except CeleryTimeout as exc:
-        pending.revoke()
-        raise InferenceTimeout(
-            f"no inference worker answered within {settings.infer_timeout_s:.0f} s; is a worker "
-            "consuming the medtune.infer queue?",
-        ) from exc
-    if "error" in result:
-        err = result["error"]
-        failure = MedtuneError(err["detail"], field=err.get("field"), code=err["code"])
-        failure.status = err["status"]
-        raise failure
     return InferResponse(
         job_id=job.id,
         model=job.finetuned_model if body.use_adapter else job.base_model,
