@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,6 +161,25 @@ def test_every_job_route_needs_a_valid_key(
     assert secure.queue.calls == []
 
 
+# Routes anyone may call: liveness probes, and the dashboard page (its API calls need a key).
+PUBLIC = {"/healthz", "/"}
+
+
+def test_no_route_forgets_to_ask_for_a_key(secure: Secure) -> None:
+    """Every API route but the public ones answers 401 without a key, routes added later too."""
+    checked = 0
+    for template, operations in secure.client.get("/openapi.json").json()["paths"].items():
+        if template in PUBLIC:
+            continue
+        path = re.sub(r"\{[^}]+\}", "x", template)
+        for method in operations:
+            response = secure.client.request(method, path, json={})
+            assert response.status_code == 401, (method, template, response.text)
+            checked += 1
+    assert checked >= 20
+    assert secure.queue.calls == []
+
+
 def test_revoked_key_is_refused(secure: Secure) -> None:
     key_id, raw = new_key(secure.db_url)
     assert secure.client.get("/jobs", headers=bearer(raw)).status_code == 200
@@ -210,17 +230,21 @@ def owned(secure: Secure) -> dict[str, str]:
 
 
 JOB_ROUTES = [
-    ("get", "/jobs/{finished}", None),
-    ("get", "/jobs/{finished}/metrics", None),
-    ("get", "/jobs/{finished}/events?poll_seconds=0.05", None),
-    ("get", "/jobs/{finished}/checkpoints", None),
-    ("get", "/jobs/{finished}/dataset", None),
-    ("post", "/infer", {"job_id": "{finished}", "question": "Fever?"}),
-    ("post", "/jobs/{queued}/cancel", None),
-    ("get", "/v1/fine_tuning/jobs/{finished}", None),
-    ("get", "/v1/fine_tuning/jobs/{finished}/events", None),
-    ("get", "/v1/fine_tuning/jobs/{finished}/checkpoints", None),
-    ("post", "/v1/fine_tuning/jobs/{queued}/cancel", None),
+    # (method, path, body, what the owner gets)
+    ("get", "/jobs/{finished}", None, 200),
+    ("get", "/jobs/{finished}/metrics", None, 200),
+    ("get", "/jobs/{finished}/events?poll_seconds=0.05", None, 200),
+    ("get", "/jobs/{finished}/checkpoints", None, 200),
+    ("get", "/jobs/{finished}/dataset", None, 200),
+    ("get", "/jobs/{finished}/evaluation", None, 409),  # none written: not ready, not hidden
+    ("get", "/jobs/{finished}/artifacts", None, 409),
+    ("get", "/jobs/{finished}/artifacts/lora/adapter_model.safetensors", None, 409),
+    ("post", "/infer", {"job_id": "{finished}", "question": "Fever?"}, 200),
+    ("post", "/jobs/{queued}/cancel", None, 200),
+    ("get", "/v1/fine_tuning/jobs/{finished}", None, 200),
+    ("get", "/v1/fine_tuning/jobs/{finished}/events", None, 200),
+    ("get", "/v1/fine_tuning/jobs/{finished}/checkpoints", None, 200),
+    ("post", "/v1/fine_tuning/jobs/{queued}/cancel", None, 200),
 ]
 
 
@@ -233,9 +257,9 @@ def _fill(value: Any, ids: dict[str, str]) -> Any:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("method", "path", "body"), JOB_ROUTES)
+@pytest.mark.parametrize(("method", "path", "body", "owner_status"), JOB_ROUTES)
 def test_another_key_gets_404_the_owner_and_admins_get_the_job(
-    secure: Secure, owned: dict[str, str], method: str, path: str, body: Any
+    secure: Secure, owned: dict[str, str], method: str, path: str, body: Any, owner_status: int
 ) -> None:
     url, payload = _fill(path, owned), _fill(body, owned)
     other = secure.client.request(method, url, json=payload, headers=bearer(owned["b"]))
@@ -249,7 +273,7 @@ def test_another_key_gets_404_the_owner_and_admins_get_the_job(
         if method == "post" and "cancel" in url and key != "a":
             continue  # the owner's cancel below is the one that changes the job
         response = secure.client.request(method, url, json=payload, headers=bearer(raw))
-        assert response.status_code == 200, (key, response.text)
+        assert response.status_code == owner_status, (key, response.text)
 
 
 def test_another_key_lists_none_of_the_owners_jobs(secure: Secure, owned: dict[str, str]) -> None:
