@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint services model bench-data clean
+.PHONY: setup demo test test-fast lint services model browser bench-data clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,11 @@ services:
 demo: model
 	$(BIN)/medtune demo
 
-test: setup services model
+# Debian's chromium for the dashboard tests (tests/ui drive it with Playwright, never `playwright install`).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: setup services model browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not gpu"
 

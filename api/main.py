@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from api import problems
 from api.deps import install_security
 from api.routes import datasets, health, infer, jobs, metrics, openai_ft
 from core.logs import configure_from_env
+
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 def create_app() -> FastAPI:
@@ -28,7 +34,16 @@ def create_app() -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(metrics.router)
     app.include_router(openai_ft.router)
+    # The dashboard: its page at / and its files under /static, so no API path is shadowed and
+    # an unknown path is still a 404 problem.
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_api_route("/", dashboard, methods=["GET"], include_in_schema=False)
     return app
+
+
+def dashboard() -> FileResponse:
+    """The dashboard page (api/static/index.html)."""
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 app = create_app()
