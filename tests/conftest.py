@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,10 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
+
+from core.cli import api_command, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("MEDTUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("MEDTUNE_TEST_REDIS", "redis://127.0.0.1:6379/15")
+REDIS_SERVER = "redis://127.0.0.1:6379"
+REDIS_URL = os.environ.get("MEDTUNE_TEST_REDIS")  # default: a free database, claimed below
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # Dataset paths must lie in allowed folders: tests write theirs under pytest's base temp folder.
 DATA_ROOTS: list[str] = []
@@ -91,12 +94,25 @@ def migrated_pg(pg_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    import redis
+def redis_url() -> Iterator[str]:
+    """A Redis database this test session has to itself.
 
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    return REDIS_URL
+    Workers of two test sessions on one queue would take each other's jobs, so each session
+    claims an empty database (SETNX of a marker key) and releases it at the end.
+    """
+    url = REDIS_URL or claim_redis_db()
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    redis.Redis.from_url(url).flushdb()
+
+
+def claim_redis_db() -> str:
+    for db in range(1, 16):
+        client = redis.Redis.from_url(f"{REDIS_SERVER}/{db}")
+        # Claimed only if empty: a database in use by anyone else has keys in it.
+        if client.dbsize() == 0 and client.set("medtune:test-claim", os.getpid(), nx=True):
+            return f"{REDIS_SERVER}/{db}"
+    raise RuntimeError("no free Redis database (1-15) on 127.0.0.1:6379 for this test session")
 
 
 @pytest.fixture
@@ -153,6 +169,15 @@ def start(stack: Stack, name: str, argv: list[str], env: dict[str, str]) -> None
     )
 
 
+def start_api(stack: Stack, port: int, env: dict[str, str]) -> None:
+    start(stack, "api", api_command("127.0.0.1", port), env)
+
+
+def start_worker(stack: Stack, name: str, env: dict[str, str], *, queues: str) -> None:
+    # A unique node name: two workers of one host must not share one.
+    start(stack, name, worker_command(queues, f"{name}-{free_port()}"), env)
+
+
 def wait_healthy(stack: Stack, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -191,42 +216,8 @@ def pg_redis_stack(
     env = stack_env(home, model_cache, database_url=migrated_pg, broker_url=redis_url)
     port = free_port()
     stack = Stack(url=f"http://127.0.0.1:{port}", home=home)
-    start(
-        stack,
-        "worker",
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "--pool",
-            "solo",
-            "-Q",
-            "medtune.train,medtune.infer",
-            "-n",
-            f"test-{port}@%h",
-            "--loglevel",
-            "INFO",
-        ],
-        env,
-    )
-    start(
-        stack,
-        "api",
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "api.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env,
-    )
+    start_worker(stack, "worker", env, queues="medtune.train,medtune.infer")
+    start_api(stack, port, env)
     wait_healthy(stack)
     yield stack
     stack.stop()

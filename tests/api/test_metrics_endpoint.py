@@ -18,10 +18,7 @@ from core.db import session_scope
 from core.models import Job, JobStatus, MetricRow
 from core.queue import INFER_QUEUE, RUN_JOB_TASK, TRAIN_QUEUE, make_celery
 from core.settings import Settings, get_settings
-from tests.conftest import REDIS_URL, free_port
-
-# A Redis database of its own: the live test stack's worker consumes the queues on REDIS_URL's.
-QUEUE_REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/13"
+from tests.conftest import claim_redis_db, free_port
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -160,14 +157,16 @@ def test_queue_depth_counts_waiting_messages_in_the_sql_broker(
 def test_queue_depth_reads_the_redis_lists_priorities_included(
     make_client: Callable[..., TestClient],
 ) -> None:
-    r = redis.Redis.from_url(QUEUE_REDIS_URL)
+    # A Redis database of its own: no live worker may consume these queues meanwhile.
+    queue_redis_url = claim_redis_db()
+    r = redis.Redis.from_url(queue_redis_url)
     r.flushdb()
     try:
         r.rpush(TRAIN_QUEUE, "a", "b")
         r.rpush(f"{TRAIN_QUEUE}\x06\x163", "c")  # Kombu's list for priority 3
         r.rpush(INFER_QUEUE, "d")
         r.rpush("some.other.queue", "e")
-        samples = scrape(make_client(QUEUE_REDIS_URL))
+        samples = scrape(make_client(queue_redis_url))
     finally:
         r.flushdb()
     assert sample(samples, "medtune_broker_up") == 1

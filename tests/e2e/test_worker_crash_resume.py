@@ -3,39 +3,32 @@
 from __future__ import annotations
 
 import signal
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
-from tests.conftest import Stack, free_port, stack_env, start, wait_healthy
+from tests.conftest import (
+    Stack,
+    claim_redis_db,
+    free_port,
+    stack_env,
+    start_api,
+    start_worker,
+    wait_healthy,
+)
 from tests.helpers import recipe_spec, tiny_dataset, wait_status, wait_steps
 
 pytestmark = pytest.mark.slow
 
 
-def _worker(stack: Stack, name: str, env: dict[str, str]) -> None:
-    start(
-        stack,
-        name,
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "--pool",
-            "solo",
-            "-Q",
-            "medtune.train",
-            "-n",
-            f"{name}-{free_port()}@%h",
-            "--loglevel",
-            "INFO",
-        ],
-        env,
-    )
+@pytest.fixture
+def private_redis_url() -> Iterator[str]:
+    """A Redis database of its own: the session's shared worker must not take this job."""
+    url = claim_redis_db()
+    yield url
+    redis.Redis.from_url(url).flushdb()
 
 
 def _losses(client, job_id: str) -> dict[int, float]:  # type: ignore[no-untyped-def]
@@ -46,34 +39,20 @@ def _losses(client, job_id: str) -> dict[int, float]:  # type: ignore[no-untyped
 
 
 def test_killed_worker_job_resumes_and_matches_an_uninterrupted_run(
-    tmp_path: Path, migrated_pg: str, redis_url: str, model_cache: Path
+    tmp_path: Path, migrated_pg: str, private_redis_url: str, model_cache: Path
 ) -> None:
     env = stack_env(
         tmp_path,
         model_cache,
         database_url=migrated_pg,
-        broker_url=redis_url,
+        broker_url=private_redis_url,
         lease_seconds="4",
         reconcile_interval_s="1",
     )
     port = free_port()
     stack = Stack(url=f"http://127.0.0.1:{port}", home=tmp_path)
-    start(
-        stack,
-        "api",
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "api.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env,
-    )
-    _worker(stack, "first", env)
+    start_api(stack, port, env)
+    start_worker(stack, "first", env, queues="medtune.train")
     wait_healthy(stack)
     data = tiny_dataset(tmp_path / "tiny.jsonl")
     spec = recipe_spec(data, max_steps=8, save_steps=3)
@@ -83,7 +62,7 @@ def test_killed_worker_job_resumes_and_matches_an_uninterrupted_run(
             wait_steps(client, job["id"], 4)
             stack.procs[1].send_signal(signal.SIGKILL)  # no warm shutdown, no ack
             stack.procs[1].wait(timeout=10)
-            _worker(stack, "second", env)
+            start_worker(stack, "second", env, queues="medtune.train")
             final = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, 300)
             assert final["status"] == "succeeded", stack.tail_logs() + str(final)
             notes = " | ".join(final["notes"])
