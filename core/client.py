@@ -115,13 +115,16 @@ class MedtuneClient:
         timeout: float = 30,
         read_timeout: float = 600,
         transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.url = (url or default_url()).rstrip("/")
+        key = api_key or os.environ.get("MEDTUNE_API_KEY")
         # Long reads: /infer waits for a worker, and an event stream can be quiet for minutes.
         self._http = httpx.Client(
             base_url=self.url,
             timeout=httpx.Timeout(timeout, read=read_timeout),
             transport=transport,
+            headers={"Authorization": f"Bearer {key}"} if key else None,
         )
 
     def __enter__(self) -> MedtuneClient:
