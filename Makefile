@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint services model browser bench-data clean
+.PHONY: setup demo test test-fast lint services model browser clean
 
 setup: $(STAMP)
 

@@ -47,14 +47,14 @@ def spec(data: Path) -> JobSpec:
             "training_config": {
                 "per_device_train_batch_size": 4,
                 "gradient_accumulation_steps": 1,
-                "max_steps": 120,
+                "max_steps": 80,
                 "warmup_steps": 5,
                 "learning_rate": 5e-4,
                 "optim": "adamw_torch",
                 "save_steps": 0,
                 "seed": 42,
             },
-            "evaluation_config": {"enabled": True, "max_examples": 24, "max_new_tokens": 96},
+            "evaluation_config": {"enabled": True, "max_examples": 20, "max_new_tokens": 80},
         }
     )
 
