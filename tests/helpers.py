@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from core.client import parse_sse
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "core" / "samples" / "medical_qa_sample.jsonl"
@@ -91,18 +92,8 @@ def sse(
     with client.stream("GET", path, headers=headers) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
-        event_id, event, data = None, "message", []
-        for line in response.iter_lines():
-            if not line:
-                if data:
-                    yield event_id, event, json.loads("\n".join(data))
-                event_id, event, data = None, "message", []
-            elif line.startswith("id:"):
-                event_id = line[3:].strip()
-            elif line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
+        for event in parse_sse(response.iter_lines()):
+            yield event.id, event.event, event.data
 
 
 def wait_steps(client: httpx.Client, job_id: str, steps: int, timeout_s: float = 300) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,21 @@ from core.spec import JobSpec
 from core.training import engines
 
 pytestmark = pytest.mark.slow
+
+
+def _export(tmp_path: Path, model_dir: Path, formats: list[str], tokens: int) -> dict[str, Any]:
+    """Save a fresh adapter of the embedded model, then export and smoke-test ``formats``."""
+    loaded = _loaded(model_dir)
+    _save_adapter(loaded, tmp_path / "adapter")
+    return export_all(
+        loaded,
+        job_dir=tmp_path,
+        adapter_dir=tmp_path / "adapter",
+        base_path=str(model_dir),
+        formats=formats,
+        system_prompt="Be brief.",
+        max_new_tokens=tokens,
+    )
 
 
 def _loaded(model_dir: Path) -> engines.Loaded:
@@ -27,18 +43,8 @@ def _loaded(model_dir: Path) -> engines.Loaded:
 
 
 def test_lora_and_merged_round_trip(tmp_path: Path, model_dir: Path) -> None:
-    loaded = _loaded(model_dir)
+    manifest = _export(tmp_path, model_dir, ["merged_16bit", "lora"], tokens=8)
     adapter = tmp_path / "adapter"
-    _save_adapter(loaded, adapter)
-    manifest = export_all(
-        loaded,
-        job_dir=tmp_path,
-        adapter_dir=adapter,
-        base_path=str(model_dir),
-        formats=["merged_16bit", "lora"],
-        system_prompt="Be brief.",
-        max_new_tokens=8,
-    )
     assert json.loads((tmp_path / MANIFEST).read_text()) == manifest
     for fmt, folder in (("lora", adapter), ("merged_16bit", tmp_path / "merged_16bit")):
         entry = manifest[fmt]
@@ -65,18 +71,7 @@ def test_a_failing_format_fails_alone(
         raise OSError("disk full")
 
     monkeypatch.setattr(core.export, "_write_merged", broken)
-    loaded = _loaded(model_dir)
-    adapter = tmp_path / "adapter"
-    _save_adapter(loaded, adapter)
-    manifest = export_all(
-        loaded,
-        job_dir=tmp_path,
-        adapter_dir=adapter,
-        base_path=str(model_dir),
-        formats=["lora", "merged_16bit"],
-        system_prompt="Be brief.",
-        max_new_tokens=4,
-    )
+    manifest = _export(tmp_path, model_dir, ["lora", "merged_16bit"], tokens=4)
     assert manifest["lora"]["status"] == "ok"
     assert manifest["merged_16bit"]["status"] == "failed"
     assert manifest["merged_16bit"]["error"]["code"] == "export_merged_16bit_failed"
