@@ -192,10 +192,31 @@ def requeue_lapsed(session: Session) -> list[str]:
             status=JobStatus.queued,
             stage=None,
             lease_expires_at=None,
+            enqueued_at=None,  # the reconciler sends it again
         ):
             add_note(session, job_id, f"worker lost ({now:%Y-%m-%d %H:%M:%S} UTC); requeued")
             requeued.append(job_id)
     return requeued
+
+
+def mark_enqueued(session: Session, job_id: str) -> None:
+    _update(session, job_id, col(Job.status) == JobStatus.queued, enqueued_at=utcnow())
+
+
+def needs_enqueue(session: Session, *, grace_s: float, resend_after_s: float) -> list[Job]:
+    """Queued jobs the broker may not hold: never sent (the API died, or the broker was down,
+    between commit and send) or sent long ago (the broker may have lost its data since).
+
+    Sending again is safe: a task first claims its job, so a duplicate does nothing.
+    """
+    now = utcnow()
+    never = and_(
+        col(Job.enqueued_at).is_(None), col(Job.created_at) < now - timedelta(seconds=grace_s)
+    )
+    stale = col(Job.enqueued_at) < now - timedelta(seconds=resend_after_s)
+    return list(
+        session.exec(select(Job).where(Job.status == JobStatus.queued, or_(never, stale))).all()
+    )
 
 
 def delete_metrics_after(session: Session, job_id: str, step: int) -> None:

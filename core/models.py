@@ -75,6 +75,8 @@ class Job(SQLModel, table=True):
     lease_expires_at: datetime | None = _ts(index=True)
     attempts: int = Field(default=0, sa_column_kwargs={"server_default": text("0")})
     queue: str | None = Field(default=None, max_length=100)
+    # Set once the broker took the job's task; a queued job without it was never sent.
+    enqueued_at: datetime | None = _ts()
     estimated_gpu_memory_gib: float | None = None
     dataset_stats: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))

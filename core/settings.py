@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(
         default=300.0, gt=0, description="A running job's lease; renewed every third of it."
     )
+    resend_queued_after_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A queued job sent this long ago is sent again (the broker may have lost "
+        "it); duplicates are harmless.",
+    )
     reconcile_interval_s: float = Field(
         default=30.0, gt=0, description="How often a worker requeues jobs whose lease lapsed."
     )

@@ -20,12 +20,22 @@ log = logging.getLogger(__name__)
 
 
 def reconcile_once(app: Any, settings: Settings) -> list[str]:
+    """Requeue jobs whose worker died, then send every queued job the broker may not hold."""
     with session_scope(settings.db_url) as s:
-        requeued = [(job_id, jobs.get_job(s, job_id).queue) for job_id in jobs.requeue_lapsed(s)]
-    for job_id, queue in requeued:
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue or TRAIN_QUEUE)
-        log.warning("job %s lost its worker; requeued to resume from its last checkpoint", job_id)
-    return [job_id for job_id, _ in requeued]
+        lapsed = jobs.requeue_lapsed(s)
+        for job_id in lapsed:
+            log.warning("job %s lost its worker; requeued to resume from its checkpoint", job_id)
+        pending = jobs.needs_enqueue(
+            s,
+            grace_s=settings.reconcile_interval_s,
+            resend_after_s=settings.resend_queued_after_s,
+        )
+        sent = []
+        for job in pending:
+            app.send_task(RUN_JOB_TASK, args=[job.id], queue=job.queue or TRAIN_QUEUE)
+            jobs.mark_enqueued(s, job.id)
+            sent.append(job.id)
+    return sent
 
 
 def start(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,6 +37,7 @@ from core.settings import Settings
 from core.spec import JobSpec
 from core.training import checkpoints
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 SPEC_EXAMPLE = {
@@ -128,7 +130,15 @@ def submit_job(
         if replayed:  # a concurrent request with the same key won
             return job, True
     # Commit first, enqueue the id second: the task re-reads the row (the store is the truth).
-    queue.send_task(RUN_JOB_TASK, args=[job.id], queue=target)
+    # A broker that is down loses nothing: the job stays queued, unstamped, and the workers'
+    # reconciler sends it.
+    try:
+        queue.send_task(RUN_JOB_TASK, args=[job.id], queue=target)
+    except Exception:
+        log.exception("job %s stored but not sent to the broker; the reconciler will", job.id)
+    else:
+        jobs.mark_enqueued(session, job.id)
+        session.refresh(job)
     return job, False
 
 
