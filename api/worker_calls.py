@@ -29,8 +29,5 @@ def call_inference_worker(
             f"{INFER_QUEUE} queue?",
         ) from exc
     if "error" in result:
-        err = result["error"]
-        failure = MedtuneError(err["detail"], field=err.get("field"), code=err["code"])
-        failure.status = err["status"]
-        raise failure
+        raise MedtuneError.from_dict(result["error"])
     return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MedtuneError(Exception):
     """Base of every error a client may see: a stable code, a message, and the field at fault."""
@@ -15,6 +17,21 @@ class MedtuneError(Exception):
         self.field = field
         if code:
             self.code = code
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON form that crosses the task queue; ``from_dict`` rebuilds it on the API side."""
+        return {
+            "code": self.code,
+            "status": self.status,
+            "detail": self.detail,
+            "field": self.field,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MedtuneError:
+        error = cls(data["detail"], field=data.get("field"), code=data["code"])
+        error.status = data["status"]
+        return error
 
 
 class NotFoundError(MedtuneError):

@@ -64,14 +64,7 @@ def infer_task(
         )
         return {**result, "loads": dict(_engine().loads)}
     except MedtuneError as exc:
-        return {
-            "error": {
-                "code": exc.code,
-                "status": exc.status,
-                "detail": exc.detail,
-                "field": exc.field,
-            }
-        }
+        return {"error": exc.as_dict()}
 
 
 @lru_cache(maxsize=4)
@@ -94,11 +87,4 @@ def preview_task(request: dict[str, Any]) -> dict[str, Any]:
             section, tokenizer, max_seq_length=request["max_seq_length"], count=request["count"]
         )
     except MedtuneError as exc:
-        return {
-            "error": {
-                "code": exc.code,
-                "status": exc.status,
-                "detail": exc.detail,
-                "field": exc.field,
-            }
-        }
+        return {"error": exc.as_dict()}
