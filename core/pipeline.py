@@ -220,7 +220,7 @@ def _train_with_recovery(
     from core.training import checkpoints, trainer
 
     output_dir = job_dir / spec.training.output_dir
-    resume = checkpoints.latest(output_dir / "checkpoints")
+    resume = checkpoints.latest(checkpoints.checkpoint_dir(output_dir))
     if resume:
         with session_scope(url) as s:
             jobs.delete_metrics_after(s, job_id, resume.step)
@@ -257,7 +257,7 @@ def _train_with_recovery(
             )
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            resume = checkpoints.latest(output_dir / "checkpoints")
+            resume = checkpoints.latest(checkpoints.checkpoint_dir(output_dir))
             step = resume.step if resume else 0
             with session_scope(url) as s:
                 jobs.delete_metrics_after(s, job_id, step)

@@ -197,11 +197,7 @@ def read_metrics(
 def list_checkpoints(session: SessionDep, principal: PrincipalDep, job_id: str) -> CheckpointsPage:
     """The job's complete training checkpoints, oldest first."""
     job = jobs.get_job(session, job_id, owner=principal.job_owner)
-    found = []
-    if job.artifacts_dir:
-        output_dir = JobSpec.model_validate(job.spec).training.output_dir
-        root = Path(job.artifacts_dir) / output_dir / "checkpoints"
-        found = checkpoints.list_checkpoints(root)
+    found = checkpoints.for_job(job.artifacts_dir, job.spec)
     return CheckpointsPage(
         job_id=job_id,
         data=[CheckpointPublic(step=c.step, created_at=c.created_at, loss=c.loss) for c in found],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -192,10 +191,7 @@ def list_fine_tuning_checkpoints(
 ) -> FineTuningCheckpointsPage:
     """The job's complete training checkpoints, newest first."""
     job = jobs.get_job(session, job_id, owner=principal.job_owner)
-    found: list[checkpoints.Checkpoint] = []
-    if job.artifacts_dir:
-        output_dir = JobSpec.model_validate(job.spec).training.output_dir
-        found = checkpoints.list_checkpoints(Path(job.artifacts_dir) / output_dir / "checkpoints")
+    found = checkpoints.for_job(job.artifacts_dir, job.spec)
     objects = [
         shapes.checkpoint_object(job, step=c.step, created_at=c.created_at, loss=c.loss)
         for c in reversed(found)

@@ -14,6 +14,9 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+from core.spec import JobSpec
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"
@@ -25,6 +28,19 @@ class Checkpoint:
     path: Path
     created_at: datetime
     loss: float | None
+
+
+def checkpoint_dir(output_dir: Path) -> Path:
+    """Where a training run's checkpoints live, under its output folder."""
+    return output_dir / "checkpoints"
+
+
+def for_job(artifacts_dir: str | None, spec: dict[str, Any]) -> list[Checkpoint]:
+    """A job's complete checkpoints, from its artifacts folder and its stored spec."""
+    if not artifacts_dir:
+        return []
+    output_dir = JobSpec.model_validate(spec).training.output_dir
+    return list_checkpoints(checkpoint_dir(Path(artifacts_dir) / output_dir))
 
 
 def publish(staged: Path, root: Path) -> Path:

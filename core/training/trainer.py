@@ -190,7 +190,7 @@ def train(
             )
             self.mark = (now, tokens, samples)
 
-    checkpoint_root = output_dir / "checkpoints"
+    checkpoint_root = checkpoints.checkpoint_dir(output_dir)
     staging = checkpoint_root / checkpoints.STAGING
 
     class CountingTrainer(Trainer):
