@@ -111,7 +111,14 @@ def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -
     with session_scope(url) as s:
         jobs.set_fields(s, job_id, stage=JobStage.preparing_data, artifacts_dir=str(job_dir))
     model_path = resolve(spec.model.base_model, models_dir=settings.models_dir)
-    prepared = _prepare_data(spec, model_path)
+    try:
+        prepared = _prepare_data(spec, model_path)
+    except MedtuneError as exc:
+        # A dataset the gate refuses keeps its statistics: GET /jobs/{id}/dataset shows why.
+        if stats := getattr(exc, "dataset_stats", None):
+            with session_scope(url) as s:
+                jobs.set_fields(s, job_id, dataset_stats=stats)
+        raise
     with session_scope(url) as s:
         jobs.set_fields(s, job_id, dataset_stats=prepared.stats, stage=JobStage.training)
     loaded = engines.load(spec, model_path)

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -122,6 +123,57 @@ class ColumnMap(_Section):
         return self
 
 
+# The single-source fields that a mix gives on each of its sources instead.
+SOURCE_FIELDS = (
+    "name",
+    "split",
+    "input_field",
+    "max_samples",
+    "format",
+    "rename_columns",
+    "remove_columns",
+    "columns",
+)
+
+
+class DatasetSource(_Section):
+    """One dataset of a mix: where its rows come from, how its columns map, and its weight."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=1000,
+        description="What training_dataset.name takes: an uploaded file's id, a local file or "
+        "folder, MedQuAD as published, 'sample:medical_qa', or a Hub dataset id.",
+    )
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1_000_000,
+        allow_inf_nan=False,
+        description="This source's share of the mixed training set is weight / (sum of all "
+        "weights), e.g. 3 and 1 give 75% and 25%.",
+    )
+    split: str = Field(default="train", min_length=1, max_length=100)
+    input_field: str = Field(default="prompt", min_length=1, max_length=100)
+    max_samples: int | None = Field(
+        default=None, ge=1, description="Read only the first N rows of this source."
+    )
+    format: Literal["auto", "medquad", "records"] = "auto"
+    rename_columns: dict[str, str] = Field(default_factory=dict, max_length=100)
+    remove_columns: list[str] = Field(default_factory=list, max_length=100)
+    columns: ColumnMap | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dataset_name(cls, value: str) -> str:
+        # The same names training_dataset.name accepts, checked by the same rules.
+        try:
+            DatasetSection(name=value)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return value
+
+
 class DatasetSection(_Section):
     name: str = Field(
         default="Shekswess/medical_llama3_instruct_dataset_short",
@@ -199,6 +251,37 @@ class DatasetSection(_Section):
         "max_seq_length.",
     )
 
+    sources: list[DatasetSource] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=32,
+        description="Mix several datasets (Axolotl's `datasets`, LLaMA-Factory's `dataset` "
+        "list): each source has its own name, split, format, columns, rename_columns, "
+        "remove_columns, max_samples and a weight, and the single-source fields above stay "
+        "unset. Each source is loaded and cleaned on its own (duplicates across sources count "
+        "against the later source), then a seeded draw takes weight / sum(weights) of the mix "
+        "from it, WITHOUT replacement: no example is taken twice. A source with fewer cleaned "
+        "examples than its share fails the job (code dataset_mix_too_small) unless "
+        "mix_oversample is true. null: one source, given by name.",
+    )
+    mix_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Examples in the mixed training set (before the token-length filters and "
+        "the validation split). null: the largest mix that keeps the weights without repeating "
+        "an example, so the source that is smallest for its weight is taken whole.",
+    )
+    mix_oversample: bool = Field(
+        default=False,
+        description="When a source has fewer cleaned examples than its share of mix_size, "
+        "repeat it (every example once per whole pass, then a seeded draw without replacement "
+        "for the remainder) instead of failing.",
+    )
+    mix_seed: int = Field(
+        default=42, ge=0, le=2**32 - 1, description="Seed of the draw and order of a mix."
+    )
+
     @property
     def kind(self) -> Literal["sample", "path", "hub"]:
         if self.name.startswith("sample:"):
@@ -216,6 +299,26 @@ class DatasetSection(_Section):
             )
         if self.min_tokens and self.max_tokens and self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must not exceed max_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _sources_or_one_source(self) -> DatasetSection:
+        if self.sources is None:
+            if self.mix_size is not None or self.mix_oversample:
+                raise ValueError("mix_size and mix_oversample apply only with sources")
+            return self
+        # Compared with the defaults, not with the keys sent: a stored spec lists every field.
+        given = [
+            name
+            for name in SOURCE_FIELDS
+            if getattr(self, name)
+            != type(self).model_fields[name].get_default(call_default_factory=True)
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} cannot be set beside sources: give "
+                f"{', '.join(given)} on each source instead"
+            )
         return self
 
 

@@ -13,6 +13,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # conversations imports clean_text from here
@@ -58,15 +59,27 @@ def _conversation_text(example: Example) -> str:
     )
 
 
+@dataclass
+class Seen:
+    """Conversations already kept: shared across the sources of a mix, so that a question in
+    two sources is trained once (and counted as a duplicate of the later source)."""
+
+    exact: set[str] = field(default_factory=set)
+    normalized: set[str] = field(default_factory=set)
+
+
 def dedupe(
-    examples: list[Example], mode: Literal["none", "exact", "normalized"]
+    examples: list[Example],
+    mode: Literal["none", "exact", "normalized"],
+    *,
+    seen: Seen | None = None,
 ) -> tuple[list[Example], Counter[str]]:
     """Keep the first of each duplicate; count the rest as exact or normalised duplicates."""
     dropped: Counter[str] = Counter()
     if mode == "none":
         return examples, dropped
-    seen_exact: set[str] = set()
-    seen_norm: set[str] = set()
+    seen = seen or Seen()
+    seen_exact, seen_norm = seen.exact, seen.normalized
     kept = []
     for example in examples:
         text = _conversation_text(example)

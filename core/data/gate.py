@@ -34,6 +34,8 @@ class DatasetGateError(DatasetError):
     ) -> None:
         super().__init__(detail, field=field, code=code)
         self.example_index = example_index
+        # Set by prepare: the statistics of the refused dataset, stored on the failed job.
+        self.dataset_stats: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ def _end_of_turn(tokenizer: Any, probe: list[dict[str, str]]) -> int | None:
 def _where(index: int, example: Example | None) -> str:
     meta = example.meta if example is not None else {}
     parts = [f"example {index}"]
+    if "dataset_index" in meta:
+        parts.append(f"source {meta['dataset_index']} {meta.get('dataset')!r}")
     if "row" in meta:
         parts.append(f"row {meta['row']}")
     if meta.get("document"):

@@ -6,13 +6,13 @@ Used by the pipeline before training and by dataset previews; needs a tokenizer,
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from core.data.cleaning import dedupe, validation_split
-from core.data.conversations import Example, to_examples
-from core.data.gate import TokenRules, enforce, token_rules
-from core.data.sources import Loaded, load
+from core.data.cleaning import validation_split
+from core.data.conversations import Example
+from core.data.gate import DatasetGateError, TokenRules, enforce, inspect, token_rules
+from core.data.mix import Collected, by_dataset, collect
 from core.data.stats import dataset_stats
 from core.data.tokenize import IGNORE_INDEX, Encoded, encode_all, ensure_chat_template
 from core.errors import DatasetError
@@ -30,9 +30,9 @@ class Prepared:
 
 @dataclass
 class Rendered:
-    """Examples after cleaning, encoded but not yet gated or split."""
+    """Examples after cleaning (and the mix), encoded but not yet gated or split."""
 
-    loaded: Loaded
+    collected: Collected
     examples: list[Example]
     items: list[Encoded]
     dropped: Counter[str]
@@ -44,13 +44,11 @@ class Rendered:
 def render_dataset(
     section: DatasetSection, tokenizer: Any, *, max_seq_length: int, limit: int | None = None
 ) -> Rendered:
-    """Load and clean the rows, then render and tokenize (the first ``limit``) examples."""
-    loaded = load(section)
-    conv = to_examples(
-        loaded.rows, system_prompt=section.system_prompt, input_field=section.input_field
-    )
-    examples, duplicates = dedupe(conv.examples, section.dedupe)
-    dropped = loaded.dropped + conv.dropped + duplicates
+    """Load and clean the rows (and draw the mix), then render and tokenize (the first
+    ``limit``) examples."""
+    collected = collect(section)
+    examples = collected.examples
+    dropped = Counter(collected.dropped)
     if limit is not None:
         examples = examples[:limit]
     template = ensure_chat_template(tokenizer, section.chat_template)
@@ -79,26 +77,54 @@ def render_dataset(
             code="dataset_empty",
         )
     return Rendered(
-        loaded=loaded,
+        collected=collected,
         examples=examples,
         items=items,
         dropped=dropped,
-        layout=conv.layout,
+        layout=collected.layout,
         template=template,
         rules=token_rules(tokenizer),
     )
 
 
 def prepare(section: DatasetSection, tokenizer: Any, *, max_seq_length: int) -> Prepared:
-    """Everything before training; raises DatasetGateError on the first example at fault."""
+    """Everything before training; raises DatasetGateError on the first example at fault.
+
+    The error carries the statistics of every rendered example (``dataset_stats``), so a job
+    the gate fails still shows what was wrong with its data.
+    """
     rendered = render_dataset(section, tokenizer, max_seq_length=max_seq_length)
-    enforce(
-        rendered.items,
-        rendered.examples,
-        rendered.rules,
-        max_truncated_share=section.max_truncated_share,
-        max_seq_length=max_seq_length,
-    )
+    try:
+        enforce(
+            rendered.items,
+            rendered.examples,
+            rendered.rules,
+            max_truncated_share=section.max_truncated_share,
+            max_seq_length=max_seq_length,
+        )
+    except DatasetGateError as exc:
+        exc.dataset_stats = _stats(
+            section,
+            rendered,
+            items=rendered.items,
+            train=rendered.examples,
+            validation=[],
+            dropped=rendered.dropped,
+            max_seq_length=max_seq_length,
+        )
+        findings = inspect(
+            rendered.items,
+            rendered.examples,
+            rendered.rules,
+            max_truncated_share=section.max_truncated_share,
+            max_seq_length=max_seq_length,
+        )
+        exc.dataset_stats["gate"] = {
+            "passed": False,
+            "problem_count": len(findings),
+            "problems": [asdict(f) for f in findings[:20]],
+        }
+        raise
     dropped = rendered.dropped
     pairs = []
     for example, item in zip(rendered.examples, rendered.items, strict=True):
@@ -112,21 +138,16 @@ def prepare(section: DatasetSection, tokenizer: Any, *, max_seq_length: int) -> 
         [e for e, _ in pairs], share=section.validation_share, seed=section.validation_seed
     )
     train = [by_id[id(e)] for e in train_ex]
-    stats = {
-        "source": section.name,
-        "format": rendered.loaded.format,
-        "layout": rendered.layout,
-        "chat_template": rendered.template,
-        "max_seq_length": max_seq_length,
-        **dataset_stats(
-            items=train,
-            examples=train_ex,
-            validation=len(val_ex),
-            rows=len(rendered.loaded.rows) + sum(rendered.loaded.dropped.values()),
-            dropped=dropped,
-            default_source=section.name,
-        ),
-    }
+    stats = _stats(
+        section,
+        rendered,
+        items=train,
+        train=train_ex,
+        validation=val_ex,
+        dropped=dropped,
+        max_seq_length=max_seq_length,
+    )
+    stats["gate"] = {"passed": True, "problem_count": 0, "problems": []}
     return Prepared(
         train=train,
         validation=[by_id[id(e)] for e in val_ex],
@@ -134,3 +155,37 @@ def prepare(section: DatasetSection, tokenizer: Any, *, max_seq_length: int) -> 
         validation_examples=val_ex,
         stats=stats,
     )
+
+
+def _stats(
+    section: DatasetSection,
+    rendered: Rendered,
+    *,
+    items: list[Encoded],
+    train: list[Example],
+    validation: list[Example],
+    dropped: Counter[str],
+    max_seq_length: int,
+) -> dict[str, Any]:
+    collected = rendered.collected
+    sources = collected.summaries()
+    in_train, in_validation = by_dataset(train), by_dataset(validation)
+    for entry in sources:
+        entry["examples"] = in_train[entry["index"]]
+        entry["validation_examples"] = in_validation[entry["index"]]
+    return {
+        "source": "mix" if collected.is_mix else section.name,
+        "format": collected.format,
+        "layout": rendered.layout,
+        "chat_template": rendered.template,
+        "max_seq_length": max_seq_length,
+        **dataset_stats(
+            items=items,
+            examples=train,
+            validation=len(validation),
+            rows=collected.rows,
+            dropped=dropped,
+            default_source=section.name,
+        ),
+        "sources": sources,
+    }

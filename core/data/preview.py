@@ -49,7 +49,7 @@ def preview(
             }
         )
     return {
-        "format": rendered.loaded.format,
+        "format": rendered.collected.format,
         "layout": rendered.layout,
         "chat_template": rendered.template,
         "end_of_turn_token": rendered.rules.eot_token,

@@ -9,17 +9,20 @@ import csv
 import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from core import files
 from core.data.medquad import is_medquad, read_medquad
-from core.errors import DatasetError, DatasetNotFound, HubUnavailable, SpecError
+from core.errors import DatasetError, DatasetNotFound, HubUnavailable, MedtuneError, SpecError
 from core.settings import Settings, get_settings
-from core.spec import DATA_SUFFIXES, DatasetSection
+from core.spec import DATA_SUFFIXES, SOURCE_FIELDS, DatasetSection
 
 SAMPLES = {"medical_qa": "medical_qa_sample.jsonl"}
+FIELD = "training_dataset"
 Row = dict[str, Any]
 
 
@@ -59,18 +62,39 @@ def _inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path.is_relative_to(root) for root in roots)
 
 
-def resolve_local(section: DatasetSection, *, roots: Sequence[Path] | None = None) -> Path | None:
+def resolve_local(
+    section: DatasetSection,
+    *,
+    roots: Sequence[Path] | None = None,
+    uploads: Path | None = None,
+) -> Path | None:
     """The file or folder a spec points at, checked to exist; None for Hub datasets.
+
+    An uploaded file (``file-...``) is found by its id under ``uploads`` (default: the
+    settings' uploads_dir); who may use it is the API's check (core.files). A path may not
+    lead into the uploads folder: uploaded files are named by id, so ownership holds.
 
     A local path must lead inside ``roots`` (default: :func:`allowed_roots` of the settings)
     once ``..`` and links are resolved, and a folder must hold no link leading outside them.
-    The API checks at submit time and the worker again before it reads.
+    The API checks at submit time and the worker again before it reads. A mix has no one
+    path: each of its sources is checked, and None is returned.
     """
+    if section.sources is not None:
+        for index in range(len(section.sources)):
+            with scoped(section, index):
+                resolve_local(source_section(section, index), roots=roots, uploads=uploads)
+        return None
     if section.kind == "sample":
         return sample_path(section.name)
     if section.kind == "hub":
         return None
     roots = allowed_roots() if roots is None else roots
+    uploads = (uploads or get_settings().uploads_dir).expanduser().resolve()
+    if section.kind == "file":
+        stored = files.resolve(section.name, uploads).resolve()
+        if not (_inside(stored, [uploads]) and _inside(stored, roots)):
+            raise _not_allowed(section, "leads outside the uploads folder")
+        return stored
     try:
         real = Path(section.name).expanduser().resolve()
     except (OSError, RuntimeError):  # a link loop
@@ -79,6 +103,8 @@ def resolve_local(section: DatasetSection, *, roots: Sequence[Path] | None = Non
     # the roots tells nothing of what exists there.
     if real is not None and not _inside(real, roots):
         raise _not_allowed(section, "is outside the folders datasets may come from")
+    if real is not None and (_inside(real, [uploads]) or uploads.is_relative_to(real)):
+        raise _not_allowed(section, "leads into the uploaded files; name an upload by its id")
     if real is None or not real.exists():
         raise DatasetNotFound(
             f"dataset path {section.name!r} does not exist on the server; upload the file or give "
@@ -87,7 +113,9 @@ def resolve_local(section: DatasetSection, *, roots: Sequence[Path] | None = Non
         )
     # rglob lists linked files but does not enter linked folders: check where each link leads.
     if real.is_dir() and any(
-        entry.is_symlink() and not _inside(entry.resolve(), roots) for entry in real.rglob("*")
+        entry.is_symlink()
+        and (not _inside(entry.resolve(), roots) or _inside(entry.resolve(), [uploads]))
+        for entry in real.rglob("*")
     ):
         raise _not_allowed(section, "holds a link leading outside those folders")
     return real
@@ -102,7 +130,39 @@ class Loaded:
     dropped: Counter[str] = field(default_factory=Counter)
 
 
+def source_section(section: DatasetSection, index: int) -> DatasetSection:
+    """Source ``index`` of a mix as a single-source section (the mix's other settings kept)."""
+    assert section.sources is not None
+    source = section.sources[index]
+    update = {name: getattr(source, name) for name in SOURCE_FIELDS}
+    return section.model_copy(
+        update={**update, "sources": None, "mix_size": None, "mix_oversample": False}
+    )
+
+
+@contextmanager
+def scoped(section: DatasetSection, index: int) -> Iterator[None]:
+    """Name source ``index`` in errors raised while reading it: training_dataset.name becomes
+    training_dataset.sources.<index>.name, and the message says which source it was."""
+    try:
+        yield
+    except MedtuneError as exc:
+        assert section.sources is not None
+        prefix = f"{FIELD}."
+        if exc.field == FIELD:
+            exc.field = f"{FIELD}.sources.{index}"
+        elif exc.field and exc.field.startswith(prefix):
+            rest = exc.field.removeprefix(prefix)
+            if rest.split(".", 1)[0] in SOURCE_FIELDS:
+                exc.field = f"{FIELD}.sources.{index}.{rest}"
+        exc.detail = f"source {index} ({section.sources[index].name!r}): {exc.detail}"
+        exc.args = (exc.detail,)
+        raise
+
+
 def load(section: DatasetSection) -> Loaded:
+    if section.sources is not None:
+        raise ValueError("load() reads one source; core.data.mix.collect reads a mix")
     path = resolve_local(section)
     dropped: Counter[str] = Counter()
     fmt = "records"

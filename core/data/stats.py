@@ -34,7 +34,10 @@ def dataset_stats(
     tokens = sum(len(i.input_ids) for i in items)
     trained = sum(1 for i in items for label in i.labels if label != IGNORE_INDEX)
     truncated = sum(i.truncated for i in items)
-    by_source = Counter(str(e.meta.get("source") or default_source) for e in examples)
+    # MedQuAD rows name their collection; a mix tags each example with its dataset.
+    by_source = Counter(
+        str(e.meta.get("source") or e.meta.get("dataset") or default_source) for e in examples
+    )
     by_qtype = Counter(str(e.meta["qtype"]) for e in examples if e.meta.get("qtype"))
     stats: dict[str, Any] = {
         "rows": rows,
