@@ -12,12 +12,13 @@ from pydantic import (
     PlainValidator,
     WithJsonSchema,
     field_serializer,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from core.models import Job, MetricRow
-from core.spec import DatasetSection
+from core.spec import DatasetSection, check_model_name
 
 
 class _Out(BaseModel):
@@ -97,10 +98,27 @@ class MetricPublic(_Out):
     learning_rate: float | None
     grad_norm: float | None
     epoch: float | None
-    tokens_per_second: float | None
+    tokens_per_second: float | None = Field(
+        description="Real (non-padding) tokens trained per second."
+    )
     samples_per_second: float | None
-    memory_mb: float | None
-    peak_memory_mb: float | None
+    memory_mb: float | None = Field(
+        description="Allocated GPU memory (MiB) on a CUDA worker; resident set on a CPU one."
+    )
+    reserved_memory_mb: float | None = Field(
+        default=None,
+        description="GPU memory held by the CUDA caching allocator (MiB); null on a CPU worker.",
+    )
+    peak_memory_mb: float | None = Field(
+        description="Peak allocated GPU memory (MiB); the resident set's high-water mark on a CPU."
+    )
+    eta_seconds: float | None = Field(
+        default=None, description="Steps remaining x the recent training step time."
+    )
+    eval_loss: float | None = Field(
+        default=None,
+        description="Loss on the held-out split at this step (jobs with a validation_share).",
+    )
     created_at: datetime
 
     @classmethod
@@ -196,6 +214,11 @@ class DatasetPreviewRequest(BaseModel):
     max_seq_length: int = Field(default=2048, ge=16, le=131072)
     training_dataset: DatasetSection = Field(default_factory=DatasetSection)
     count: int = Field(default=3, ge=1, le=50, description="Examples to render.")
+
+    @field_validator("base_model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        return check_model_name(value)
 
 
 class PreviewToken(BaseModel):

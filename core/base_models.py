@@ -3,33 +3,103 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from core.embedded_model import is_embedded, prepare_embedded_model
-from core.errors import HubUnavailable, ModelNotAvailable
+from core.errors import HubUnavailable, ModelNotAvailable, SpecError
+from core.settings import Settings, get_settings
 from core.spec import looks_like_path
 
+FIELD = "model_config.base_model"
 
-def check_base_model(name: str) -> None:
-    """Cheap check at submit time: local folders must exist (Hub ids are checked by the worker)."""
-    if is_embedded(name):
-        return
-    if looks_like_path(name) and not Path(name).expanduser().is_dir():
+
+class ModelPathNotAllowed(SpecError):
+    code = "model_path_not_allowed"
+
+
+def allowed_model_roots(settings: Settings | None = None) -> list[Path]:
+    """Folders a local base model may lie in: the model cache and MEDTUNE_MODEL_ROOTS."""
+    settings = settings or get_settings()
+    return [p.expanduser().resolve() for p in (settings.models_dir, *settings.model_roots)]
+
+
+def _real(path: Path) -> Path | None:
+    """Where ``path`` leads once ``~``, ``..`` and links are resolved; None for a link loop."""
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+def _inside(path: Path | None, roots: Sequence[Path]) -> bool:
+    return path is not None and any(path.is_relative_to(root) for root in roots)
+
+
+def _is_local(name: str) -> bool:
+    # from_pretrained loads a Hub-shaped name like 'org/model' from disk when that folder exists
+    # (relative to the worker's working directory), so such a name is a local path too.
+    if looks_like_path(name):
+        return True
+    try:
+        return Path(name).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def local_model_dir(
+    name: str, *, roots: Sequence[Path] | None = None, field: str = FIELD
+) -> Path | None:
+    """The real folder of a local base model, confined to ``roots``; None for the embedded model
+    and Hub ids.
+
+    A local folder must lead inside ``roots`` (default: :func:`allowed_model_roots` of the
+    settings) once ``~``, ``..`` and links are resolved, and must hold no link leading outside
+    them. The API checks at submit time and the worker again before it loads.
+    """
+    if is_embedded(name) or not _is_local(name):
+        return None
+    roots = allowed_model_roots() if roots is None else roots
+    real = _real(Path(name))
+    # Where the path leads is checked before whether it exists, so that a path outside the
+    # roots tells nothing of what exists there. The message names only what the client sent.
+    if real is not None and not _inside(real, roots):
+        raise _not_allowed(name, "is outside the folders models may come from", field)
+    if real is None or not real.is_dir():
         raise ModelNotAvailable(
             f"base model folder {name!r} does not exist on the server; give a Hub id, a folder "
             "the worker can read, or 'smollm2-135m-instruct'",
-            field="model_config.base_model",
+            field=field,
         )
+    # rglob lists linked files but does not enter linked folders: check where each link leads.
+    if any(e.is_symlink() and not _inside(_real(e), roots) for e in real.rglob("*")):
+        raise _not_allowed(name, "holds a link leading outside those folders", field)
+    return real
 
 
-def resolve(name: str, *, models_dir: Path) -> str:
-    """A path or Hub id that ``from_pretrained`` can load."""
+def _not_allowed(name: str, what: str, field: str) -> ModelPathNotAllowed:
+    return ModelPathNotAllowed(
+        f"base model path {name!r} {what}; this server loads local models only from its model "
+        "cache and the folders in MEDTUNE_MODEL_ROOTS: copy the model there, or ask the "
+        "operator to add its folder",
+        field=field,
+    )
+
+
+def check_base_model(name: str, *, roots: Sequence[Path] | None = None, field: str = FIELD) -> None:
+    """Cheap check at submit time: local folders must exist inside the model roots (Hub ids are
+    checked by the worker)."""
+    local_model_dir(name, roots=roots, field=field)
+
+
+def resolve(name: str, *, models_dir: Path, roots: Sequence[Path] | None = None) -> str:
+    """A path or Hub id that ``from_pretrained`` can load (a local folder checked again here,
+    with the worker's own settings)."""
     if is_embedded(name):
         return str(prepare_embedded_model(models_dir))
-    check_base_model(name)
-    local = Path(name).expanduser()
-    return str(local) if local.is_dir() else name
+    local = local_model_dir(name, roots=roots)
+    return str(local) if local is not None else name
 
 
 def hub_call(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -25,8 +25,12 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 # Hub repo ids: "owner/name" with the characters the Hub allows.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Hub model ids: "name" (legacy) or "owner/name"; ".." is refused separately.
+_HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# An uploaded file (POST /files): its id, alone or after "file:".
+FILE_REF = re.compile(r"^(?:file:)?(file-[A-Za-z0-9]{1,35})$")
 # MedQuAD as published: a folder or a zip of XML documents.
 ARCHIVE_SUFFIXES = (".zip", ".xml")
 
@@ -53,6 +57,11 @@ class ModelSection(_Section):
         description="Compute dtype; null picks bfloat16 where supported, else float16.",
     )
     load_in_4bit: bool = Field(default=True, description="Quantise the base to 4-bit NF4 (QLoRA).")
+
+    @field_validator("base_model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        return check_model_name(value)
 
     @field_validator("finetuned_model")
     @classmethod
@@ -179,7 +188,8 @@ class DatasetSection(_Section):
         default="Shekswess/medical_llama3_instruct_dataset_short",
         min_length=1,
         max_length=1000,
-        description="A local file (.jsonl/.json/.csv/.parquet) or folder, MedQuAD as published "
+        description="An uploaded file's id ('file-...' or 'file:file-...', from POST /files), "
+        "a local file (.jsonl/.json/.csv/.parquet) or folder, MedQuAD as published "
         "(a folder or .zip of its XML files), 'sample:medical_qa' for the shipped sample, or a "
         "Hugging Face Hub dataset id.",
     )
@@ -283,15 +293,22 @@ class DatasetSection(_Section):
     )
 
     @property
-    def kind(self) -> Literal["sample", "path", "hub"]:
+    def kind(self) -> Literal["sample", "file", "path", "hub"]:
         if self.name.startswith("sample:"):
             return "sample"
+        if self.name.startswith("file:") or FILE_REF.fullmatch(self.name):
+            return "file"
         if looks_like_path(self.name):
             return "path"
         return "hub"
 
     @model_validator(mode="after")
     def _known_kind(self) -> DatasetSection:
+        if self.kind == "file" and not FILE_REF.fullmatch(self.name):
+            raise ValueError(
+                f"name {self.name!r} is not an uploaded file's id: give 'file:<id>' or the bare "
+                "'file-...' id that POST /files returned"
+            )
         if self.kind == "hub" and not _HUB_ID.fullmatch(self.name):
             raise ValueError(
                 f"name {self.name!r} is neither a file path (.jsonl, .json, .csv, .parquet or a "
@@ -326,6 +343,25 @@ def looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.lower().endswith(
         DATA_SUFFIXES + ARCHIVE_SUFFIXES
     )
+
+
+def check_model_name(name: str) -> str:
+    """A base model is a server folder (path-shaped) or a Hub model id ('owner/name', 'name').
+
+    Anything else is refused here: ``from_pretrained`` reads a relative folder such as
+    'jobs/../../x' from the worker's disk when it exists. Local folders (path-shaped names, and
+    Hub-shaped names that exist on disk) are confined to the model roots in core.base_models.
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("control characters are not allowed in a model name or path")
+    if looks_like_path(name):
+        return name
+    if ".." in name or not _HUB_MODEL_ID.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is neither a Hub model id like 'owner/name' nor a server folder (start a "
+            "folder with '/', './' or '~'); 'smollm2-135m-instruct' is the embedded model"
+        )
+    return name
 
 
 Optimizer = Literal[
@@ -385,6 +421,19 @@ class TrainingSection(_Section):
     engine: Literal["auto", "unsloth", "transformers"] = Field(
         default="auto",
         description="auto: Unsloth on CUDA, transformers + peft elsewhere.",
+    )
+    eval_strategy: Literal["steps", "end", "no"] = Field(
+        default="steps",
+        description="When a job with a validation split (training_dataset.validation_share > 0) "
+        "measures its eval loss on the held-out tokens: every eval_steps and at the end, only "
+        "at the end, or never.",
+    )
+    eval_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Eval loss every N optimizer steps; null: ten times per run (every "
+        "max(1, total_steps // 10) steps).",
     )
 
     @field_validator("output_dir")

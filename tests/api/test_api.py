@@ -236,7 +236,8 @@ BAD_INPUT = [
         "post", "/jobs",
         {"json": {**recipe_spec("sample:medical_qa"),
                   "model_config": {"base_model": "./no/such/model"}}},
-        422, "model_not_available", "model_config.base_model", id="base-model-folder-missing",
+        422, "model_path_not_allowed", "model_config.base_model",
+        id="base-model-folder-outside-model-roots",
     ),
     pytest.param("get", "/jobs/job_missing", {}, 404, "job_not_found", "job_id", id="get-404"),
     pytest.param(

@@ -168,7 +168,10 @@ BAD_CREATE = [
         {"training_file": "/no/such/qa.jsonl"}, "dataset_path_not_allowed", "training_file",
         id="training-file-outside-data-roots",
     ),
-    pytest.param({"model": "./no/such/model"}, "model_not_available", "model", id="model-missing"),
+    pytest.param(
+        {"model": "./no/such/model"}, "model_path_not_allowed", "model",
+        id="model-outside-model-roots",
+    ),
     pytest.param(
         {"validation_file": "sample:medical_qa"}, "unsupported_parameter", "validation_file",
         id="validation-file",
