@@ -98,27 +98,10 @@ class MetricPublic(_Out):
     learning_rate: float | None
     grad_norm: float | None
     epoch: float | None
-    tokens_per_second: float | None = Field(
-        description="Real (non-padding) tokens trained per second."
-    )
+    tokens_per_second: float | None
     samples_per_second: float | None
-    memory_mb: float | None = Field(
-        description="Allocated GPU memory (MiB) on a CUDA worker; resident set on a CPU one."
-    )
-    reserved_memory_mb: float | None = Field(
-        default=None,
-        description="GPU memory held by the CUDA caching allocator (MiB); null on a CPU worker.",
-    )
-    peak_memory_mb: float | None = Field(
-        description="Peak allocated GPU memory (MiB); the resident set's high-water mark on a CPU."
-    )
-    eta_seconds: float | None = Field(
-        default=None, description="Steps remaining x the recent training step time."
-    )
-    eval_loss: float | None = Field(
-        default=None,
-        description="Loss on the held-out split at this step (jobs with a validation_share).",
-    )
+    memory_mb: float | None
+    peak_memory_mb: float | None
     created_at: datetime
 
     @classmethod
