@@ -17,7 +17,7 @@ from sqlmodel import SQLModel
 import core.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from core.migrate import alembic_config, upgrade
 
-TABLES = {"jobs", "job_metrics", "workers", "api_keys", "idempotency_keys"}
+TABLES = {"jobs", "job_metrics", "workers", "api_keys", "idempotency_keys", "files"}
 
 
 def head_revision(url: str) -> str:
