@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-4 GPU measurements in one go, each stack in its own process.
-#   bench/gpu_all.sh WORK_DIR TOKENIZERS_DIR DATA.jsonl [quick]
+#   bench/gpu_all.sh WORK_DIR TOKENIZERS_DIR DATA.jsonl [quick|second|third|tests|microbatch]
 # Needs CUDA, the project on PYTHONPATH and the gpu extra (or the .whl bundle, see BENCHMARKS.md).
 set -uo pipefail
 WORK=$1 TOKS=$2 DATA=$3 MODE=${4:-full}
@@ -12,6 +12,17 @@ if [ "$MODE" = quick ]; then  # a smoke run on the 1B shape
   run service "$WORK/llama3-1b" --engine transformers --steps 4
   head -200 "$DATA" > "$WORK/small.jsonl"
   run epoch "$WORK/llama3-1b" "$WORK/small.jsonl"
+  exit 0
+fi
+if [ "$MODE" = tests ]; then  # the gpu-marked tests, then the epoch cold and warm
+  MEDTUNE_GPU_TOKENIZERS=$TOKS python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider -o addopts=""
+  run make llama3-8b "$TOKS/llama3" "$WORK/llama3-8b"
+  run epoch "$WORK/llama3-8b" "$DATA" --repeat 2
+  exit 0
+fi
+if [ "$MODE" = microbatch ]; then  # the same epoch at micro-batch 8 x 1 (same effective batch)
+  run make llama3-8b "$TOKS/llama3" "$WORK/llama3-8b"
+  run epoch "$WORK/llama3-8b" "$DATA" --bs 8 --grad-accum 1 --repeat 2
   exit 0
 fi
 if [ "$MODE" = third ]; then  # length-grouped packing, then no packing, on the recipe's epoch

@@ -15,6 +15,7 @@ Each prints one JSON line (and appends it to $BENCH_OUT if set). bench/gpu_all.s
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -240,8 +241,22 @@ def bare(model_dir: str, *, steps: int, bs: int, seq: int) -> None:
     )
 
 
-def epoch(model_dir: str, data: str, *, packing: bool, mode: str = "length_grouped") -> None:
-    """One epoch of the recipe's 2,000-row set at its settings, through the service path."""
+def epoch(
+    model_dir: str,
+    data: str,
+    *,
+    packing: bool,
+    mode: str = "length_grouped",
+    bs: int = 2,
+    grad_accum: int = 4,
+    repeat: int = 1,
+) -> None:
+    """One epoch of the recipe's 2,000-row set at its settings, through the service path.
+
+    With ``repeat`` > 1 the same process runs the epoch again on a freshly loaded model: the
+    first run pays Unsloth's one-off compilation (a cold worker), the later ones show what a
+    worker that already ran a job takes.
+    """
     import torch
 
     from core.data.conversations import to_examples
@@ -252,41 +267,58 @@ def epoch(model_dir: str, data: str, *, packing: bool, mode: str = "length_group
     from core.training.sink import ListSink
 
     spec = _spec(
-        model_dir, engine="unsloth", bs=2, seq=2048, steps=0, grad_accum=4, packing=packing
+        model_dir,
+        engine="unsloth",
+        bs=bs,
+        seq=2048,
+        steps=0,
+        grad_accum=grad_accum,
+        packing=packing,
     )
     spec.training.packing_mode = mode  # type: ignore[assignment]
-    loaded = engines.load(spec, model_dir)
-    started = time.time()
-    rows = load_rows(DatasetSection(name=data))
-    examples = to_examples(rows, system_prompt=RECIPE_SYSTEM_PROMPT, input_field="prompt")
-    encoded = encode_all(loaded.tokenizer, examples.examples, max_length=2048)
-    prep_s = time.time() - started
-    sink = ListSink()
-    started = time.time()
-    outcome = trainer.train(
-        spec, loaded, encoded.items, output_dir=Path("/tmp/bench-out"), sink=sink
-    )
-    train_s = time.time() - started
-    emit(
-        {
-            "bench": "epoch",
-            "engine": loaded.engine,
-            "model": Path(model_dir).name,
-            "packing": packing,
-            "packing_mode": mode if packing else None,
-            "rows": len(rows),
-            "tokens": encoded.stats["tokens"],
-            "steps": outcome.steps,
-            "prep_s": round(prep_s, 1),
-            "train_s": round(train_s, 1),
-            "tokens_per_s": round(encoded.stats["tokens"] / train_s, 1),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "loss_first": round(sink.rows[0]["loss"], 3),
-            "loss_last": round(sink.rows[-1]["loss"], 3),
-            # Per-step rates show warm-up and recompilation apart from the steady state.
-            "step_tokens_per_s": [round(r["tokens_per_second"]) for r in sink.rows],
-        }
-    )
+    for run in range(1, repeat + 1):
+        started = time.time()
+        loaded = engines.load(spec, model_dir)
+        load_s = time.time() - started
+        torch.cuda.reset_peak_memory_stats()
+        started = time.time()
+        rows = load_rows(DatasetSection(name=data))
+        examples = to_examples(rows, system_prompt=RECIPE_SYSTEM_PROMPT, input_field="prompt")
+        encoded = encode_all(loaded.tokenizer, examples.examples, max_length=2048)
+        prep_s = time.time() - started
+        sink = ListSink()
+        started = time.time()
+        outcome = trainer.train(
+            spec, loaded, encoded.items, output_dir=Path("/tmp/bench-out"), sink=sink
+        )
+        train_s = time.time() - started
+        emit(
+            {
+                "bench": "epoch",
+                "run": run,
+                "engine": loaded.engine,
+                "model": Path(model_dir).name,
+                "packing": packing,
+                "packing_mode": mode if packing else None,
+                "bs": bs,
+                "grad_accum": grad_accum,
+                "rows": len(rows),
+                "tokens": encoded.stats["tokens"],
+                "steps": outcome.steps,
+                "load_s": round(load_s, 1),
+                "prep_s": round(prep_s, 1),
+                "train_s": round(train_s, 1),
+                "tokens_per_s": round(encoded.stats["tokens"] / train_s, 1),
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "loss_first": round(sink.rows[0]["loss"], 3),
+                "loss_last": round(sink.rows[-1]["loss"], 3),
+                # Per-step rates show warm-up and recompilation apart from the steady state.
+                "step_tokens_per_s": [round(r["tokens_per_second"]) for r in sink.rows],
+            }
+        )
+        del loaded, outcome
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -309,6 +341,9 @@ def main() -> None:
     p.add_argument("data")
     p.add_argument("--no-packing", action="store_true")
     p.add_argument("--mode", choices=["length_grouped", "padding_free"], default="length_grouped")
+    p.add_argument("--bs", type=int, default=2, help="micro-batch (the recipe's 2)")
+    p.add_argument("--grad-accum", type=int, default=4, help="the recipe's 4")
+    p.add_argument("--repeat", type=int, default=1, help="runs in one process: cold, then warm")
     args = parser.parse_args()
     if args.cmd == "make":
         make(args.shape, args.tokenizer_dir, args.out)
@@ -317,7 +352,15 @@ def main() -> None:
     elif args.cmd == "bare":
         bare(args.model_dir, steps=args.steps, bs=args.bs, seq=args.seq)
     else:
-        epoch(args.model_dir, args.data, packing=not args.no_packing, mode=args.mode)
+        epoch(
+            args.model_dir,
+            args.data,
+            packing=not args.no_packing,
+            mode=args.mode,
+            bs=args.bs,
+            grad_accum=args.grad_accum,
+            repeat=args.repeat,
+        )
 
 
 if __name__ == "__main__":
