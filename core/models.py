@@ -7,7 +7,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, ForeignKey, String, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    String,
+    UniqueConstraint,
+    text,
+)
 from sqlmodel import Field, SQLModel
 
 
@@ -21,6 +30,10 @@ def new_job_id() -> str:
 
 def new_key_id() -> str:
     return "key_" + uuid.uuid4().hex[:16]
+
+
+def new_file_id() -> str:
+    return "file-" + uuid.uuid4().hex[:24]
 
 
 class JobStatus(StrEnum):
@@ -108,7 +121,10 @@ class MetricRow(SQLModel, table=True):
     tokens_per_second: float | None = None
     samples_per_second: float | None = None
     memory_mb: float | None = None
+    reserved_memory_mb: float | None = None
     peak_memory_mb: float | None = None
+    eta_seconds: float | None = None
+    eval_loss: float | None = None
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
     )
@@ -152,19 +168,60 @@ class ApiKey(SQLModel, table=True):
 
 
 class IdempotencyKey(SQLModel, table=True):
-    """An Idempotency-Key sent with POST /jobs, and the job it created (kept as long as the job).
+    """An Idempotency-Key sent with POST /jobs or POST /files, and the job or file it created
+    (kept as long as that job or file).
 
     ``scope`` is who sent it (an API key id, ``admin`` or ``anonymous``): keys are per client.
     """
 
     __tablename__ = "idempotency_keys"
-    __table_args__ = (UniqueConstraint("scope", "key", name="uq_idempotency_keys_scope_key"),)
+    __table_args__ = (
+        UniqueConstraint("scope", "key", name="uq_idempotency_keys_scope_key"),
+        CheckConstraint(
+            "(job_id IS NULL) <> (file_id IS NULL)", name="ck_idempotency_keys_one_target"
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     scope: str = Field(max_length=64)
     key: str = Field(max_length=255)
-    fingerprint: str = Field(max_length=64, description="SHA-256 of the normalised job spec.")
-    job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40, ondelete="CASCADE")
+    fingerprint: str = Field(
+        max_length=64, description="SHA-256 of the normalised job spec, or of the upload."
+    )
+    job_id: str | None = Field(
+        default=None, foreign_key="jobs.id", index=True, max_length=40, ondelete="CASCADE"
+    )
+    file_id: str | None = Field(
+        default=None, foreign_key="files.id", index=True, max_length=40, ondelete="CASCADE"
+    )
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+
+
+class DataFile(SQLModel, table=True):
+    """A dataset file uploaded to the service (POST /files); a job spec names it by id.
+
+    The bytes live under the data directory at ``path``; the row is the record of who owns it.
+    """
+
+    __tablename__ = "files"
+
+    id: str = Field(default_factory=new_file_id, primary_key=True, max_length=40)
+    filename: str = Field(max_length=255, description="The sanitised name the client sent.")
+    purpose: str = Field(default="fine-tune", max_length=32)
+    bytes: int
+    sha256: str = Field(max_length=64, index=True)
+    path: str = Field(description="Where the bytes are stored, under the service's data dir.")
+    owner_key_id: str | None = Field(
+        default=None,
+        sa_column=Column(
+            String(40),
+            ForeignKey("api_keys.id", name="fk_files_owner_key_id"),
+            nullable=True,
+            index=True,
+        ),
+    )
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
     )
