@@ -1,4 +1,5 @@
-"""Client subcommands of ``medtune``: ``jobs create|list|show|watch|cancel|metrics`` and ``infer``.
+"""Client subcommands of ``medtune``: ``jobs create|list|show|watch|cancel|metrics``, ``infer``
+and ``files upload|list|delete`` (core.cli_files).
 
 They talk to any medtune server over HTTP (``--url``, else ``MEDTUNE_URL``, else
 http://127.0.0.1:8000) through :class:`core.client.MedtuneClient`. ``--json`` prints the API's
@@ -462,3 +463,8 @@ def register(sub: Any) -> None:
     infer.add_argument("--max-new-tokens", type=int)
     infer.add_argument("--temperature", type=float)
     infer.set_defaults(func=_bind(cmd_infer))
+
+    # Imported here: core.cli_files builds on this module's helpers.
+    from core.cli_files import register as register_files
+
+    register_files(sub, common)

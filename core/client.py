@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -268,4 +269,52 @@ class MedtuneClient:
         if temperature is not None:
             body["temperature"] = temperature
         result: dict[str, Any] = self._request("POST", "/infer", json=body)
+        return result
+
+    # --- files ------------------------------------------------------------------------------
+
+    def upload_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        purpose: str = "fine-tune",
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Upload a dataset file (streamed from disk); its id goes in training_dataset.name."""
+        source = Path(path)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        with source.open("rb") as fh:
+            result: dict[str, Any] = self._request(
+                "POST",
+                "/files",
+                files={"file": (source.name, fh)},
+                data={"purpose": purpose},
+                headers=headers,
+            )
+        return result
+
+    def list_files(self, *, limit: int = 20, after: str | None = None) -> dict[str, Any]:
+        """One page, newest first: ``{"data": [...], "has_more", "last_id"}``."""
+        params: dict[str, Any] = {"limit": limit}
+        if after:
+            params["after"] = after
+        result: dict[str, Any] = self._request("GET", "/files", params=params)
+        return result
+
+    def iter_files(self, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every file, newest first, page by page."""
+        after: str | None = None
+        while True:
+            page = self.list_files(limit=page_size, after=after)
+            yield from page["data"]
+            after = page.get("last_id")
+            if not page.get("has_more") or not after:
+                return
+
+    def get_file(self, file_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"/files/{file_id}")
+        return result
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("DELETE", f"/files/{file_id}")
         return result

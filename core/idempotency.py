@@ -1,4 +1,4 @@
-"""Idempotency-Key on job creation, the way Stripe does it.
+"""Idempotency-Key on job creation and file uploads, the way Stripe does it.
 
 A retried POST /jobs with the same key (per API key) gets the job the first request created,
 with the same status (201) and ``Idempotent-Replayed: true``, and nothing is queued again. The
@@ -8,6 +8,10 @@ concurrent requests with one key meet at the unique (scope, key) index and the l
 
 Only a created job is remembered: a request refused before that (a bad spec, a rate limit) may
 be retried with the same key. Keys are kept as long as their job.
+
+POST /files works the same way (core.files): the key row is committed with the file's row, and
+a retry of the same upload (same bytes, name and purpose) gets the first file. One key names
+one request, a job or an upload, as Stripe's keys do across endpoints.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from sqlmodel import Session, select
 
 from core import jobs
 from core.errors import ConflictError
-from core.models import IdempotencyKey, Job
+from core.models import DataFile, IdempotencyKey, Job
 from core.spec import JobSpec
 
 HEADER = "Idempotency-Key"
@@ -37,20 +41,48 @@ def fingerprint(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def replay(session: Session, *, scope: str, key: str, spec: JobSpec) -> Job | None:
-    """The job an earlier request with this key created, or None; 409 if its spec differed."""
-    row = session.exec(
+def upload_fingerprint(*, sha256: str, filename: str, purpose: str) -> str:
+    """SHA-256 of an upload: the same bytes under the same name and purpose are one request."""
+    return hashlib.sha256(f"{sha256}\n{purpose}\n{filename}".encode()).hexdigest()
+
+
+def _earlier(session: Session, *, scope: str, key: str) -> IdempotencyKey | None:
+    return session.exec(
         select(IdempotencyKey).where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
     ).first()
+
+
+def _reused(key: str, row: IdempotencyKey) -> IdempotencyKeyReused:
+    what = f"job {row.job_id}" if row.job_id else f"file {row.file_id}"
+    return IdempotencyKeyReused(
+        f"{HEADER} {key!r} was already used for a different request ({what}); send a new key "
+        "for a new request",
+        field=HEADER,
+    )
+
+
+def replay(session: Session, *, scope: str, key: str, spec: JobSpec) -> Job | None:
+    """The job an earlier request with this key created, or None; 409 if its spec differed."""
+    row = _earlier(session, scope=scope, key=key)
     if row is None:
         return None
-    if row.fingerprint != fingerprint(spec):
-        raise IdempotencyKeyReused(
-            f"{HEADER} {key!r} was already used for a different job spec (job {row.job_id}); "
-            "send a new key for a new job",
-            field=HEADER,
-        )
+    if row.job_id is None or row.fingerprint != fingerprint(spec):
+        raise _reused(key, row)
     return jobs.get_job(session, row.job_id)
+
+
+def replay_upload(session: Session, *, scope: str, key: str, upload: str) -> DataFile | None:
+    """The file an earlier upload with this key stored, or None; 409 if that upload differed.
+
+    ``upload`` is the new request's :func:`upload_fingerprint`.
+    """
+    row = _earlier(session, scope=scope, key=key)
+    if row is None:
+        return None
+    found = session.get(DataFile, row.file_id) if row.file_id else None
+    if found is None or row.fingerprint != upload:
+        raise _reused(key, row)
+    return found
 
 
 def create_job_once(

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         description="Folders a local base_model may point into, besides the model cache "
         "(MEDTUNE_MODEL_CACHE): a JSON list, or paths separated by the OS path separator (:).",
     )
+    max_upload_bytes: int = Field(
+        default=512 * 1024**2,
+        gt=0,
+        description="Largest dataset file POST /files accepts (bytes); larger uploads are cut "
+        "off while streaming with 413 file_too_large.",
+    )
     rate_jobs_per_minute: int = Field(
         default=30, ge=0, description="Jobs one API key may create per minute (0: no limit)."
     )
@@ -132,6 +138,11 @@ class Settings(BaseSettings):
     def data_dir(self) -> Path:
         """Where datasets for jobs go by default: always an allowed dataset root."""
         return self.home / "data"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Uploaded dataset files (POST /files), one folder per file id; named by id only."""
+        return self.data_dir / "uploads"
 
     def ensure_dirs(self) -> None:
         for path in (self.home, self.artifacts_dir, self.models_dir, self.data_dir):

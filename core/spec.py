@@ -29,6 +29,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# An uploaded file (POST /files): its id, alone or after "file:".
+FILE_REF = re.compile(r"^(?:file:)?(file-[A-Za-z0-9]{1,35})$")
 # MedQuAD as published: a folder or a zip of XML documents.
 ARCHIVE_SUFFIXES = (".zip", ".xml")
 
@@ -186,7 +188,8 @@ class DatasetSection(_Section):
         default="Shekswess/medical_llama3_instruct_dataset_short",
         min_length=1,
         max_length=1000,
-        description="A local file (.jsonl/.json/.csv/.parquet) or folder, MedQuAD as published "
+        description="An uploaded file's id ('file-...' or 'file:file-...', from POST /files), "
+        "a local file (.jsonl/.json/.csv/.parquet) or folder, MedQuAD as published "
         "(a folder or .zip of its XML files), 'sample:medical_qa' for the shipped sample, or a "
         "Hugging Face Hub dataset id.",
     )
@@ -290,15 +293,22 @@ class DatasetSection(_Section):
     )
 
     @property
-    def kind(self) -> Literal["sample", "path", "hub"]:
+    def kind(self) -> Literal["sample", "file", "path", "hub"]:
         if self.name.startswith("sample:"):
             return "sample"
+        if self.name.startswith("file:") or FILE_REF.fullmatch(self.name):
+            return "file"
         if looks_like_path(self.name):
             return "path"
         return "hub"
 
     @model_validator(mode="after")
     def _known_kind(self) -> DatasetSection:
+        if self.kind == "file" and not FILE_REF.fullmatch(self.name):
+            raise ValueError(
+                f"name {self.name!r} is not an uploaded file's id: give 'file:<id>' or the bare "
+                "'file-...' id that POST /files returned"
+            )
         if self.kind == "hub" and not _HUB_ID.fullmatch(self.name):
             raise ValueError(
                 f"name {self.name!r} is neither a file path (.jsonl, .json, .csv, .parquet or a "

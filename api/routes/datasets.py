@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import DatasetPreview, DatasetPreviewRequest, JobDatasetPublic
 from api.worker_calls import call_inference_worker
-from core import jobs
+from core import files, jobs
 from core.base_models import allowed_model_roots, check_base_model
 from core.data.preview import PREVIEW_TASK
 from core.data.sources import allowed_roots, resolve_local
@@ -39,6 +39,7 @@ def read_job_dataset(session: SessionDep, principal: PrincipalDep, job_id: str) 
 @router.post("/datasets/preview", response_model=DatasetPreview)
 def preview_dataset(
     body: DatasetPreviewRequest,
+    session: SessionDep,
     settings: SettingsDep,
     queue: QueueDep,
     principal: PrincipalDep,
@@ -50,7 +51,10 @@ def preview_dataset(
         "infer", principal.scope, per_minute=settings.rate_infer_per_minute, what="inferences"
     )
     check_base_model(body.base_model, roots=allowed_model_roots(settings), field="base_model")
-    resolve_local(body.training_dataset, roots=allowed_roots(settings))
+    dataset = {"training_dataset": body.training_dataset.model_dump(mode="json")}
+    files.check_spec_files(session, dataset, owner=principal.job_owner)
+    roots = allowed_roots(settings)
+    resolve_local(body.training_dataset, roots=roots, uploads=settings.uploads_dir)
     # The tokenizer lives on an inference worker: the API never imports transformers.
     result = call_inference_worker(
         queue,

@@ -23,7 +23,7 @@ from api.schemas import (
     MetricPublic,
     MetricsPage,
 )
-from core import auth, idempotency, jobs, routing
+from core import auth, files, idempotency, jobs, routing
 from core.base_models import allowed_model_roots, check_base_model
 from core.data.sources import allowed_roots, resolve_local
 from core.db import session_scope
@@ -113,7 +113,10 @@ def submit_job(
     limiter.hit("jobs", scope, per_minute=settings.rate_jobs_per_minute, what="jobs created")
     # Fail now, not minutes later on a worker, for what the server can check cheaply.
     check_base_model(spec.model.base_model, roots=allowed_model_roots(settings))
-    resolve_local(spec.dataset, roots=allowed_roots(settings))
+    # Uploaded files the spec names must be the caller's; their rows stay share-locked until
+    # the job is committed, so a concurrent DELETE sees the job and refuses (file_in_use).
+    files.check_spec_files(session, spec.to_json(), owner=principal.job_owner)
+    resolve_local(spec.dataset, roots=allowed_roots(settings), uploads=settings.uploads_dir)
     local_dir = routing.local_model_dir(spec.model.base_model, settings.models_dir)
     target, needed = routing.route(spec, routing.live_workers(session), local_dir=local_dir)
     options: dict[str, Any] = {
