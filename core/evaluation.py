@@ -8,11 +8,9 @@ the result says when it is missing). Greedy decoding, so a fixed seed reproduces
 from __future__ import annotations
 
 import statistics
-from contextlib import nullcontext
 from typing import Any
 
 from core.data.conversations import Example
-from core.data.tokenize import render
 
 EVALUATION_FILE = "evaluation.json"  # in the job's artifacts folder
 
@@ -75,32 +73,20 @@ def generate_with_stop(
     adapter: bool = True,
 ) -> dict[str, Any]:
     """Greedy answer, and whether it ended on the end-of-turn token (a tuned model should)."""
-    import torch
+    from core.inference_generate import GenerationRequest, generate_one, is_peft
 
-    text = render(tokenizer, messages, add_generation_prompt=True)
-    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(model.device)
-    # Only a PeftModel can switch its adapter off; plain (merged) models have none.
-    off = (
-        nullcontext()
-        if adapter or not hasattr(model, "disable_adapter")
-        else (model.disable_adapter())
+    # adapter=False asks the base model; only a PeftModel can switch its adapter off.
+    name = model.active_adapter if adapter and is_peft(model) else None
+    out = generate_one(
+        model,
+        tokenizer,
+        GenerationRequest(messages=messages, max_new_tokens=max_new_tokens, adapter=name),
     )
-    with torch.inference_mode(), off:
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else tokenizer.eos_token_id,
-        )
-    new = out[0, inputs["input_ids"].shape[1] :].tolist()
     return {
         "question": messages[-1]["content"],
-        "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
-        "stopped": bool(new) and new[-1] == tokenizer.eos_token_id,
-        "tokens": len(new),
+        "answer": out.text,
+        "stopped": out.stopped_on_eos,
+        "tokens": out.completion_tokens,
     }
 
 

@@ -1,0 +1,86 @@
+"""Collect concurrent inference requests for a few milliseconds and run them as one batch.
+
+One thread owns the models: requests from any thread (a Celery threads pool, a benchmark) are
+queued with a Future; the thread takes the first, waits up to ``wait_s`` for more (up to
+``max_batch``), splits them into groups that can share one ``generate`` call (same base model,
+backend and sampling settings) and runs each group. A request's failure fails its Future only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    request: Any
+    future: Future[Any] = field(default_factory=Future)
+
+
+RunGroup = Callable[[Sequence[Pending]], None]  # sets every Pending's future
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_group: RunGroup,
+        group_key: Callable[[Any], Hashable],
+        *,
+        max_batch: int = 8,
+        wait_s: float = 0.005,
+        name: str = "medtune-inference",
+    ) -> None:
+        self._run_group = run_group
+        self._group_key = group_key
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self._queue: queue.Queue[Pending] = queue.Queue()
+        self.batch_sizes: list[int] = []  # sizes of the groups run, for tests and benchmarks
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Any) -> Future[Any]:
+        pending = Pending(request)
+        self._queue.put(pending)
+        return pending.future
+
+    def _collect(self) -> list[Pending]:
+        batch = [self._queue.get()]
+        deadline = time.monotonic() + self.wait_s
+        while len(batch) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._collect()
+            groups: dict[Hashable, list[Pending]] = {}
+            for pending in batch:
+                if pending.future.set_running_or_notify_cancel():
+                    groups.setdefault(self._group_key(pending.request), []).append(pending)
+            for group in groups.values():
+                self.batch_sizes.append(len(group))
+                try:
+                    self._run_group(group)
+                except BaseException as exc:  # the thread must outlive any request
+                    log.exception("inference batch of %d failed", len(group))
+                    for pending in group:
+                        if not pending.future.done():
+                            pending.future.set_exception(exc)

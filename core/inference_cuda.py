@@ -1,0 +1,111 @@
+"""GPU paths of the inference engine; imported only when CUDA is present.
+
+- Adapters: the base is loaded with Unsloth's ``FastLanguageModel`` (4-bit when the job trained
+  in 4-bit) and switched to ``for_inference`` (Unsloth's fused LoRA/RoPE kernels and its own KV
+  cache), with peft adapters attached as on the CPU. Without Unsloth: transformers in bfloat16.
+- Merged weights (a job's ``merged_16bit`` export): bfloat16, a static KV cache and the decode
+  step compiled with CUDA graphs (transformers' ``cache_implementation="static"`` plus a
+  ``CompileConfig``), which removes the per-token Python and kernel-launch overhead that bounds
+  eager decoding of a single stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Every compiled graph is specialised to the cache length: one size for all requests.
+STATIC_CACHE_TOKENS = 4096
+
+
+def unsloth_available() -> bool:
+    try:
+        import unsloth  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_base(path: str, *, load_in_4bit: bool, max_seq_length: int = 4096) -> tuple[Any, Any]:
+    """The base model for adapters: Unsloth ``for_inference`` where installed."""
+    import torch
+
+    if unsloth_available():
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path,
+            max_seq_length=max_seq_length,
+            dtype=torch.bfloat16,
+            load_in_4bit=load_in_4bit,
+        )
+        FastLanguageModel.for_inference(model)
+        return model, tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quant: dict[str, Any] = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quant["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, device_map={"": 0}, **quant
+    )
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def attach_adapter(model: Any, adapter_dir: str, name: str) -> Any:
+    """Attach a LoRA adapter; the returned model is the one to keep (a PeftModel)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(adapter_dir, adapter_name=name)
+    else:
+        model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
+    if unsloth_available():
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)  # re-patch the LoRA layers peft just added
+    return model.eval()
+
+
+class StaticCompiled:
+    """A merged model decoding through a static KV cache and a CUDA-graph-compiled step."""
+
+    def __init__(self, path: str, *, max_cache_tokens: int = STATIC_CACHE_TOKENS) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, device_map={"": 0}
+        ).eval()
+        self.max_cache_tokens = max_cache_tokens
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        from transformers import CompileConfig
+
+        return {
+            "cache_implementation": "static",
+            # One cache size for every request: graphs are recorded once, not per prompt length.
+            "max_cache_len": self.max_cache_tokens,
+            "compile_config": CompileConfig(fullgraph=True, mode="reduce-overhead", dynamic=False),
+        }
+
+    def warm_up(self) -> None:
+        """Compile and record the graphs before the first real request (tens of seconds)."""
+        from core.inference_generate import GenerationRequest, generate_one
+
+        for _ in range(2):
+            generate_one(
+                self.model,
+                self.tokenizer,
+                GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_new_tokens=8),
+                generate_kwargs=self.generate_kwargs(),
+            )
