@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,6 +40,8 @@ from core.training import checkpoints
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+# Steps are 32-bit integers in the job store: a larger after_step would overflow the query.
+MAX_STEP = 2**31 - 1
 
 SPEC_EXAMPLE = {
     "model_config": {
@@ -181,7 +184,7 @@ def read_metrics(
     session: SessionDep,
     principal: PrincipalDep,
     job_id: str,
-    after_step: Annotated[int, Query(ge=-1)] = -1,
+    after_step: Annotated[int, Query(ge=-1, le=MAX_STEP)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> MetricsPage:
     """Per-step training metrics after a step, for polling."""
@@ -266,6 +269,15 @@ def download_artifact(
     )
 
 
+def _resume_step(last_event_id: str | None, after_step: int) -> int:
+    """The last step a reconnecting client saw; a malformed Last-Event-ID is ignored."""
+    # Not str.isdigit(): it accepts '\u00b2' and numbers too big for the store, and int() of
+    # those fails or overflows the query.
+    if last_event_id and re.fullmatch(r"[0-9]{1,10}", last_event_id):
+        return min(int(last_event_id), MAX_STEP)
+    return after_step
+
+
 def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
@@ -283,13 +295,13 @@ def stream_events(
     principal: PrincipalDep,
     job_id: str,
     last_event_id: Annotated[str | None, Header()] = None,
-    after_step: Annotated[int, Query(ge=-1)] = -1,
+    after_step: Annotated[int, Query(ge=-1, le=MAX_STEP)] = -1,
     poll_seconds: Annotated[float, Query(gt=0, le=10)] = 0.5,
 ) -> StreamingResponse:
     """Metrics as Server-Sent Events (event id = step, resumable with Last-Event-ID)."""
     owner = principal.job_owner
     jobs.get_job(session, job_id, owner=owner)  # 404 before the stream starts
-    start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after_step
+    start = _resume_step(last_event_id, after_step)
     url = settings.db_url
 
     def poll(after: int) -> tuple[list[MetricPublic], str, dict[str, Any]]:
