@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,14 @@ import pytest
 from core import jobs
 from core.data.preview import PREVIEW_TASK
 from core.db import session_scope
+from core.models import JobStatus
+from core.pipeline import run_job
 from core.queue import INFER_QUEUE
-from core.settings import get_settings
+from core.settings import Settings, get_settings
+from core.spec import JobSpec
 from tests.api.test_api import Api, FakeResult, assert_problem
 from tests.api.test_api import api as api  # the in-process API fixture
+from tests.helpers import recipe_spec
 
 
 @pytest.fixture
@@ -112,3 +117,86 @@ def test_job_dataset_stats(api: Api) -> None:
     assert body["dataset"]["name"] == "sample:medical_qa"
     assert body["dataset"]["chat_template"] == "auto"
     assert_problem(api.client.get("/jobs/job_nope/dataset"), 404, "job_not_found", None)
+
+
+# --- mixes --------------------------------------------------------------------------------------
+
+
+def qa_jsonl(path: Path, prefix: str, count: int) -> Path:
+    rows = [{"question": f"{prefix} {i}?", "answer": f"{prefix} answer {i}."} for i in range(count)]
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return path
+
+
+def mix_spec(*sources: dict[str, Any], **dataset: Any) -> dict[str, Any]:
+    spec = recipe_spec("sample:medical_qa")
+    spec["training_dataset"] = {"sources": list(sources), **dataset}
+    return spec
+
+
+def test_job_with_a_bad_mix_is_refused_naming_the_field(api: Api, tmp_path: Path) -> None:
+    good = {"name": "sample:medical_qa"}
+    bad_weight = mix_spec(good, {"name": "sample:medical_qa", "weight": 0})
+    assert_problem(
+        api.client.post("/jobs", json=bad_weight),
+        422,
+        "out_of_range",
+        "training_dataset.sources.1.weight",
+    )
+    assert_problem(
+        api.client.post("/jobs", json=mix_spec()), 422, "out_of_range", "training_dataset.sources"
+    )
+    missing = mix_spec(good, {"name": str(tmp_path / "nowhere.jsonl")})
+    body = assert_problem(
+        api.client.post("/jobs", json=missing),
+        422,
+        "dataset_not_found",
+        "training_dataset.sources.1.name",
+    )
+    assert "source 1" in body["detail"]
+    assert api.queue.calls == []
+    created = api.client.post(
+        "/jobs", json=mix_spec(good, {"name": "sample:medical_qa", "weight": 2})
+    )
+    assert created.status_code == 201, created.text
+
+
+def test_preview_of_a_mix_tags_each_example_with_its_source(
+    worker_queue: Api, tmp_path: Path
+) -> None:
+    a = qa_jsonl(tmp_path / "a.jsonl", "alpha", 8)
+    b = qa_jsonl(tmp_path / "b.jsonl", "beta", 8)
+    body = preview_body()
+    body["training_dataset"] = {"sources": [{"name": str(a), "weight": 3}, {"name": str(b)}]}
+    body["count"] = 8
+    response = worker_queue.client.post("/datasets/preview", json=body)
+    assert response.status_code == 200, response.text
+    examples = response.json()["examples"]
+    assert len(examples) == 8 and response.json()["problems"] == []
+    assert {e["meta"]["dataset"] for e in examples} <= {str(a), str(b)}
+    assert {e["meta"]["dataset_index"] for e in examples} == {0, 1}
+
+
+def test_a_job_the_gate_fails_keeps_its_dataset_stats(
+    api: Api, tmp_path: Path, model_cache: Path
+) -> None:
+    a = qa_jsonl(tmp_path / "a.jsonl", "alpha", 4)
+    b = qa_jsonl(tmp_path / "b.jsonl", "beta", 4)
+    # Llama 3's template on SmolLM2's vocabulary: its <|eot_id|> is plain text, the gate refuses.
+    spec = mix_spec({"name": str(a)}, {"name": str(b)}, chat_template="llama3")
+    with session_scope(api.db_url) as s:
+        job_id = jobs.create_job(s, JobSpec.model_validate(spec)).id
+    settings = Settings(home=tmp_path / "home", database_url=api.db_url, model_cache=model_cache)
+    assert run_job(job_id, settings, worker="w") == JobStatus.failed
+    response = api.client.get(f"/jobs/{job_id}/dataset")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "failed"
+    stats = body["stats"]
+    assert (
+        stats["gate"]["passed"] is False and stats["gate"]["problems"][0]["code"] == "eot_missing"
+    )
+    assert [(s["name"], s["taken"]) for s in stats["sources"]] == [(str(a), 4), (str(b), 4)]
+    assert stats["examples"] == 8
+    job = api.client.get(f"/jobs/{job_id}").json()
+    assert job["error"]["code"] == "eot_missing"
