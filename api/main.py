@@ -10,7 +10,17 @@ from fastapi.staticfiles import StaticFiles
 
 from api import problems
 from api.deps import install_security
-from api.routes import datasets, files, health, infer, jobs, metrics, openai_files, openai_ft
+from api.routes import (
+    datasets,
+    files,
+    health,
+    infer,
+    jobs,
+    metrics,
+    openai_chat,
+    openai_files,
+    openai_ft,
+)
 from core.logs import configure_from_env
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -34,6 +44,7 @@ def create_app() -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(metrics.router)
     app.include_router(openai_ft.router)
+    app.include_router(openai_chat.router)
     app.include_router(files.router)
     app.include_router(openai_files.router)
     # The dashboard: its page at / and its files under /static, so no API path is shadowed and

@@ -40,6 +40,13 @@ def api_command(host: str, port: int) -> list[str]:
 
 def worker_command(queues: str, name: str) -> list[str]:
     # solo pool: one job per process, the model stays in this process (one process per GPU).
+    # An inference-only worker takes several requests at once on threads, so the engine's one
+    # model thread can batch them (core/inference_batching.py); the model is still loaded once.
+    from core.queue import INFER_QUEUE
+
+    pool, concurrency = "solo", 1
+    if queues.split(",") == [INFER_QUEUE]:
+        pool, concurrency = "threads", get_settings().infer_concurrency
     return [
         sys.executable,
         "-m",
@@ -48,9 +55,9 @@ def worker_command(queues: str, name: str) -> list[str]:
         "worker.celery_app",
         "worker",
         "--pool",
-        "solo",
+        pool,
         "--concurrency",
-        "1",
+        str(concurrency),
         "-Q",
         queues,
         "-n",

@@ -34,6 +34,23 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     infer_timeout_s: float = Field(default=300.0, gt=0)
+    infer_backend: Literal["auto", "transformers", "llama_cpp"] = Field(
+        default="auto",
+        description="Inference backend when a request names none: auto picks llama.cpp on a CPU "
+        "worker when a GGUF of the model exists.",
+    )
+    infer_max_batch: int = Field(
+        default=8, ge=1, le=64, description="Requests one inference batch may hold."
+    )
+    infer_batch_wait_ms: float = Field(
+        default=5.0, ge=0, le=1000, description="How long a batch waits for more requests."
+    )
+    infer_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Threads of an inference-only worker (requests it takes at once to batch).",
+    )
     lease_seconds: float = Field(
         default=300.0, gt=0, description="A running job's lease; renewed every third of it."
     )

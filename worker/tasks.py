@@ -7,14 +7,13 @@ import socket
 from functools import lru_cache
 from typing import Any
 
-from core import jobs
 from core.base_models import hub_call, resolve
 from core.data.preview import PREVIEW_TASK, preview
-from core.db import session_scope
-from core.errors import JobNotReady, MedtuneError
+from core.errors import MedtuneError
 from core.inference import InferenceEngine
+from core.inference_service import build_request, serve
+from core.inference_stream import channel_for
 from core.logs import install_celery_logging, job_context
-from core.models import JobStatus
 from core.pipeline import run_job
 from core.queue import INFER_TASK, RUN_JOB_TASK
 from core.settings import get_settings
@@ -34,37 +33,44 @@ def run_job_task(self: Any, job_id: str) -> str:
 
 @lru_cache(maxsize=1)
 def _engine() -> InferenceEngine:
-    return InferenceEngine(models_dir=get_settings().models_dir)
+    settings = get_settings()
+    return InferenceEngine(
+        models_dir=settings.models_dir,
+        max_batch=settings.infer_max_batch,
+        batch_wait_s=settings.infer_batch_wait_ms / 1000,
+        default_backend=settings.infer_backend,
+    )
 
 
 @app.task(name=INFER_TASK)
 def infer_task(
-    job_id: str,
+    job_id: str | None,
     messages: list[dict[str, str]],
     *,
     use_adapter: bool = True,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    base_model: str | None = None,
+    stream_id: str | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Returns the answer, or {"error": {...}} so the API can answer with the same problem."""
-    try:
-        with session_scope(get_settings().db_url) as s:
-            job = jobs.get_job(s, job_id)
-        if use_adapter and (job.status != JobStatus.succeeded or not job.adapter_dir):
-            raise JobNotReady(f"job {job_id} is {job.status}, not succeeded", field="job_id")
-        result = _engine().answer(
-            base_model=job.base_model,
+    """Returns the answer, or {"error": {...}} so the API can answer with the same problem.
+
+    With ``stream_id`` the deltas, then ``done`` or ``error``, also go on that stream.
+    options: max_new_tokens, temperature, top_p, stop, backend.
+    """
+    settings = get_settings()
+    return serve(
+        _engine(),
+        lambda: build_request(
+            settings,
+            job_id=job_id,
+            base_model=base_model,
             messages=messages,
-            adapter_dir=job.adapter_dir if use_adapter else None,
-            adapter_name=job_id,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-        )
-        return {**result, "loads": dict(_engine().loads)}
-    except MedtuneError as exc:
-        return {"error": exc.as_dict()}
+            use_adapter=use_adapter,
+            options=options,
+        ),
+        channel=channel_for(settings) if stream_id else None,
+        stream_id=stream_id,
+    )
 
 
 @lru_cache(maxsize=4)

@@ -2,32 +2,89 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterator
+from typing import Any, Literal
 
 from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import Field
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import InferRequest, InferResponse
 from api.worker_calls import call_inference_worker
 from core import jobs
-from core.errors import JobNotReady
-from core.models import JobStatus
+from core.errors import JobNotReady, MedtuneError
+from core.inference_client import stream_answer
+from core.inference_stream import channel_for
+from core.models import Job, JobStatus
 from core.queue import INFER_TASK
 from core.spec import JobSpec
 
 router = APIRouter(tags=["inference"])
 
+Backend = Literal["auto", "transformers", "llama_cpp"]
 
-@router.post("/infer", response_model=InferResponse)
+
+class InferAsk(InferRequest):
+    """InferRequest plus streaming, stop strings and the backend."""
+
+    stream: bool = Field(
+        default=False,
+        description="Answer as Server-Sent Events: 'delta' events ({text}), then 'done' with "
+        "usage and finish_reason (or 'error').",
+    )
+    stop: list[str] | None = Field(
+        default=None,
+        max_length=4,
+        description="Up to 4 strings that end the answer (not included in it).",
+    )
+    backend: Backend = Field(
+        default="auto",
+        description="auto: llama.cpp on a CPU worker when the model has a q4_k_m GGUF, else "
+        "transformers; or force one.",
+    )
+
+
+class InferAnswer(InferResponse):
+    backend: str = Field(description="transformers, llama_cpp or cuda_static")
+    time_to_first_token_s: float | None
+
+
+def messages_for(body: InferRequest, job: Job) -> list[dict[str, str]]:
+    if body.messages is not None:
+        return [m.model_dump() for m in body.messages]
+    system = body.system_prompt
+    if system is None:
+        system = JobSpec.model_validate(job.spec).dataset.system_prompt
+    messages = [{"role": "user", "content": body.question or ""}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.post(
+    "/infer",
+    response_model=InferAnswer,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
 def infer(
-    body: InferRequest,
+    body: InferAsk,
     session: SessionDep,
     settings: SettingsDep,
     queue: QueueDep,
     principal: PrincipalDep,
     limiter: LimiterDep,
-) -> InferResponse:
-    """Answer a question with the job's adapter (or its base model with use_adapter=false)."""
+) -> Any:
+    """Answer with the job's adapter (use_adapter=false: its base model); stream=true: SSE."""
     job = jobs.get_job(session, body.job_id, owner=principal.job_owner)
     limiter.hit(
         "infer", principal.scope, per_minute=settings.rate_infer_per_minute, what="inferences"
@@ -38,31 +95,38 @@ def infer(
             "(use_adapter=false asks its base model)",
             field="job_id",
         )
-    if body.messages is not None:
-        messages = [m.model_dump() for m in body.messages]
-    else:
-        system = body.system_prompt
-        if system is None:
-            system = JobSpec.model_validate(job.spec).dataset.system_prompt
-        messages = [{"role": "user", "content": body.question or ""}]
-        if system:
-            messages.insert(0, {"role": "system", "content": system})
+    kwargs: dict[str, Any] = {
+        "use_adapter": body.use_adapter,
+        "max_new_tokens": body.max_new_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+    }
+    if body.stop:
+        kwargs["stop"] = body.stop
+    if body.backend != "auto":
+        kwargs["backend"] = body.backend
+    args = [job.id, messages_for(body, job)]
+    model = job.finetuned_model if body.use_adapter else job.base_model
     started = time.perf_counter()
+    if body.stream:
+        events = stream_answer(
+            queue,
+            channel_for(settings),
+            args=args,
+            kwargs=kwargs,
+            timeout_s=settings.infer_timeout_s,
+        )
+        return StreamingResponse(
+            _relay(events, job_id=job.id, model=model, adapter=body.use_adapter),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
     result = call_inference_worker(
-        queue,
-        INFER_TASK,
-        args=[job.id, messages],
-        kwargs={
-            "use_adapter": body.use_adapter,
-            "max_new_tokens": body.max_new_tokens,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-        },
-        timeout_s=settings.infer_timeout_s,
+        queue, INFER_TASK, args=args, kwargs=kwargs, timeout_s=settings.infer_timeout_s
     )
-    return InferResponse(
+    return InferAnswer(
         job_id=job.id,
-        model=job.finetuned_model if body.use_adapter else job.base_model,
+        model=model,
         adapter=body.use_adapter,
         answer=result["answer"],
         finish_reason=result["finish_reason"],
@@ -70,4 +134,41 @@ def infer(
         generation_seconds=result["generation_seconds"],
         tokens_per_second=result["tokens_per_second"],
         latency_ms=round((time.perf_counter() - started) * 1000, 1),
+        backend=result.get("backend", "transformers"),
+        time_to_first_token_s=result.get("time_to_first_token_s"),
     )
+
+
+def _relay(
+    events: Iterator[dict[str, Any]], *, job_id: str, model: str, adapter: bool
+) -> Iterator[str]:
+    try:
+        yield from _relay_events(events, job_id=job_id, model=model, adapter=adapter)
+    except MedtuneError as exc:  # the worker went quiet mid-answer
+        yield sse("error", exc.as_dict())
+
+
+def _relay_events(
+    events: Iterator[dict[str, Any]], *, job_id: str, model: str, adapter: bool
+) -> Iterator[str]:
+    for event in events:
+        if event["type"] == "delta":
+            yield sse("delta", {"text": event["text"]})
+        elif event["type"] == "done":
+            result = event["result"]
+            yield sse(
+                "done",
+                {
+                    "job_id": job_id,
+                    "model": model,
+                    "adapter": adapter,
+                    "answer": result["answer"],
+                    "finish_reason": result["finish_reason"],
+                    "usage": result["usage"],
+                    "backend": result.get("backend"),
+                    "time_to_first_token_s": result.get("time_to_first_token_s"),
+                    "tokens_per_second": result.get("tokens_per_second"),
+                },
+            )
+        else:
+            yield sse("error", event["error"])
