@@ -15,6 +15,7 @@ QUESTION_KEYS = ("question", "query", "prompt_text")
 ANSWER_KEYS = ("answer", "response", "completion")
 # Row columns kept on an example as metadata (MedQuAD's question type and focus, its collection).
 META_KEYS = ("qtype", "focus", "source", "document")
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -98,6 +99,9 @@ def _convert(row: Row, layout: str, *, system_prompt: str, input_field: str) -> 
         ]
         if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
             return "no_final_assistant_turn"
+        if any(m["role"] not in ROLES for m in messages):
+            # Tool or unnamed turns: the built-in templates would render them as plain text.
+            return "unknown_role"
         if messages[0]["role"] != "system" and system_prompt:
             messages.insert(0, {"role": "system", "content": system_prompt})
         return Example(messages=messages)

@@ -17,6 +17,7 @@ counted, never trained on.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from xml.etree import ElementTree as ET
 from core.errors import DatasetError
 
 FIELD = "training_dataset.name"
+# The published documents are under 1 MB; a larger member is a zip bomb or not MedQuAD.
+MAX_DOCUMENT_BYTES = 64 * 2**20
 # The published corpus has two layouts: most files use <Document>, a few NINDS files <doc>.
 _LAYOUTS = {
     "Document": {
@@ -62,9 +65,16 @@ def is_medquad(path: Path) -> bool:
 
 def read_medquad(path: Path) -> MedQuadRows:
     out = MedQuadRows()
-    for name, data in _documents(path):
-        out.files += 1
-        _parse_document(name, data, out)
+    try:
+        for name, data in _documents(path):
+            out.files += 1
+            _parse_document(name, data, out)
+    except OSError as exc:
+        raise DatasetError(
+            f"{path.name!r} cannot be read: {exc.strerror or type(exc).__name__}",
+            field=FIELD,
+            code="dataset_unreadable",
+        ) from exc
     if out.files == 0:
         raise DatasetError(
             f"{path.name!r} holds no MedQuAD .xml documents",
@@ -92,9 +102,29 @@ def _documents(path: Path) -> Iterator[tuple[str, bytes]]:
                 if n.lower().endswith(".xml") and not n.startswith("__MACOSX/")
             )
             for name in names:
-                yield name, archive.read(name)
+                yield name, _member(path, archive, name)
     else:
         yield path.name, path.read_bytes()
+
+
+def _member(path: Path, archive: zipfile.ZipFile, name: str) -> bytes:
+    info = archive.getinfo(name)
+    if info.file_size > MAX_DOCUMENT_BYTES:
+        raise DatasetError(
+            f"{path.name}: {name} would unpack to {info.file_size} bytes, more than a MedQuAD "
+            f"document's limit of {MAX_DOCUMENT_BYTES}",
+            field=FIELD,
+            code="dataset_format",
+        )
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        # A truncated or corrupt member, an unsupported compression method, a password.
+        raise DatasetError(
+            f"{path.name}: {name} cannot be unpacked ({type(exc).__name__}: {str(exc)[:120]})",
+            field=FIELD,
+            code="dataset_format",
+        ) from exc
 
 
 def _declares_other_encoding(data: bytes) -> bool:
@@ -110,6 +140,14 @@ def _parse_document(name: str, data: bytes, out: MedQuadRows) -> None:
     try:
         # Bytes, not text: the parser honours the document's own encoding declaration.
         root = ET.fromstring(data)
+    except (LookupError, ValueError) as exc:
+        # An encoding the declaration names but Python does not know (or expat cannot read).
+        raise DatasetError(
+            f"MedQuAD file {name} declares an encoding that cannot be read ({str(exc)[:80]}); "
+            "re-save it as UTF-8",
+            field=FIELD,
+            code="dataset_encoding",
+        ) from exc
     except ET.ParseError as exc:
         line, column = exc.position
         if not _declares_other_encoding(data):

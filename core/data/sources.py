@@ -5,6 +5,7 @@ This module imports no torch and no tokenizer, so the API can validate a spec's 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections import Counter
@@ -23,6 +24,7 @@ from core.spec import DATA_SUFFIXES, SOURCE_FIELDS, DatasetSection
 
 SAMPLES = {"medical_qa": "medical_qa_sample.jsonl"}
 FIELD = "training_dataset"
+CSV_FIELD_LIMIT = 64 * 2**20  # characters in one CSV cell
 Row = dict[str, Any]
 
 
@@ -263,81 +265,117 @@ def _read_path(path: Path) -> Iterator[Row]:
         yield from _read_file(path)
 
 
+def _bad(path: Path, what: str, code: str = "dataset_format") -> DatasetError:
+    return DatasetError(f"{path.name} {what}", field="training_dataset.name", code=code)
+
+
+def _encoding(path: Path) -> str:
+    """UTF-8, with or without a byte-order mark (Excel writes one); UTF-16 when a BOM says so."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return "utf-8"
+
+
+def _text_lines(path: Path, fh: Iterator[str]) -> Iterator[str]:
+    # UTF-16 without a BOM decodes as "UTF-8" full of NULs: name the real problem.
+    for lineno, line in enumerate(fh, 1):
+        if "\x00" in line:
+            raise _bad(
+                path,
+                f"line {lineno} holds NUL characters: UTF-16 without a byte-order mark, or not "
+                "text at all; re-save it as UTF-8",
+                "dataset_encoding",
+            )
+        yield line
+
+
 def _read_file(path: Path) -> Iterator[Row]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
             yield from _read_jsonl(path)
         elif suffix == ".json":
-            raw = path.read_text(encoding="utf-8")
-            if not raw.strip():
-                raise DatasetError(
-                    f"{path.name} is empty", field="training_dataset.name", code="dataset_empty"
-                )
-            data = json.loads(raw)
-            rows = data.get("data") if isinstance(data, dict) else data
-            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise DatasetError(
-                    f"{path.name}: expected a JSON list of objects (or {{'data': [...]}})",
-                    field="training_dataset.name",
-                    code="dataset_format",
-                )
-            yield from rows
+            yield from _read_json(path)
         elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as fh:
-                yield from csv.DictReader(fh)
+            yield from _read_csv(path)
         elif suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            try:
-                table = pq.read_table(path)
-            except (pa.ArrowException, OSError) as exc:
-                raise DatasetError(
-                    f"{path.name} is not a readable Parquet file: {str(exc)[:200]}",
-                    field="training_dataset.name",
-                    code="dataset_format",
-                ) from exc
-            yield from table.to_pylist()
+            yield from _read_parquet(path)
         else:
-            raise DatasetError(
-                f"{path.name}: unsupported file type; use {', '.join(DATA_SUFFIXES)}",
-                field="training_dataset.name",
-                code="dataset_format",
-            )
-    except UnicodeDecodeError as exc:
-        raise DatasetError(
-            f"{path.name} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8",
-            field="training_dataset.name",
-            code="dataset_encoding",
+            raise _bad(path, f"is of an unsupported file type; use {', '.join(DATA_SUFFIXES)}")
+    except UnicodeError as exc:
+        start = getattr(exc, "start", None)
+        where = f" (byte {start})" if start is not None else ""
+        raise _bad(
+            path, f"is not UTF-8 text{where}; re-save it as UTF-8", "dataset_encoding"
         ) from exc
+    except OSError as exc:
+        raise _bad(
+            path, f"cannot be read: {exc.strerror or type(exc).__name__}", "dataset_unreadable"
+        ) from exc
+
+
+def _parse_json(path: Path, text: str, where: str = "") -> Any:
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DatasetError(
-            f"{path.name} is not valid JSON: {exc.msg} at line {exc.lineno}",
-            field="training_dataset.name",
-            code="dataset_format",
-        ) from exc
+        line = f" at line {exc.lineno}" if not where else ""
+        raise _bad(path, f"{where}is not valid JSON: {exc.msg}{line}") from exc
+    except (ValueError, RecursionError) as exc:
+        # Integers past Python's digit limit, arrays nested thousands deep.
+        raise _bad(path, f"{where}is not JSON medtune can read: {str(exc)[:120]}") from exc
+
+
+def _read_json(path: Path) -> Iterator[Row]:
+    with path.open(encoding=_encoding(path)) as fh:
+        raw = "".join(_text_lines(path, fh))
+    if not raw.strip():
+        raise _bad(path, "is empty", "dataset_empty")
+    data = _parse_json(path, raw)
+    rows = data.get("data") if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise _bad(path, "holds no JSON list of objects (or {'data': [...]})")
+    yield from rows
+
+
+def _read_csv(path: Path) -> Iterator[Row]:
+    # Long answers exceed the csv module's default 128 KiB field limit.
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    with path.open(encoding=_encoding(path), newline="") as fh:
+        # Cells past the header's width land in one visible column instead of a None key.
+        reader = csv.DictReader(_text_lines(path, fh), restkey="_extra_cells")
+        try:
+            yield from reader
+        except csv.Error as exc:
+            raise _bad(
+                path, f"is not a CSV file medtune can read (line {reader.line_num}): {exc}"
+            ) from exc
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        # Arrow's message names the server path: the client sent only the name.
+        message = str(exc).replace(str(path), path.name)[:200]
+        raise _bad(path, f"is not a readable Parquet file: {message}") from exc
+    yield from table.to_pylist()
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open(encoding=_encoding(path)) as fh:
+        for lineno, line in enumerate(_text_lines(path, fh), 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(
-                    f"{path.name} line {lineno} is not valid JSON: {exc.msg}",
-                    field="training_dataset.name",
-                    code="dataset_format",
-                ) from exc
+            row = _parse_json(path, line, f"line {lineno} ")
             if not isinstance(row, dict):
-                raise DatasetError(
-                    f"{path.name} line {lineno} is not a JSON object",
-                    field="training_dataset.name",
-                    code="dataset_format",
-                )
+                raise _bad(path, f"line {lineno} is not a JSON object")
             yield row
 
 
