@@ -296,8 +296,9 @@ class FineTuningJobCreate(BaseModel):
     training_file: str = Field(
         min_length=1,
         max_length=1000,
-        description="A dataset as medtune's training_dataset.name takes it: a local file or "
-        "folder, 'sample:medical_qa', or a Hub dataset id (file uploads are not supported yet).",
+        description="A dataset as medtune's training_dataset.name takes it: a file id from "
+        "POST /v1/files (or /files), a local file or folder, 'sample:medical_qa', or a Hub "
+        "dataset id.",
     )
     validation_file: str | None = Field(
         default=None,
