@@ -12,6 +12,7 @@ from api import problems
 from api.deps import install_security
 from api.routes import (
     datasets,
+    exports,
     files,
     health,
     infer,
@@ -40,6 +41,7 @@ def create_app() -> FastAPI:
     app.add_middleware(metrics.PrometheusMiddleware)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(exports.router)
     app.include_router(infer.router)
     app.include_router(datasets.router)
     app.include_router(metrics.router)

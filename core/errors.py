@@ -104,3 +104,10 @@ class OutOfMemory(MedtuneError):
 
     code = "cuda_out_of_memory"
     status = 422
+
+
+class ExportError(MedtuneError):
+    """An export format cannot be written or does not load back; it fails alone."""
+
+    code = "export_failed"
+    status = 422

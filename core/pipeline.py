@@ -156,31 +156,12 @@ def _export(
     model_path: str,
     url: str,
 ) -> None:
-    from core.export import export_all
+    from core.export_job import export_for_spec
 
-    manifest = export_all(
-        loaded,
-        job_dir=job_dir,
-        adapter_dir=adapter_dir,
-        base_path=model_path,
-        formats=list(spec.export.formats),
-        system_prompt=spec.dataset.system_prompt,
+    lines = export_for_spec(
+        loaded, spec, job_dir=job_dir, adapter_dir=adapter_dir, base_path=model_path
     )
-    for fmt, entry in manifest.items():
-        if entry["status"] == "ok":
-            stops = sum(a["stopped"] for a in entry["smoke_test"])
-            _note(
-                url,
-                job_id,
-                f"export {fmt}: ok, {stops}/{len(entry['smoke_test'])} smoke "
-                "answers stopped at the end-of-turn token",
-            )
-        else:
-            _note(
-                url,
-                job_id,
-                f"export {fmt} failed ({entry['error']['code']}): {entry['error']['message']}",
-            )
+    _note(url, job_id, *lines)
 
 
 def _evaluate(

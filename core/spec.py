@@ -447,11 +447,26 @@ class EvaluationSection(_Section):
     max_new_tokens: int = Field(default=128, ge=1, le=4096)
 
 
+ExportFormat = Literal["lora", "merged_16bit", "merged_4bit", "gguf"]
+GgufQuantization = Literal["f16", "q8_0", "q4_k_m"]
+
+
 class ExportSection(_Section):
-    formats: list[Literal["lora", "merged_16bit"]] = Field(
+    formats: list[ExportFormat] = Field(
         default_factory=lambda: ["lora"],
         min_length=1,
-        description="What to write after training; each is smoke-tested by loading it back.",
+        description="What to write after training; each is smoke-tested by loading it back "
+        "(gguf: through llama.cpp, one file per gguf_quantizations entry).",
+    )
+    gguf_quantizations: list[GgufQuantization] = Field(
+        default_factory=lambda: ["q4_k_m"],
+        min_length=1,
+        description="GGUF files written when formats has 'gguf': f16, q8_0, q4_k_m.",
+    )
+    push_to_hub: bool = Field(
+        default=False,
+        description="Push the exported artifacts to <hugging_face_username>/<finetuned_model> "
+        "with the worker's HF_TOKEN; a failed push leaves the artifacts in place.",
     )
 
 

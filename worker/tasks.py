@@ -10,6 +10,7 @@ from typing import Any
 from core.base_models import hub_call, resolve
 from core.data.preview import PREVIEW_TASK, preview
 from core.errors import MedtuneError
+from core.export_job import EXPORT_TASK, run_export
 from core.inference import InferenceEngine
 from core.inference_service import build_request, serve
 from core.inference_stream import channel_for
@@ -29,6 +30,30 @@ def run_job_task(self: Any, job_id: str) -> str:
     # Every line logged while the job runs (ours, transformers', celery's) carries its id.
     with job_context(job_id):
         return run_job(job_id, get_settings(), worker=self.request.hostname or socket.gethostname())
+
+
+@app.task(name=EXPORT_TASK)
+def export_task(
+    job_id: str,
+    *,
+    formats: list[str],
+    gguf_quantizations: list[str],
+    push_to_hub: bool = False,
+) -> dict[str, Any]:
+    """Export a succeeded job after the fact; outcomes go to its artifacts.json and notes."""
+    with job_context(job_id):
+        try:
+            settings = get_settings()
+            return run_export(
+                job_id,
+                settings.db_url,
+                settings.models_dir,
+                formats=formats,
+                gguf_quantizations=gguf_quantizations,
+                push_to_hub=push_to_hub,
+            )
+        except MedtuneError as exc:
+            return {"error": exc.as_dict()}
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,123 @@
+"""POST /jobs/{id}/exports: queued on the job's worker queue for a succeeded job, clear errors else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core import jobs
+from core.db import session_scope
+from core.export_job import EXPORT_TASK
+from core.models import JobStatus
+from core.queue import TRAIN_QUEUE
+from tests.api.test_api import Api, assert_problem
+
+
+def _succeeded(api: Api, tmp_path: Path, *, adapter: bool = True, **spec: object) -> str:
+    job_id = api.create()["id"] if not spec else _create(api, **spec)
+    folder = tmp_path / job_id / "adapter"
+    folder.mkdir(parents=True)
+    if adapter:
+        (folder / "adapter_config.json").write_text("{}")
+    with session_scope(api.db_url) as s:
+        assert jobs.claim(s, job_id, worker="w")
+        jobs.finish(
+            s,
+            job_id,
+            JobStatus.succeeded,
+            adapter_dir=str(folder),
+            artifacts_dir=str(folder.parent),
+        )
+    api.queue.calls.clear()
+    return job_id
+
+
+def _create(api: Api, **top: object) -> str:
+    from tests.helpers import recipe_spec
+
+    response = api.client.post("/jobs", json={**recipe_spec("sample:medical_qa"), **top})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def test_export_is_queued_for_a_worker_and_echoed(api: Api, tmp_path: Path) -> None:
+    job_id = _succeeded(api, tmp_path)
+    body = {"formats": ["gguf", "merged_4bit", "gguf"], "gguf_quantizations": ["q8_0", "f16"]}
+    response = api.client.post(f"/jobs/{job_id}/exports", json=body)
+    assert response.status_code == 202, response.text
+    assert response.json() == {
+        "object": "export",
+        "job_id": job_id,
+        "status": "queued",
+        "formats": ["gguf", "merged_4bit"],
+        "gguf_quantizations": ["q8_0", "f16"],
+        "push_to_hub": False,
+        "artifacts": ["merged_4bit", "gguf_q8_0", "gguf_f16"],
+    }
+    [sent] = api.queue.calls
+    assert sent.name == EXPORT_TASK
+    assert sent.args == [job_id]
+    assert sent.kwargs == {
+        "formats": ["gguf", "merged_4bit"],
+        "gguf_quantizations": ["q8_0", "f16"],
+        "push_to_hub": False,
+    }
+    assert sent.options == {"queue": TRAIN_QUEUE}
+
+
+def test_export_of_a_job_not_succeeded_is_409(api: Api) -> None:
+    job_id = api.create()["id"]
+    response = api.client.post(f"/jobs/{job_id}/exports", json={"formats": ["lora"]})
+    assert_problem(response, 409, "job_not_ready", "job_id")
+    assert api.queue.calls[-1].name != EXPORT_TASK
+
+
+def test_export_of_a_job_without_adapter_is_409(api: Api, tmp_path: Path) -> None:
+    job_id = _succeeded(api, tmp_path, adapter=False)
+    response = api.client.post(f"/jobs/{job_id}/exports", json={"formats": ["gguf"]})
+    body = assert_problem(response, 409, "adapter_missing", "job_id")
+    assert "adapter_config.json" in body["detail"]
+    assert api.queue.calls == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"formats": ["onnx"]}, "formats"),
+        ({"formats": []}, "formats"),
+        ({"formats": ["gguf"], "gguf_quantizations": ["q2_k"]}, "gguf_quantizations"),
+        ({"formats": ["lora"], "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_export_requests_are_422_naming_the_field(
+    api: Api, tmp_path: Path, body: dict[str, object], field: str
+) -> None:
+    job_id = _succeeded(api, tmp_path)
+    response = api.client.post(f"/jobs/{job_id}/exports", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"].split(".")[0] == field
+    assert api.queue.calls == []
+
+
+def test_push_without_a_hub_username_is_refused_before_queueing(api: Api, tmp_path: Path) -> None:
+    job_id = _succeeded(api, tmp_path, hugging_face_username=None)
+    response = api.client.post(
+        f"/jobs/{job_id}/exports", json={"formats": ["lora"], "push_to_hub": True}
+    )
+    assert_problem(response, 422, "hub_username_missing", "hugging_face_username")
+    assert api.queue.calls == []
+
+
+def test_push_with_a_username_is_queued(api: Api, tmp_path: Path) -> None:
+    job_id = _succeeded(api, tmp_path, hugging_face_username="medtune-test")
+    response = api.client.post(
+        f"/jobs/{job_id}/exports", json={"formats": ["lora"], "push_to_hub": True}
+    )
+    assert response.status_code == 202, response.text
+    assert api.queue.calls[0].kwargs["push_to_hub"] is True
+
+
+def test_export_of_an_unknown_job_is_404(api: Api) -> None:
+    response = api.client.post("/jobs/job_nope/exports", json={"formats": ["lora"]})
+    assert_problem(response, 404, "job_not_found", "job_id")
