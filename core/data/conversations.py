@@ -92,9 +92,10 @@ def to_examples(rows: list[Row], *, system_prompt: str, input_field: str) -> Con
 
 def _convert(row: Row, layout: str, *, system_prompt: str, input_field: str) -> Example | str:
     if layout == "messages":
+        turns = row.get("messages")
         messages = [
             {"role": _text(m.get("role")), "content": _text(m.get("content"))}
-            for m in row.get("messages") or []
+            for m in (turns if isinstance(turns, list) else [])
             if isinstance(m, dict)
         ]
         if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"]:

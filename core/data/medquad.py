@@ -91,7 +91,8 @@ def _documents(path: Path) -> Iterator[tuple[str, bytes]]:
     elif path.suffix.lower() == ".zip":
         try:
             archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as exc:
+        except (zipfile.BadZipFile, OSError, UnicodeDecodeError, ValueError) as exc:
+            # Damaged archives also fail on a member name flagged UTF-8 that is not.
             raise DatasetError(
                 f"{path.name} is not a readable zip file: {exc}", field=FIELD, code="dataset_format"
             ) from exc
@@ -118,7 +119,14 @@ def _member(path: Path, archive: zipfile.ZipFile, name: str) -> bytes:
         )
     try:
         return archive.read(name)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
         # A truncated or corrupt member, an unsupported compression method, a password.
         raise DatasetError(
             f"{path.name}: {name} cannot be unpacked ({type(exc).__name__}: {str(exc)[:120]})",
