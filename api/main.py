@@ -10,6 +10,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api import problems
 from api.deps import install_security
+from api.request_guards import RefuseNulBytes
 from api.routes import (
     datasets,
     exports,
@@ -39,6 +40,7 @@ def create_app() -> FastAPI:
     problems.install(app)
     install_security(app)
     app.add_middleware(metrics.PrometheusMiddleware)
+    app.add_middleware(RefuseNulBytes)  # outermost: Postgres text cannot hold NUL
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(exports.router)

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.errors import MedtuneError
 
 PROBLEM = "application/problem+json"
+_UNPARSABLE_BODY = "There was an error parsing the body"  # fastapi.routing
 DOCS = "https://medtune.dev/errors/"
 
 # Pydantic error types mapped to stable codes a client can switch on.
@@ -110,6 +111,18 @@ async def medtune_handler(request: Request, exc: MedtuneError) -> JSONResponse:
 
 
 async def http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+        # FastAPI's answer to a body its parser cannot read (bytes that are not UTF-8 JSON, a
+        # broken form): name the field and the fix, as the validation errors do.
+        return problem(
+            request,
+            status=400,
+            code="invalid_body",
+            title="Invalid request",
+            detail="the request body could not be parsed; send UTF-8 JSON with Content-Type: "
+            "application/json (or multipart/form-data where the route takes a file)",
+            field="body",
+        )
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return problem(
         request, status=exc.status_code, code=code, title=str(exc.detail), detail=str(exc.detail)

@@ -66,7 +66,8 @@ def create_job(
 
 def get_job(session: Session, job_id: str, *, owner: str | None = None) -> Job:
     """The job; with ``owner``, only if that API key owns it (else the same 404 as no job)."""
-    job = session.get(Job, job_id)
+    # An id with NUL (from a JSON body) cannot exist, and Postgres would refuse the query.
+    job = None if "\x00" in job_id else session.get(Job, job_id)
     if job is None or (owner is not None and job.owner_key_id != owner):
         raise JobNotFound(f"no job with id {job_id!r}", field="job_id")
     return job
