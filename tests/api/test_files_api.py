@@ -500,3 +500,16 @@ def test_a_job_trains_on_an_uploaded_jsonl(pg_redis_stack: Stack) -> None:
         assert job["steps_done"] == 2 and job["dataset_stats"]["examples"] == 4
         # A finished job needs its file no more.
         assert client.delete(f"/files/{file_id}").status_code == 200
+
+
+def test_a_mix_source_may_name_an_uploaded_file(api: Api) -> None:
+    file_id = upload(api.client, "train.jsonl", JSONL).json()["id"]
+    spec = recipe_spec("sample:medical_qa")
+    spec["training_dataset"] = {
+        "sources": [{"name": "sample:medical_qa"}, {"name": file_id, "weight": 2}]
+    }
+    created = api.client.post("/jobs", json=spec)
+    assert created.status_code == 201, created.text
+    spec["training_dataset"]["sources"][1]["name"] = "file-0123456789abcdef01234567"
+    missing = api.client.post("/jobs", json=spec)
+    assert_problem(missing, 404, "file_not_found", "training_dataset.sources.1.name")
