@@ -73,6 +73,7 @@ def push(job_dir: Path, files: list[str], *, repo: str) -> dict[str, Any]:
             field="export_config.push_to_hub",
             code="hub_unreachable",
         )
+    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -94,19 +95,10 @@ def push(job_dir: Path, files: list[str], *, repo: str) -> dict[str, Any]:
             field="export_config.push_to_hub",
             code=code,
         ) from exc
-    except (OSError, ConnectionError) as exc:
+    except (OSError, httpx.TransportError) as exc:  # no route, DNS, refused, timed out
         raise ExportError(
             f"the Hugging Face Hub cannot be reached: {type(exc).__name__}",
             field="export_config.push_to_hub",
             code="hub_unreachable",
         ) from exc
-    except Exception as exc:
-        # httpx transport errors (no route, DNS, timeout) are not OSErrors.
-        if type(exc).__module__.startswith("httpx"):
-            raise ExportError(
-                f"the Hugging Face Hub cannot be reached: {type(exc).__name__}",
-                field="export_config.push_to_hub",
-                code="hub_unreachable",
-            ) from exc
-        raise
     return {"repo_id": repo, "url": f"{api.endpoint}/{repo}", "commit": commit.oid, "files": files}

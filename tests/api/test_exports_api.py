@@ -1,4 +1,4 @@
-"""POST /jobs/{id}/exports: queued on the job's worker queue for a succeeded job, clear errors else."""
+"""POST /jobs/{id}/exports: queued for a succeeded job on its worker queue; clear errors else."""
 
 from __future__ import annotations
 
@@ -121,3 +121,53 @@ def test_push_with_a_username_is_queued(api: Api, tmp_path: Path) -> None:
 def test_export_of_an_unknown_job_is_404(api: Api) -> None:
     response = api.client.post("/jobs/job_nope/exports", json={"formats": ["lora"]})
     assert_problem(response, 404, "job_not_found", "job_id")
+
+
+def _real_adapter(folder: Path, model_dir: Path) -> None:
+    from core.pipeline import _save_adapter
+    from tests.core.export_helpers import fresh_lora
+
+    _save_adapter(fresh_lora(model_dir), folder)
+
+
+@pytest.mark.slow
+def test_a_queued_export_runs_on_the_worker_and_is_listed(
+    api: Api, tmp_path: Path, model_dir: Path, model_cache: Path
+) -> None:
+    pytest.importorskip("llama_cpp")
+    from core.export_job import run_export
+
+    job_id = _succeeded(api, tmp_path)
+    _real_adapter(tmp_path / job_id / "adapter", model_dir)
+    body = {"formats": ["lora", "gguf"], "gguf_quantizations": ["q4_k_m"]}
+    assert api.client.post(f"/jobs/{job_id}/exports", json=body).status_code == 202
+    [sent] = api.queue.calls
+    run_export(job_id, api.db_url, model_cache, **sent.kwargs)  # what the worker's task runs
+
+    listed = api.client.get(f"/jobs/{job_id}/artifacts").json()["formats"]
+    assert set(listed) == {"lora", "gguf_q4_k_m"}
+    assert all(entry["status"] == "ok" for entry in listed.values()), listed
+    [gguf] = listed["gguf_q4_k_m"]["files"]
+    got = api.client.get(f"/jobs/{job_id}/artifacts/gguf_q4_k_m/{gguf['file']}")
+    assert got.status_code == 200 and len(got.content) == gguf["bytes"]
+    assert got.headers["x-checksum-sha256"] == gguf["sha256"]
+    notes = api.client.get(f"/jobs/{job_id}").json()["notes"]
+    assert any(n.startswith("export gguf_q4_k_m: ok") for n in notes), notes
+
+
+@pytest.mark.slow
+def test_a_bad_adapter_folder_fails_each_format_with_a_code(
+    api: Api, tmp_path: Path, model_dir: Path, model_cache: Path
+) -> None:
+    from core.export_job import run_export
+
+    job_id = _succeeded(api, tmp_path)
+    adapter = tmp_path / job_id / "adapter"
+    _real_adapter(adapter, model_dir)
+    (adapter / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    response = api.client.post(f"/jobs/{job_id}/exports", json={"formats": ["merged_16bit"]})
+    assert response.status_code == 202
+    run_export(job_id, api.db_url, model_cache, **api.queue.calls[0].kwargs)
+    entry = api.client.get(f"/jobs/{job_id}/artifacts").json()["formats"]["merged_16bit"]
+    assert entry["status"] == "failed"
+    assert entry["error"]["code"] == "adapter_invalid", entry

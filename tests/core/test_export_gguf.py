@@ -1,0 +1,182 @@
+"""GGUF export of SmolLM2: f16 written with the gguf package, q8_0/q4_k_m by llama.cpp, all
+answering through llama.cpp and stopping at the end-of-turn token; other models' tokenizers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core import gguf_export
+from core.errors import ExportError
+from core.export import GGUF_DIR, SMOKE_QUESTIONS
+from tests.core import export_helpers
+
+pytest.importorskip("llama_cpp", reason="the gguf extra: pip install -e '.[gguf]'")
+
+pytestmark = pytest.mark.slow
+QUANTS = ["f16", "q8_0", "q4_k_m"]
+# Room for the untuned SmolLM2 to finish its answers: the point is that it stops by itself.
+TOKENS = 400
+
+
+def export(job_dir: Path, model_dir: Path, formats: list[str], quants: list[str]) -> Any:
+    return export_helpers.export(job_dir, model_dir, formats, quants, gguf_tokens=TOKENS)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> tuple[Path, Any]:
+    job_dir = tmp_path_factory.mktemp("job")
+    return job_dir, export(job_dir, model_dir, ["gguf"], QUANTS)
+
+
+def test_every_quantization_answers_through_llama_cpp_and_stops(
+    exported: tuple[Path, Any],
+) -> None:
+    job_dir, manifest = exported
+    assert set(manifest) == {f"gguf_{q}" for q in QUANTS}
+    sizes = {}
+    for quant in QUANTS:
+        entry = manifest[f"gguf_{quant}"]
+        assert entry["status"] == "ok", entry
+        assert entry["folder"] == GGUF_DIR
+        [described] = entry["files"]
+        assert described["file"] == gguf_export.file_name(quant)
+        data = (job_dir / GGUF_DIR / described["file"]).read_bytes()
+        assert described["bytes"] == len(data)
+        assert described["sha256"] == hashlib.sha256(data).hexdigest()
+        sizes[quant] = len(data)
+        assert [a["question"] for a in entry["smoke_test"]] == SMOKE_QUESTIONS
+        for answer in entry["smoke_test"]:
+            assert answer["answer"], answer
+            # Stopped on the end-of-turn token, not cut off at the token limit.
+            assert answer["finish_reason"] == "stop" and answer["stopped"], answer
+            assert 0 < answer["tokens"] < TOKENS
+    assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
+    # Only the artifacts are left: no staging merge, no temporary files.
+    assert sorted(p.name for p in (job_dir / GGUF_DIR).iterdir()) == sorted(
+        gguf_export.file_name(q) for q in QUANTS
+    )
+    assert not (job_dir / ".merged-staging").exists()
+
+
+def test_f16_metadata_names_the_end_of_turn_token_and_template(
+    exported: tuple[Path, Any], tokenizer: Any
+) -> None:
+    from gguf import GGUFReader
+
+    job_dir, _ = exported
+    fields = GGUFReader(job_dir / GGUF_DIR / gguf_export.file_name("f16")).fields
+
+    def value(key: str) -> Any:
+        field = fields[key]
+        part = field.parts[field.data[0]]
+        return bytes(part).decode() if field.types[0].name == "STRING" else part[0].item()
+
+    assert value("general.architecture") == "llama"
+    assert value("tokenizer.ggml.model") == "gpt2"
+    assert value("tokenizer.ggml.pre") == "smollm"
+    assert value("tokenizer.ggml.eos_token_id") == 2 == tokenizer.eos_token_id
+    assert tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
+    assert value("tokenizer.ggml.padding_token_id") == tokenizer.pad_token_id != 2
+    assert value("tokenizer.chat_template") == tokenizer.chat_template
+    assert value("llama.attention.head_count_kv") == 3
+
+
+def test_f16_logits_match_transformers(
+    exported: tuple[Path, Any], model_dir: Path, tokenizer: Any
+) -> None:
+    """The q/k permutation and every tensor's place: llama.cpp's next-token logits agree."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    job_dir, _ = exported
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What causes anemia?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    llm = Llama(
+        str(job_dir / GGUF_DIR / gguf_export.file_name("f16")),
+        n_ctx=256,
+        logits_all=True,
+        verbose=False,
+    )
+    try:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        llm.eval(ids)
+        ours = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        theirs = model(torch.tensor([ids])).logits[0].numpy()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
+    assert np.abs(ours - theirs).max() < 0.5  # f16 weights; logits span about +-30
+
+
+def test_a_failing_quantization_fails_alone(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = gguf_export.quantize
+
+    def broken(source: Path, target: Path, quant: str) -> None:
+        if quant == "q8_0":
+            raise ExportError("no", code="gguf_quantize_failed")
+        real(source, target, quant)
+
+    monkeypatch.setattr(gguf_export, "quantize", broken)
+    manifest = export(tmp_path, model_dir, ["lora", "gguf"], ["q8_0", "q4_k_m"])
+    assert manifest["lora"]["status"] == "ok"
+    assert manifest["gguf_q8_0"] == {
+        "status": "failed",
+        "error": {"code": "gguf_quantize_failed", "message": "no"},
+    }
+    assert manifest["gguf_q4_k_m"]["status"] == "ok"
+    # The f16 file the quantizations start from was not asked for, so it is gone.
+    assert [p.name for p in (tmp_path / GGUF_DIR).iterdir()] == ["model-q4_k_m.gguf"]
+    assert json.loads((tmp_path / "artifacts.json").read_text()) == manifest
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral_v2"])
+def test_other_llama_tokenizers_tokenize_the_same_in_llama_cpp(
+    tmp_path: Path, real: dict[str, Any], name: str
+) -> None:
+    """Llama 3 (byte-level BPE, llama-bpe) and Mistral 7B (SentencePiece) vocabularies."""
+    import torch
+    from llama_cpp import Llama
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = real[name]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    target = tmp_path / "model.gguf"
+    gguf_export.write_f16(tmp_path / "model", target, name=name)
+    llm = Llama(str(target), vocab_only=True, verbose=False)
+    try:
+        assert llm.token_eos() == tokenizer.eos_token_id
+        assert llm.token_bos() == tokenizer.bos_token_id
+        for text in ["What is high blood pressure?", "Ibuprofen 400 mg, twice daily."]:
+            assert llm.tokenize(text.encode(), add_bos=False) == tokenizer.encode(
+                text, add_special_tokens=False
+            ), text
+    finally:
+        llm.close()
