@@ -17,8 +17,11 @@ LLAMA3 = (
     "{% endif %}"
 )
 
-# Mistral-7B-Instruct-v0.2: [INST] ... [/INST] answer</s>. It has no system role, so a system
-# message is folded into the first user turn.
+# Mistral-7B-Instruct-v0.2 (mistral-common's tokenizer V1): <s> [INST] user [/INST] answer</s>.
+# The spaces before [INST] and before the answer are what SentencePiece prepends to each piece
+# mistral-common encodes on its own ("▁[", "▁A"); without them a tokenizer that adds no prefix
+# space after special tokens gives other ids than the model was tuned on. It has no system role,
+# so a system message is folded into the first user turn, as mistral-common does.
 MISTRAL_V2 = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
     "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}"
@@ -26,9 +29,9 @@ MISTRAL_V2 = (
     "{% for message in loop_messages %}"
     "{% if message['role'] == 'user' %}"
     "{% if loop.first and system %}"
-    "{{ '[INST] ' + system + '\n\n' + message['content'] + ' [/INST]' }}"
-    "{% else %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{{ ' [INST] ' + system + '\n\n' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
 )
 
@@ -53,21 +56,20 @@ GEMMA = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
-# Llama-2-chat: every exchange is <s>[INST] user [/INST] answer </s>; the system text sits in a
-# <<SYS>> block inside the first [INST]. Each user turn opens with its own BOS, as in Meta's
-# reference chat_completion.
+# Llama-2-chat (meta-llama/Llama-2-7b-chat-hf's own template, without its role checks): every
+# exchange is <s>[INST] user [/INST] answer </s>; the system text sits in a <<SYS>> block inside
+# the first [INST]. Each user turn opens with its own BOS, as in Meta's reference chat_completion.
 LLAMA2 = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
     "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}"
     "{% set loop_messages = messages %}{% endif %}"
     "{% for message in loop_messages %}"
-    "{% set content = message['content'] | trim %}"
-    "{% if message['role'] == 'user' %}"
     "{% if loop.first and system %}"
-    "{% set content = '<<SYS>>\n' + system | trim + '\n<</SYS>>\n\n' + content %}{% endif %}"
-    "{{ bos_token + '[INST] ' + content + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + content + ' ' + eos_token }}{% endif %}"
-    "{% endfor %}"
+    "{% set content = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content | trim + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
 )
 
 TEMPLATES = {

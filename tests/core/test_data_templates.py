@@ -29,9 +29,9 @@ GOLDEN = {
         "<|start_header_id|>user<|end_header_id|>\n\nWhen is it serious?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nAbove 40 C.<|eot_id|>"
     ),
-    "mistral_v2": (
-        "<s>[INST] Be brief.\n\nWhat is a fever? [/INST]A high temperature.</s>"
-        "[INST] When is it serious? [/INST]Above 40 C.</s>"
+    "mistral_v2": (  # mistral-common's V1 string (test_data_templates_reference.py: the ids)
+        "<s> [INST] Be brief.\n\nWhat is a fever? [/INST] A high temperature.</s>"
+        " [INST] When is it serious? [/INST] Above 40 C.</s>"
     ),
     "gemma": (
         "<bos><start_of_turn>user\nBe brief.\n\nWhat is a fever?<end_of_turn>\n"
