@@ -50,6 +50,7 @@ class InferAsk(InferRequest):
 class InferAnswer(InferResponse):
     backend: str = Field(description="transformers, llama_cpp or cuda_static")
     time_to_first_token_s: float | None
+    batch_size: int = Field(description="Requests answered by the same generate call.")
 
 
 def messages_for(body: InferRequest, job: Job) -> list[dict[str, str]]:
@@ -136,6 +137,7 @@ def infer(
         latency_ms=round((time.perf_counter() - started) * 1000, 1),
         backend=result.get("backend", "transformers"),
         time_to_first_token_s=result.get("time_to_first_token_s"),
+        batch_size=result.get("batch_size", 1),
     )
 
 
@@ -168,6 +170,7 @@ def _relay_events(
                     "backend": result.get("backend"),
                     "time_to_first_token_s": result.get("time_to_first_token_s"),
                     "tokens_per_second": result.get("tokens_per_second"),
+                    "batch_size": result.get("batch_size", 1),
                 },
             )
         else:
