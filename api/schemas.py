@@ -39,6 +39,9 @@ class JobPublic(_Out):
     finetuned_model: str
     engine: str | None
     queue: str | None = Field(description="The worker queue the job was routed to.")
+    worker: str | None = Field(
+        default=None, description="The worker process that claimed the job (its Celery node name)."
+    )
     estimated_gpu_memory_gib: float | None = Field(
         description="Peak GPU memory estimated from the spec (null: model shape unknown)."
     )
@@ -65,6 +68,7 @@ class JobPublic(_Out):
             finetuned_model=job.finetuned_model,
             engine=job.engine,
             queue=job.queue,
+            worker=job.worker,
             estimated_gpu_memory_gib=job.estimated_gpu_memory_gib,
             created_at=job.created_at,
             started_at=job.started_at,
@@ -98,10 +102,27 @@ class MetricPublic(_Out):
     learning_rate: float | None
     grad_norm: float | None
     epoch: float | None
-    tokens_per_second: float | None
+    tokens_per_second: float | None = Field(
+        description="Real (non-padding) tokens trained per second."
+    )
     samples_per_second: float | None
-    memory_mb: float | None
-    peak_memory_mb: float | None
+    memory_mb: float | None = Field(
+        description="Allocated GPU memory (MiB) on a CUDA worker; resident set on a CPU one."
+    )
+    reserved_memory_mb: float | None = Field(
+        default=None,
+        description="GPU memory held by the CUDA caching allocator (MiB); null on a CPU worker.",
+    )
+    peak_memory_mb: float | None = Field(
+        description="Peak allocated GPU memory (MiB); the resident set's high-water mark on a CPU."
+    )
+    eta_seconds: float | None = Field(
+        default=None, description="Steps remaining x the recent training step time."
+    )
+    eval_loss: float | None = Field(
+        default=None,
+        description="Loss on the held-out split at this step (jobs with a validation_share).",
+    )
     created_at: datetime
 
     @classmethod

@@ -24,7 +24,10 @@ METRIC_FIELDS = (
     "tokens_per_second",
     "samples_per_second",
     "memory_mb",
+    "reserved_memory_mb",
     "peak_memory_mb",
+    "eta_seconds",
+    "eval_loss",
 )
 DEFAULT_LEASE_S = 300.0  # a worker renews its lease every third of this
 TERMINAL = [s.value for s in JobStatus if s.terminal]
@@ -269,19 +272,34 @@ def cancel_requested(session: Session, job_id: str) -> bool:
 
 
 def add_metrics(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) -> None:
-    """Append step rows; a step already stored (a replay after a crash) is skipped, not doubled."""
+    """Append step rows; a step already stored is never doubled.
+
+    A row for a stored step (an eval loss measured after its step's row was written, or a
+    replay after a crash) only fills the stored row's empty fields: a stored value is kept.
+    """
     if not rows:
         return
     steps = [int(r["step"]) for r in rows]
-    known = set(
-        session.exec(
-            select(MetricRow.step).where(MetricRow.job_id == job_id, col(MetricRow.step).in_(steps))
+    known = {
+        m.step: m
+        for m in session.exec(
+            select(MetricRow).where(MetricRow.job_id == job_id, col(MetricRow.step).in_(steps))
         ).all()
-    )
+    }
     fresh = [r for r in rows if int(r["step"]) not in known]
     for row in fresh:
         values = {k: row.get(k) for k in METRIC_FIELDS}
-        session.add(MetricRow(job_id=job_id, step=int(row["step"]), **values))
+        # A batched row keeps the time its step was logged (step times are read off it).
+        stamp = row.get("created_at") or utcnow()
+        session.add(MetricRow(job_id=job_id, step=int(row["step"]), created_at=stamp, **values))
+    for row in rows:
+        stored = known.get(int(row["step"]))
+        if stored is None:
+            continue
+        for key in METRIC_FIELDS:
+            if getattr(stored, key) is None and row.get(key) is not None:
+                setattr(stored, key, row[key])
+        session.add(stored)
     try:
         session.execute(
             update(Job)

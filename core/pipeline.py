@@ -19,31 +19,13 @@ from core.data.tokenize import ensure_chat_template
 from core.db import session_scope
 from core.errors import MedtuneError, OutOfMemory
 from core.evaluation import EVALUATION_FILE
+from core.job_metrics import job_sink
 from core.lease import LeaseKeeper
 from core.models import JobStage, JobStatus
 from core.settings import Settings
 from core.spec import JobSpec
 
 log = logging.getLogger(__name__)
-
-
-class DatabaseSink:
-    """Writes each logging step to the job store and reads cancel requests from it."""
-
-    def __init__(self, url: str, job_id: str) -> None:
-        self.url, self.job_id = url, job_id
-
-    def begin(self, total_steps: int) -> None:
-        with session_scope(self.url) as s:
-            jobs.set_fields(s, self.job_id, steps_total=total_steps)
-
-    def log(self, step: int, values: dict[str, float | None]) -> None:
-        with session_scope(self.url) as s:
-            jobs.add_metrics(s, self.job_id, [{"step": step, **values}])
-
-    def should_stop(self) -> bool:
-        with session_scope(self.url) as s:
-            return jobs.cancel_requested(s, self.job_id)
 
 
 def _prepare_data(spec: JobSpec, model_path: str) -> Prepared:
@@ -128,7 +110,9 @@ def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -
     with session_scope(url) as s:
         jobs.set_fields(s, job_id, engine=loaded.engine)
     _note(url, job_id, *loaded.notes)
-    outcome = _train_with_recovery(job_id, spec, loaded, prepared.train, job_dir, url)
+    outcome = _train_with_recovery(
+        job_id, spec, loaded, prepared.train, job_dir, url, eval_items=prepared.validation
+    )
     _note(url, job_id, *outcome.notes)
     if spec.evaluation.enabled and not outcome.cancelled:
         _evaluate(job_id, spec, loaded, prepared, job_dir, url)
@@ -198,7 +182,14 @@ def _evaluate(
 
 
 def _train_with_recovery(
-    job_id: str, spec: JobSpec, loaded: Any, items: list[Any], job_dir: Path, url: str
+    job_id: str,
+    spec: JobSpec,
+    loaded: Any,
+    items: list[Any],
+    job_dir: Path,
+    url: str,
+    *,
+    eval_items: list[Any],
 ) -> Any:
     """Train, resuming from the last checkpoint after a lost worker or a CUDA out-of-memory.
 
@@ -216,14 +207,16 @@ def _train_with_recovery(
             jobs.delete_metrics_after(s, job_id, resume.step)
         _note(url, job_id, f"resumed from checkpoint-{resume.step}")
     while True:
+        sink = job_sink(url, job_id, job_dir=job_dir, resume_step=resume.step if resume else 0)
         try:
             return trainer.train(
                 spec,
                 loaded,
                 items,
                 output_dir=output_dir,
-                sink=DatabaseSink(url, job_id),
+                sink=sink,
                 resume_from=resume.path if resume else None,
+                eval_items=eval_items,
             )
         except torch.cuda.OutOfMemoryError as exc:
             cfg = spec.training
@@ -257,3 +250,5 @@ def _train_with_recovery(
                 f"CUDA out of memory; retrying from step {step} with micro-batch "
                 f"{batch} x {accumulation} accumulation",
             )
+        finally:
+            sink.close()

@@ -422,6 +422,19 @@ class TrainingSection(_Section):
         default="auto",
         description="auto: Unsloth on CUDA, transformers + peft elsewhere.",
     )
+    eval_strategy: Literal["steps", "end", "no"] = Field(
+        default="steps",
+        description="When a job with a validation split (training_dataset.validation_share > 0) "
+        "measures its eval loss on the held-out tokens: every eval_steps and at the end, only "
+        "at the end, or never.",
+    )
+    eval_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Eval loss every N optimizer steps; null: ten times per run (every "
+        "max(1, total_steps // 10) steps).",
+    )
 
     @field_validator("output_dir")
     @classmethod

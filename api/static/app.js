@@ -252,10 +252,12 @@ function jobRow(job) {
 // --- charts -------------------------------------------------------------------------------------
 
 // A line chart of [step, value] points into an <svg>; data-points says how many it draws.
-function drawChart(el, points) {
+// `extra` series ({name, points}) share its axes; data-<name>-points counts each.
+function drawChart(el, points, extra = []) {
   const W = 600, H = 190, L = 84, R = 10, T = 12, B = 30;
   el.setAttribute("viewBox", `0 0 ${W} ${H}`);
   el.dataset.points = String(points.length);
+  for (const s of extra) el.dataset[`${s.name}Points`] = String(s.points.length);
   el.replaceChildren(
     svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }),
     svg("line", { class: "axis", x1: L, y1: T, x2: L, y2: H - B }));
@@ -265,15 +267,23 @@ function drawChart(el, points) {
     el.append(t);
     return;
   }
-  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+  const all = points.concat(...extra.map((s) => s.points));
+  const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
   let x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
   if (x0 === x1) { x0 -= 1; x1 += 1; }
   if (y0 === y1) { const pad = Math.abs(y0) * 0.1 || 1; y0 -= pad; y1 += pad; }
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
-  el.append(svg("polyline", {
-    points: points.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" "),
-  }));
+  const line = (pts, cls) => svg("polyline", {
+    class: cls, points: pts.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" "),
+  });
+  el.append(line(points, "series-main"));
+  for (const s of extra) {
+    if (!s.points.length) continue;
+    el.append(line(s.points, `series-${s.name}`));
+    // A lone point draws no line: mark every measurement.
+    for (const [x, y] of s.points) el.append(svg("circle", { class: `series-${s.name}`, cx: sx(x).toFixed(1), cy: sy(y).toFixed(1), r: 3.5 }));
+  }
   const label = (x, y, text, anchor) => {
     const t = svg("text", { x, y, "text-anchor": anchor });
     t.textContent = text;
@@ -283,6 +293,10 @@ function drawChart(el, points) {
   label(L - 4, H - B, num(y0), "end");
   label(L, H - 4, `step ${Math.min(...xs)}`, "start");
   label(W - R, H - 4, `step ${Math.max(...xs)}`, "end");
+  const named = extra.filter((s) => s.points.length);
+  if (named.length) {
+    label(W - R, T + 12, ["training", ...named.map((s) => s.label)].join(" · "), "end");
+  }
 }
 
 // --- job page -----------------------------------------------------------------------------------
@@ -292,7 +306,7 @@ function jobPage(jobId) {
   const progress = h("div", { class: "progress" }, h("div", {}));
   const errorBox = h("div", { id: "job-error", class: "inline-problem", hidden: true });
   const notes = h("ul", { class: "notes", id: "job-notes" });
-  const lossChart = svg("svg", { id: "loss-chart", class: "chart", "data-points": "0" });
+  const lossChart = svg("svg", { id: "loss-chart", class: "chart", "data-points": "0", "data-eval-points": "0" });
   const lrChart = svg("svg", { id: "lr-chart", class: "chart", "data-points": "0" });
   const lossNow = h("span", { class: "muted", id: "loss-now" });
   const lrNow = h("span", { class: "muted" });
@@ -324,10 +338,14 @@ function jobPage(jobId) {
     requestAnimationFrame(() => {
       drawPending = false;
       const rows = [...metrics.values()].sort((a, b) => a.step - b.step);
-      drawChart(lossChart, rows.filter((r) => r.loss !== null).map((r) => [r.step, r.loss]));
+      const evalPoints = rows.filter((r) => r.eval_loss != null).map((r) => [r.step, r.eval_loss]);
+      drawChart(lossChart, rows.filter((r) => r.loss !== null).map((r) => [r.step, r.loss]),
+        [{ name: "eval", label: "eval (held out)", points: evalPoints }]);
       drawChart(lrChart, rows.filter((r) => r.learning_rate !== null).map((r) => [r.step, r.learning_rate]));
       const last = rows[rows.length - 1];
-      lossNow.textContent = last ? `step ${last.step}: ${num(last.loss)}` : "";
+      const lastEval = evalPoints[evalPoints.length - 1];
+      lossNow.textContent = (last ? `step ${last.step}: ${num(last.loss)}` : "")
+        + (lastEval ? ` · eval ${num(lastEval[1])} (step ${lastEval[0]})` : "");
       lrNow.textContent = last ? num(last.learning_rate) : "";
       if (job) renderDetails();
     });
@@ -336,6 +354,9 @@ function jobPage(jobId) {
   function eta() {
     if (!job || job.status !== "running" || !job.steps_total) return "—";
     const rows = [...metrics.values()].sort((a, b) => a.step - b.step).slice(-20);
+    const latest = rows[rows.length - 1];
+    // The worker's own figure leaves evaluation and checkpoint time out of the step time.
+    if (latest && latest.eta_seconds != null) return duration(latest.eta_seconds);
     if (rows.length < 2) return "—";
     const first = rows[0], last = rows[rows.length - 1];
     const perStep = (Date.parse(last.created_at) - Date.parse(first.created_at)) / 1000 / (last.step - first.step);

@@ -1,19 +1,39 @@
-"""What a trainer reports to, so training code knows nothing of databases or queues."""
+"""What a trainer reports to, so training code knows nothing of databases or queues.
+
+A trainer calls ``log`` for every logging step and ``flush`` before it writes a checkpoint and
+when it stops (finished, cancelled or failed): a checkpoint is never ahead of the stored
+metrics, so a run resumed from it neither loses nor repeats a step.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+Values = dict[str, float | None]
 
 
 class MetricsSink(Protocol):
     def begin(self, total_steps: int) -> None:
         """Called once the trainer knows how many optimizer steps it will run."""
 
-    def log(self, step: int, values: dict[str, float | None]) -> None:
-        """One logging step's metrics."""
+    def log(self, step: int, values: Values) -> None:
+        """One logging step's metrics; a second call for the same step adds to that row."""
+
+    def flush(self) -> None:
+        """Write out whatever is buffered (before a checkpoint, and when training stops)."""
 
     def should_stop(self) -> bool:
         """Polled at step boundaries: True when the job was cancelled."""
+
+
+def merge(into: Values, values: Values) -> None:
+    """Fill a step's row with new values; a value already there wins over a None."""
+    for key, value in values.items():
+        if value is not None or key not in into:
+            into[key] = value
 
 
 class ListSink:
@@ -21,14 +41,96 @@ class ListSink:
 
     def __init__(self) -> None:
         self.total_steps = 0
-        self.rows: list[dict[str, float | None]] = []
+        self.rows: list[Values] = []
+        self.flushes = 0
         self.stop = False
 
     def begin(self, total_steps: int) -> None:
         self.total_steps = total_steps
 
-    def log(self, step: int, values: dict[str, float | None]) -> None:
-        self.rows.append({"step": step, **values})
+    def log(self, step: int, values: Values) -> None:
+        if self.rows and self.rows[-1]["step"] == step:
+            merge(self.rows[-1], values)
+        else:
+            self.rows.append({"step": step, **values})
+
+    def flush(self) -> None:
+        self.flushes += 1
 
     def should_stop(self) -> bool:
         return self.stop
+
+
+class BufferedSink:
+    """Batches rows for a writer whose every call costs a round trip (a database).
+
+    Rows are written every ``max_rows`` rows or ``max_seconds`` after the last write (checked
+    when a row arrives), and whenever the trainer flushes. Rows of the same step are merged
+    before they are written. Each row carries ``created_at``, the time its step was logged,
+    not the time of the batch write (step times are read off these stamps). Subclasses
+    implement ``write_rows`` (and usually ``begin`` and ``should_stop``).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_rows: int = 64,
+        max_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_rows, self.max_seconds, self.clock = max_rows, max_seconds, clock
+        self.buffer: dict[int, dict[str, Any]] = {}
+        self.last_write = clock()
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def begin(self, total_steps: int) -> None:
+        return None
+
+    def should_stop(self) -> bool:
+        return False
+
+    def log(self, step: int, values: Values) -> None:
+        row = self.buffer.get(step)
+        if row is None:
+            row = self.buffer[step] = {"step": step, "created_at": datetime.now(UTC)}
+        merge(row, values)
+        if len(self.buffer) >= self.max_rows or self.clock() - self.last_write >= self.max_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            rows = [self.buffer[step] for step in sorted(self.buffer)]
+            self.write_rows(rows)
+            self.buffer.clear()  # only once written: a failed write keeps the rows for a retry
+        self.last_write = self.clock()
+
+
+class TeeSink:
+    """Sends every call to several sinks; the job stops when any of them says so."""
+
+    def __init__(self, *sinks: MetricsSink) -> None:
+        self.sinks = sinks
+
+    def begin(self, total_steps: int) -> None:
+        for sink in self.sinks:
+            sink.begin(total_steps)
+
+    def log(self, step: int, values: Values) -> None:
+        for sink in self.sinks:
+            sink.log(step, values)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+    def should_stop(self) -> bool:
+        return any(sink.should_stop() for sink in self.sinks)
+
+    def close(self) -> None:
+        """Release what the sinks hold open (event files)."""
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()

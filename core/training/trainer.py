@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -14,6 +15,7 @@ from core.data.tokenize import IGNORE_INDEX, Encoded
 from core.spec import JobSpec
 from core.training import checkpoints
 from core.training.engines import Loaded
+from core.training.meter import StepMeter, memory_mb
 from core.training.packing import GroupedCollator, PackedCollator, group_by_length, pack
 from core.training.sink import MetricsSink
 
@@ -55,16 +57,14 @@ class PadCollator:
         }
 
 
-def memory_mb() -> tuple[float, float]:
-    """(current, peak) memory of this process: GPU memory on CUDA, resident set on the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
-    import psutil
-
-    rss = psutil.Process().memory_info().rss / 2**20
-    return rss, rss
+def _rows(spec: JobSpec, items: list[Encoded], *, capacity: int) -> list[dict[str, Any]]:
+    """The dataset rows the collator takes: packed rows, length groups or single examples."""
+    cfg = spec.training
+    if cfg.packing and cfg.packing_mode == "padding_free":
+        return pack(items, capacity=capacity, seed=cfg.seed)
+    if cfg.packing:
+        return group_by_length(items, capacity=capacity, seed=cfg.seed)  # type: ignore[return-value]
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in items]
 
 
 def _precision(spec: JobSpec, notes: list[str]) -> tuple[bool, bool]:
@@ -99,10 +99,14 @@ def train(
     output_dir: Path,
     sink: MetricsSink,
     resume_from: Path | None = None,
+    eval_items: list[Encoded] | None = None,
 ) -> TrainOutcome:
     """Train to the spec's end (or a cancel), checkpointing into ``output_dir/checkpoints``.
 
     ``resume_from`` restores optimizer, scheduler, RNG and data position from a checkpoint.
+    ``eval_items`` (the held-out split) are scored every ``eval_steps`` and at the end; the
+    eval loss goes into the metric row of the step it was measured at. The sink is flushed
+    before every checkpoint and when training stops, however it stops.
     """
     import torch
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -115,15 +119,19 @@ def train(
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     collator: Any
     capacity = cfg.per_device_train_batch_size * spec.model.max_seq_length
-    dataset: list[dict[str, Any]]
     if cfg.packing and cfg.packing_mode == "padding_free":
-        dataset, collator = pack(items, capacity=capacity, seed=cfg.seed), PackedCollator()
+        collator = PackedCollator()
     elif cfg.packing:
-        dataset = group_by_length(items, capacity=capacity, seed=cfg.seed)
         collator = GroupedCollator(pad_id)
     else:
-        dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in items]
         collator = PadCollator(pad_id)
+    dataset = _rows(spec, items, capacity=capacity)
+    # The held-out split is batched and collated exactly as the training data.
+    micro_batch = 1 if cfg.packing else cfg.per_device_train_batch_size
+    eval_rows = _rows(spec, eval_items or [], capacity=capacity)
+    eval_batches = [
+        collator(eval_rows[i : i + micro_batch]) for i in range(0, len(eval_rows), micro_batch)
+    ]
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=1 if cfg.packing else cfg.per_device_train_batch_size,
@@ -154,15 +162,25 @@ def train(
     class SinkCallback(TrainerCallback):
         cancelled = False
         last_loss: float | None = None
+        pending_eval: float | None = None  # measured at on_step_end, sent with that step's log
+        meter = StepMeter()
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             sink.begin(state.max_steps)
-            self.mark = (time.perf_counter(), trainer.tokens, trainer.samples)
+            self.meter.start(step=state.global_step, tokens=trainer.tokens, samples=trainer.samples)
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             _maybe_inject_oom(state.global_step + 1)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if eval_batches and _eval_due(spec, state.global_step, state.max_steps):
+                started = time.perf_counter()
+                eval_loss = trainer.held_out_loss(eval_batches)
+                self.meter.pause(time.perf_counter() - started)  # not a training step's time
+                if control.should_log:  # the row this step logs next carries it
+                    self.pending_eval = eval_loss
+                else:
+                    sink.log(state.global_step, {"eval_loss": eval_loss})
             if sink.should_stop():
                 self.cancelled = True
                 control.should_training_stop = True
@@ -171,24 +189,26 @@ def train(
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
             if not logs or "loss" not in logs:
                 return  # the end-of-training summary carries train_loss only
-            now, tokens, samples = time.perf_counter(), trainer.tokens, trainer.samples
-            elapsed = max(now - self.mark[0], 1e-9)
-            current, peak = memory_mb()
+            allocated, reserved, peak = memory_mb()
             self.last_loss = float(logs["loss"])
-            sink.log(
-                state.global_step,
-                {
-                    "loss": self.last_loss,
-                    "learning_rate": _num(logs.get("learning_rate")),
-                    "grad_norm": _num(logs.get("grad_norm")),
-                    "epoch": _num(logs.get("epoch")),
-                    "tokens_per_second": (tokens - self.mark[1]) / elapsed,
-                    "samples_per_second": (samples - self.mark[2]) / elapsed,
-                    "memory_mb": current,
-                    "peak_memory_mb": peak,
-                },
-            )
-            self.mark = (now, tokens, samples)
+            values: dict[str, float | None] = {
+                "loss": self.last_loss,
+                "learning_rate": _num(logs.get("learning_rate")),
+                "grad_norm": _num(logs.get("grad_norm")),
+                "epoch": _num(logs.get("epoch")),
+                **self.meter.row(
+                    step=state.global_step,
+                    total_steps=state.max_steps,
+                    tokens=trainer.tokens,
+                    samples=trainer.samples,
+                ),
+                "memory_mb": allocated,
+                "reserved_memory_mb": reserved,
+                "peak_memory_mb": peak,
+            }
+            if self.pending_eval is not None:
+                values["eval_loss"], self.pending_eval = self.pending_eval, None
+            sink.log(state.global_step, values)
 
     checkpoint_root = checkpoints.checkpoint_dir(output_dir)
     staging = checkpoint_root / checkpoints.STAGING
@@ -204,20 +224,48 @@ def train(
             return str(staging)
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            started = time.perf_counter()
+            # Metrics first: a checkpoint is never ahead of the stored rows, so a run resumed
+            # from it neither loses nor repeats a step.
+            sink.flush()
             shutil.rmtree(staging, ignore_errors=True)
             super()._save_checkpoint(model, trial)
             checkpoints.publish(staging / f"checkpoint-{self.state.global_step}", checkpoint_root)
             checkpoints.prune(checkpoint_root, keep=cfg.save_total_limit)
+            callback.meter.pause(time.perf_counter() - started)
 
         def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             # The collators report real (non-padding) tokens and examples under "_" keys.
             self.tokens += int(inputs["_real_tokens"])
             self.samples += int(inputs["_samples"])
+            return super().training_step(model, self.model_inputs(inputs), *args, **kwargs)
+
+        def model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
             drop = {"_real_tokens", "_samples"}
             if loaded.engine != "unsloth":
                 drop.add("packed_seq_lengths")  # transformers reads boundaries from position_ids
-            inputs = {k: v for k, v in inputs.items() if k not in drop}
-            return super().training_step(model, inputs, *args, **kwargs)
+            return {k: v for k, v in inputs.items() if k not in drop}
+
+        def held_out_loss(self, batches: list[dict[str, Any]]) -> float | None:
+            """Mean loss per trained token of the held-out batches, computed as in training."""
+            model, total, count = self.model, 0.0, 0
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    for batch in batches:
+                        # The loss is a mean over the batch's shifted labels: weight it by them.
+                        tokens = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+                        if not tokens:
+                            continue
+                        inputs = self._prepare_inputs(self.model_inputs(batch))
+                        with self.compute_loss_context_manager():
+                            loss = self.compute_loss(model, inputs)
+                        total += float(loss.detach()) * tokens
+                        count += tokens
+            finally:
+                model.train(was_training)
+            return _num(total / count) if count else None
 
     # Training needs no KV cache, and with one transformers would not mask packed rows per example.
     loaded.model.config.use_cache = False
@@ -230,7 +278,16 @@ def train(
         callbacks=[callback],
     )
     trainer.remove_callback(PrinterCallback)  # the sink reports; no raw dicts on stdout
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException:
+        # Keep the rows up to the failure; a failed write must not hide the training error.
+        with contextlib.suppress(Exception):
+            sink.flush()
+        raise
+    if callback.pending_eval is not None:  # measured at a step that logged no row
+        sink.log(trainer.state.global_step, {"eval_loss": callback.pending_eval})
+    sink.flush()
     return TrainOutcome(
         steps=trainer.state.global_step,
         total_steps=trainer.state.max_steps,
@@ -252,6 +309,19 @@ def _maybe_inject_oom(step: int) -> None:
 
         _injected.add(step)
         raise torch.cuda.OutOfMemoryError(f"injected by {FAULT_OOM_ENV} at step {step}")
+
+
+def _eval_due(spec: JobSpec, step: int, total_steps: int) -> bool:
+    """Whether the held-out loss is measured after this optimizer step."""
+    cfg = spec.training
+    if cfg.eval_strategy == "no":
+        return False
+    if step >= total_steps:
+        return True
+    if cfg.eval_strategy == "end":
+        return False
+    every = cfg.eval_steps or max(1, total_steps // 10)
+    return step % every == 0
 
 
 def _num(value: Any) -> float | None:

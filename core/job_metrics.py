@@ -1,0 +1,63 @@
+"""Where a job's training metrics go: the job store (in batches) and TensorBoard event files."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from core import jobs
+from core.db import session_scope
+from core.training.sink import BufferedSink, TeeSink
+from core.training.tensorboard import TENSORBOARD_DIR, TensorBoardSink
+
+
+class DatabaseSink(BufferedSink):
+    """Writes logging steps to the job store in batches and reads cancel requests from it.
+
+    A round trip per step would cost a fast GPU step several percent (BENCHMARKS.md), so rows
+    are batched and the cancel flag is read at most every ``cancel_poll_s`` seconds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        job_id: str,
+        *,
+        max_rows: int = 64,
+        max_seconds: float = 2.0,
+        cancel_poll_s: float = 1.0,
+    ) -> None:
+        super().__init__(max_rows=max_rows, max_seconds=max_seconds)
+        self.url, self.job_id, self.cancel_poll_s = url, job_id, cancel_poll_s
+        self._cancel_read_at = -math.inf
+        self._cancelled = False
+
+    def begin(self, total_steps: int) -> None:
+        with session_scope(self.url) as s:
+            jobs.set_fields(s, self.job_id, steps_total=total_steps)
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        with session_scope(self.url) as s:
+            jobs.add_metrics(s, self.job_id, rows)
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now - self._cancel_read_at >= self.cancel_poll_s:
+            self._cancel_read_at = now
+            with session_scope(self.url) as s:
+                self._cancelled = jobs.cancel_requested(s, self.job_id)
+        return self._cancelled
+
+
+def job_sink(url: str, job_id: str, *, job_dir: Path, resume_step: int) -> TeeSink:
+    """The sink a job's training run reports to; ``close()`` it when the run ends.
+
+    ``resume_step``: the checkpoint step the run starts from (0 for a fresh start); TensorBoard
+    drops what an earlier, lost run logged after it.
+    """
+    return TeeSink(
+        DatabaseSink(url, job_id),
+        TensorBoardSink(job_dir / TENSORBOARD_DIR, resume_step=resume_step),
+    )
