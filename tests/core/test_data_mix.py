@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections import Counter
@@ -251,7 +252,8 @@ def test_a_gate_failure_carries_the_statistics(tmp_path: Path, tokenizer: Any) -
     b = qa_file(tmp_path / "b.jsonl", "beta", 3)
     section = mix({"name": str(a)}, {"name": str(b)}, chat_template="llama3")
     with pytest.raises(DatasetGateError) as info:
-        prepare(section, tokenizer, max_seq_length=256)  # <|eot_id|> is plain text for SmolLM2
+        # A copy: the llama3 choice replaces the shared tokenizer's template.
+        prepare(section, copy.deepcopy(tokenizer), max_seq_length=256)  # <|eot_id|>: plain text
     stats = info.value.dataset_stats
     assert info.value.code == "eot_missing" and stats is not None
     assert stats["gate"]["passed"] is False
