@@ -79,7 +79,10 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(Path(tmp) / "llama3")
-    section = DatasetSection(name=str(Path(args.medquad).resolve()) + "/")
+    corpus = Path(args.medquad).resolve()
+    # Dataset paths must lie in an allowed folder: allow the corpus named on the command line.
+    os.environ["MEDTUNE_DATA_ROOTS"] = json.dumps([str(corpus)])
+    section = DatasetSection(name=str(corpus) + "/")
     for run in range(args.repeat):
         started = time.perf_counter()
         prepared = prepare(section, tokenizer, max_seq_length=args.max_seq_length)
