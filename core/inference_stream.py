@@ -26,6 +26,7 @@ from core.settings import Settings
 TTL_S = 600
 KEY_PREFIX = "medtune:infer-stream:"
 POLL_S = 0.003  # the file channel's polling interval
+BLPOP_SLICE_S = 1.0
 
 
 def new_stream_id() -> str:
@@ -64,11 +65,16 @@ class RedisChannel:
 
     def events(self, stream_id: str, *, timeout_s: float) -> Iterator[dict[str, Any]]:
         key = KEY_PREFIX + stream_id
+        deadline = time.monotonic() + timeout_s
         try:
             while True:
-                item = self.client.blpop([key], timeout=timeout_s)
+                # Short waits: redis-py's socket timeout would cut a long BLPOP.
+                item = self.client.blpop([key], timeout=BLPOP_SLICE_S)
                 if item is None:
-                    raise _timeout(timeout_s)
+                    if time.monotonic() > deadline:
+                        raise _timeout(timeout_s)
+                    continue
+                deadline = time.monotonic() + timeout_s
                 event = json.loads(item[1])
                 yield event
                 if _last(event):

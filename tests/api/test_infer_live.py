@@ -1,0 +1,220 @@
+"""Inference through the live service: API + an inference-only Celery worker on real Redis and
+Postgres and the real SmolLM2. Streams (/infer and /v1/chat/completions), adapter errors as
+problems before a stream starts, and concurrent requests batched by the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from core import jobs
+from core.client import parse_sse
+from core.db import session_scope
+from core.models import JobStatus
+from core.queue import INFER_QUEUE
+from core.spec import JobSpec
+from tests.conftest import (
+    Stack,
+    claim_redis_db,
+    free_port,
+    stack_env,
+    start_api,
+    start_worker,
+    wait_healthy,
+)
+from tests.core.test_inference import make_adapter
+from tests.helpers import recipe_spec
+
+pytestmark = pytest.mark.slow
+QUESTION = "What are the symptoms of anemia?"
+
+
+@pytest.fixture(scope="module")
+def infer_stack(
+    tmp_path_factory: pytest.TempPathFactory, migrated_pg: str, model_cache: Path
+) -> Iterator[Stack]:
+    """API + one inference-only worker (threads pool) on their own Redis database."""
+    broker = claim_redis_db()  # only this worker consumes this broker's infer queue
+    home = tmp_path_factory.mktemp("infer-stack")
+    env = stack_env(home, model_cache, database_url=migrated_pg, broker_url=broker)
+    # A long batch window makes "concurrent requests share a batch" deterministic here.
+    env.update(MEDTUNE_INFER_BATCH_WAIT_MS="300", MEDTUNE_INFER_BACKEND="transformers")
+    port = free_port()
+    stack = Stack(url=f"http://127.0.0.1:{port}", home=home)
+    start_worker(stack, "infer", env, queues=INFER_QUEUE)
+    start_api(stack, port, env)
+    wait_healthy(stack)
+    yield stack
+    stack.stop()
+    redis.Redis.from_url(broker).flushdb()
+
+
+def add_job(db_url: str, *, adapter: Path | None, name: str = "smol-live") -> str:
+    """A succeeded job row pointing at ``adapter`` (stored directly: nothing is queued)."""
+    spec = recipe_spec("sample:medical_qa")
+    spec["model_config"]["finetuned_model"] = name
+    with session_scope(db_url) as s:
+        job = jobs.create_job(s, JobSpec.model_validate(spec))
+        job.status = JobStatus.succeeded
+        job.adapter_dir = str(adapter) if adapter else None
+        job.artifacts_dir = str(adapter.parent) if adapter else None
+        s.add(job)
+        s.commit()
+        return job.id
+
+
+@pytest.fixture(scope="module")
+def adapter(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_adapter(model_dir, tmp_path_factory.mktemp("live") / "adapter", seed=7)
+
+
+@pytest.fixture(scope="module")
+def job_id(migrated_pg: str, adapter: Path) -> str:
+    return add_job(migrated_pg, adapter=adapter)
+
+
+def client(stack: Stack) -> httpx.Client:
+    return httpx.Client(base_url=stack.url, timeout=httpx.Timeout(30, read=300))
+
+
+def infer_stream(http: httpx.Client, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    with http.stream("POST", "/infer", json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return [(e.event, e.data) for e in parse_sse(response.iter_lines())]
+
+
+def test_infer_streams_deltas_then_usage(infer_stack: Stack, job_id: str) -> None:
+    body = {"job_id": job_id, "question": QUESTION, "max_new_tokens": 24}
+    with client(infer_stack) as http:
+        events = infer_stream(http, body)
+        whole = http.post("/infer", json=body)
+    assert whole.status_code == 200, whole.text
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "done" and set(kinds[:-1]) == {"delta"} and len(kinds) > 3
+    done = events[-1][1]
+    assert "".join(data["text"] for _, data in events[:-1]) == done["answer"]
+    assert done["finish_reason"] in ("stop", "length")
+    assert done["usage"]["completion_tokens"] <= 24 and done["usage"]["prompt_tokens"] > 10
+    assert done["adapter"] is True and done["model"] == "smol-live"
+    # Greedy: the streamed answer is the one a plain request gets.
+    assert whole.json()["answer"] == done["answer"]
+    assert whole.json()["backend"] == "transformers"
+
+
+def test_stop_strings_reach_the_worker(infer_stack: Stack, job_id: str) -> None:
+    body = {"job_id": job_id, "question": QUESTION, "max_new_tokens": 24}
+    with client(infer_stack) as http:
+        full = http.post("/infer", json=body).json()["answer"]
+        stop = " " + full.split()[2]
+        cut = http.post("/infer", json={**body, "stop": [stop]}).json()
+    assert cut["finish_reason"] == "stop"
+    assert cut["answer"] == full[: full.index(stop)].strip()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_adapter_problems_come_before_any_stream(
+    infer_stack: Stack, migrated_pg: str, adapter: Path, tmp_path: Path, stream: bool
+) -> None:
+    deleted = tmp_path / "deleted" / "adapter"
+    shutil.copytree(adapter, deleted)
+    broken = tmp_path / "broken" / "adapter"
+    shutil.copytree(adapter, broken)
+    (broken / "adapter_config.json").write_text("{not json")
+    cases = {
+        add_job(migrated_pg, adapter=deleted, name="smol-bad"): "adapter_missing",
+        add_job(migrated_pg, adapter=broken, name="smol-bad"): "adapter_invalid",
+        add_job(migrated_pg, adapter=None, name="smol-bad"): "no_adapter",
+    }
+    shutil.rmtree(deleted)
+    with client(infer_stack) as http:
+        for job, code in cases.items():
+            response = http.post(
+                "/infer", json={"job_id": job, "question": "Hi?", "stream": stream}
+            )
+            assert response.status_code == 409, response.text
+            assert response.headers["content-type"].startswith("application/problem+json")
+            problem = response.json()
+            assert problem["code"] == code and problem["field"] == "job_id"
+            assert str(tmp_path) not in problem["detail"]  # no server path in the message
+
+
+def test_concurrent_requests_share_a_batch_and_keep_their_answers(
+    infer_stack: Stack, job_id: str
+) -> None:
+    questions = [QUESTION, "How is the flu treated?", "What causes a fever?", "Is rest good?"]
+    bodies = [
+        {"job_id": job_id, "question": q, "max_new_tokens": 12, "use_adapter": i % 2 == 0}
+        for i, q in enumerate(questions)
+    ]
+    with client(infer_stack) as http:
+        alone = [http.post("/infer", json=b).json() for b in bodies]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            together = list(pool.map(lambda b: http.post("/infer", json=b).json(), bodies))
+    assert max(t["batch_size"] for t in together) > 1, together
+    assert [t["answer"] for t in together] == [a["answer"] for a in alone]
+
+
+def chat_chunks(http: httpx.Client, body: dict[str, Any]) -> list[Any]:
+    chunks: list[Any] = []
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                payload = line[len("data: ") :]
+                chunks.append(payload if payload == "[DONE]" else json.loads(payload))
+    return chunks
+
+
+def test_openai_chat_completion_and_its_stream(infer_stack: Stack, job_id: str) -> None:
+    body = {
+        "model": "smol-live",  # the finetuned_model name resolves to the job
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 16,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
+    with client(infer_stack) as http:
+        chunks = chat_chunks(http, body)
+        whole = http.post(
+            "/v1/chat/completions", json={k: v for k, v in body.items() if k != "stream_options"}
+        )
+    assert whole.status_code == 200, whole.text
+    completion = whole.json()
+    assert completion["object"] == "chat.completion" and completion["model"] == "smol-live"
+    assert completion["choices"][0]["message"]["role"] == "assistant"
+    assert chunks[-1] == "[DONE]"
+    objects = chunks[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in objects)
+    assert len({c["id"] for c in objects}) == 1
+    assert objects[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in objects if c["choices"])
+    assert text == completion["choices"][0]["message"]["content"]
+    finals = [c for c in objects if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1
+    assert finals[0]["choices"][0]["finish_reason"] == completion["choices"][0]["finish_reason"]
+    assert objects[-1]["choices"] == [] and objects[-1]["usage"] == completion["usage"]
+
+
+def test_openai_chat_with_the_base_model(infer_stack: Stack) -> None:
+    with client(infer_stack) as http:
+        response = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "smollm2-135m-instruct",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_completion_tokens": 8,
+            },
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] <= 8
