@@ -17,7 +17,8 @@ class DatabaseSink(BufferedSink):
     """Writes logging steps to the job store in batches and reads cancel requests from it.
 
     A round trip per step would cost a fast GPU step several percent (BENCHMARKS.md), so rows
-    are batched and the cancel flag is read at most every ``cancel_poll_s`` seconds.
+    are batched and written by a writer thread, and the cancel flag is read at most every
+    ``cancel_poll_s`` seconds.
     """
 
     def __init__(
@@ -28,8 +29,9 @@ class DatabaseSink(BufferedSink):
         max_rows: int = 64,
         max_seconds: float = 2.0,
         cancel_poll_s: float = 1.0,
+        background: bool = True,
     ) -> None:
-        super().__init__(max_rows=max_rows, max_seconds=max_seconds)
+        super().__init__(max_rows=max_rows, max_seconds=max_seconds, background=background)
         self.url, self.job_id, self.cancel_poll_s = url, job_id, cancel_poll_s
         self._cancel_read_at = -math.inf
         self._cancelled = False

@@ -36,13 +36,16 @@ class StepMeter:
     """Turns running counters into one logging step's throughput and ETA.
 
     Time spent outside training steps (evaluation, checkpoints) is left out with ``pause``,
-    so tokens/s is the training rate and the ETA is steps remaining x the recent step time.
+    so tokens/s is the training rate and the ETA is steps remaining x the recent step time:
+    over the last ``window`` logging points, which leave out the first step (warm-up and
+    kernel compilation make it many times longer) once a second one is logged.
     """
 
     window: int = 20  # logging points the ETA looks back over
     clock_fn: Callable[[], float] = time.perf_counter
     _paused: float = 0.0
     _last: tuple[float, int, int] = (0.0, 0, 0)
+    _origin: tuple[int, float] = (0, 0.0)
     _points: deque[tuple[int, float]] = field(default_factory=deque)
 
     def clock(self) -> float:
@@ -50,7 +53,8 @@ class StepMeter:
 
     def start(self, *, step: int, tokens: int, samples: int) -> None:
         self._last = (self.clock(), tokens, samples)
-        self._points = deque([(step, self._last[0])], maxlen=self.window + 1)
+        self._origin = (step, self._last[0])
+        self._points = deque(maxlen=self.window + 1)
 
     def pause(self, seconds: float) -> None:
         self._paused += seconds
@@ -64,7 +68,7 @@ class StepMeter:
         }
         self._last = (now, tokens, samples)
         self._points.append((step, now))
-        first_step, first_time = self._points[0]
+        first_step, first_time = self._points[0] if len(self._points) > 1 else self._origin
         if step > first_step:
             per_step = (now - first_time) / (step - first_step)
             values["eta_seconds"] = per_step * max(total_steps - step, 0)

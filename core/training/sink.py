@@ -7,12 +7,16 @@ metrics, so a run resumed from it neither loses nor repeats a step.
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 Values = dict[str, float | None]
+log = logging.getLogger(__name__)
 
 
 class MetricsSink(Protocol):
@@ -62,13 +66,17 @@ class ListSink:
 
 
 class BufferedSink:
-    """Batches rows for a writer whose every call costs a round trip (a database).
+    """Batches rows for a writer whose every call costs a round trip (a database, a file).
 
-    Rows are written every ``max_rows`` rows or ``max_seconds`` after the last write (checked
-    when a row arrives), and whenever the trainer flushes. Rows of the same step are merged
-    before they are written. Each row carries ``created_at``, the time its step was logged,
-    not the time of the batch write (step times are read off these stamps). Subclasses
-    implement ``write_rows`` (and usually ``begin`` and ``should_stop``).
+    Rows of the same step are merged, and each carries ``created_at``, the time its step was
+    logged (step times are read off these stamps, not off the batch write). Every
+    ``max_rows`` rows or ``max_seconds`` after the last hand-off (checked when a row arrives)
+    the batch goes to a writer thread, so the training loop pays for a dict update, not for
+    the write. ``flush`` hands off what is left and waits until everything is written; a
+    failed write keeps its rows for the next attempt and is raised by ``flush``, so a
+    checkpoint is never written ahead of rows that did not reach the store.
+
+    Subclasses implement ``write_rows`` (and usually ``begin`` and ``should_stop``).
     """
 
     def __init__(
@@ -77,10 +85,16 @@ class BufferedSink:
         max_rows: int = 64,
         max_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        background: bool = True,
     ) -> None:
         self.max_rows, self.max_seconds, self.clock = max_rows, max_seconds, clock
         self.buffer: dict[int, dict[str, Any]] = {}
         self.last_write = clock()
+        self._background = background
+        self._batches: queue.Queue[list[dict[str, Any]] | None] = queue.Queue()
+        self._unwritten: list[dict[str, Any]] = []  # rows of failed writes, retried first
+        self._error: BaseException | None = None
+        self._writer: threading.Thread | None = None
 
     def write_rows(self, rows: list[dict[str, Any]]) -> None:
         raise NotImplementedError
@@ -97,14 +111,62 @@ class BufferedSink:
             row = self.buffer[step] = {"step": step, "created_at": datetime.now(UTC)}
         merge(row, values)
         if len(self.buffer) >= self.max_rows or self.clock() - self.last_write >= self.max_seconds:
-            self.flush()
+            self._hand_off()
 
     def flush(self) -> None:
-        if self.buffer:
-            rows = [self.buffer[step] for step in sorted(self.buffer)]
-            self.write_rows(rows)
-            self.buffer.clear()  # only once written: a failed write keeps the rows for a retry
+        self._hand_off(retry=True)
+        if self._background:
+            self._batches.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        """Write what is left and stop the writer thread; a failed write is logged, not raised
+        (``flush`` already reported it to the trainer)."""
+        try:
+            self.flush()
+        except Exception:
+            log.warning("metric rows not written: %d", len(self._unwritten), exc_info=True)
+        if self._writer is not None:
+            self._batches.put(None)
+            self._writer.join(timeout=30)
+            self._writer = None
+
+    def _hand_off(self, *, retry: bool = False) -> None:
         self.last_write = self.clock()
+        if not self.buffer and not (retry and self._unwritten):
+            return
+        rows = [self.buffer[step] for step in sorted(self.buffer)]
+        self.buffer = {}
+        if not self._background:
+            self._write(rows)
+            return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._run, name="metrics-writer", daemon=True)
+            self._writer.start()
+        self._batches.put(rows)
+
+    def _run(self) -> None:
+        while True:
+            rows = self._batches.get()
+            try:
+                if rows is None:
+                    return
+                self._write(rows)
+            finally:
+                self._batches.task_done()
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        pending = self._unwritten + rows
+        if not pending:
+            return
+        try:
+            self.write_rows(pending)
+        except Exception as exc:
+            self._unwritten, self._error = pending, exc
+        else:
+            self._unwritten = []
 
 
 class TeeSink:

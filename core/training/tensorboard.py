@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.training.sink import Values
+from core.training.sink import BufferedSink
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -35,42 +35,55 @@ def tag_for(name: str) -> str:
     return TAGS.get(name, f"other/{name}")
 
 
-class TensorBoardSink:
+class TensorBoardSink(BufferedSink):
     """Writes each logged value as a scalar at its step under ``log_dir``.
 
-    ``resume_step``: the checkpoint a run resumes from. Steps after it were logged by the run
-    that died, and are logged again now; TensorBoard drops the old ones (a purge marker at
-    ``resume_step + 1``), so the curve has no doubled stretch.
+    One event per step holds all of that step's scalars, written in batches by the sink's
+    writer thread (BufferedSink), so the training loop does not build protobufs.
+
+    ``resume_step``: the checkpoint a run resumes from (0 for a fresh start). Steps after it
+    may have been logged by a run that died, and are logged again now; TensorBoard drops the
+    old ones (a purge marker at ``resume_step + 1``), so the curve has no doubled stretch.
     """
 
-    def __init__(self, log_dir: Path, *, resume_step: int | None = None) -> None:
-        from tensorboardX import SummaryWriter
+    def __init__(self, log_dir: Path, *, resume_step: int, max_seconds: float = 2.0) -> None:
+        from tensorboardX import FileWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
 
+        super().__init__(max_seconds=max_seconds)
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.writer: Any = SummaryWriter(
+        self.writer: Any = FileWriter(
             str(log_dir),
-            purge_step=resume_step + 1 if resume_step is not None else None,
-            flush_secs=10,
             max_queue=100,
+            flush_secs=10,
             # Readers load a folder's files in name order: a retry within the same second must
             # neither overwrite the lost run's file nor sort before it.
             filename_suffix=f".{time.time_ns()}",
         )
+        # What SummaryWriter(purge_step=...) writes: readers drop the steps from here on that
+        # earlier files hold.
+        self.writer.add_event(
+            Event(step=resume_step + 1, session_log=SessionLog(status=SessionLog.START))
+        )
 
-    def begin(self, total_steps: int) -> None:
-        return None
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        from tensorboardX.proto.summary_pb2 import Summary
 
-    def log(self, step: int, values: Values) -> None:
-        now = time.time()
-        for name, value in values.items():
-            if value is not None and name != "step":
-                self.writer.add_scalar(tag_for(name), value, global_step=step, walltime=now)
+        for row in rows:
+            values = [
+                Summary.Value(tag=tag_for(name), simple_value=float(value))
+                for name, value in row.items()
+                if name not in ("step", "created_at") and value is not None
+            ]
+            if values:
+                self.writer.add_summary(
+                    Summary(value=values), row["step"], row["created_at"].timestamp()
+                )
 
     def flush(self) -> None:
+        super().flush()
         self.writer.flush()
 
-    def should_stop(self) -> bool:
-        return False
-
     def close(self) -> None:
+        super().close()
         self.writer.close()

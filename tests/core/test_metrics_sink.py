@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,7 +38,7 @@ class Recorder(BufferedSink):
 
 def test_rows_are_written_every_max_rows() -> None:
     clock = FakeClock()
-    sink = Recorder(max_rows=3, max_seconds=60, clock=clock)
+    sink = Recorder(max_rows=3, max_seconds=60, clock=clock, background=False)
     for step in range(1, 8):
         sink.log(step, {"loss": float(step)})
     assert [[r["step"] for r in w] for w in sink.writes] == [[1, 2, 3], [4, 5, 6]]
@@ -49,7 +50,7 @@ def test_rows_are_written_every_max_rows() -> None:
 
 def test_rows_are_written_once_max_seconds_have_passed() -> None:
     clock = FakeClock()
-    sink = Recorder(max_rows=100, max_seconds=2.0, clock=clock)
+    sink = Recorder(max_rows=100, max_seconds=2.0, clock=clock, background=False)
     sink.log(1, {"loss": 1.0})
     clock.now += 1.0
     sink.log(2, {"loss": 2.0})
@@ -70,15 +71,43 @@ def test_rows_of_one_step_merge_and_keep_the_first_stamp() -> None:
     assert isinstance(row["created_at"], datetime)
 
 
-def test_a_failed_write_keeps_the_rows_for_the_next_flush() -> None:
-    sink = Recorder(max_rows=100, max_seconds=60, clock=FakeClock())
+class SlowRecorder(Recorder):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.release = threading.Event()
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        assert self.release.wait(10)
+        super().write_rows(rows)
+
+
+def test_the_writer_thread_writes_and_flush_waits_for_it() -> None:
+    sink = SlowRecorder(max_rows=2, max_seconds=60, clock=FakeClock())
     sink.log(1, {"loss": 1.0})
+    sink.log(2, {"loss": 2.0})  # handed to the writer thread, which is still blocked
+    sink.log(3, {"loss": 3.0})
+    assert sink.writes == []
+    sink.release.set()
+    sink.flush()  # returns only once every row is written
+    assert [[r["step"] for r in w] for w in sink.writes] == [[1, 2], [3]]
+    writer = sink._writer
+    assert writer is not None and writer.is_alive()
+    sink.close()
+    assert not writer.is_alive()  # no thread left behind per training run
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_failed_write_is_raised_by_flush_and_retried(background: bool) -> None:
+    sink = Recorder(max_rows=1, max_seconds=60, clock=FakeClock(), background=background)
     sink.fail = True
+    sink.log(1, {"loss": 1.0})  # the write fails here (or on the writer thread)
+    sink.log(2, {"loss": 2.0})
     with pytest.raises(ConnectionError):
-        sink.flush()
+        sink.flush()  # before a checkpoint: the trainer must not go on as if stored
     sink.fail = False
     sink.flush()
-    assert [r["step"] for r in sink.writes[0]] == [1]
+    assert [[r["step"] for r in w] for w in sink.writes] == [[1, 2]]
+    sink.close()
 
 
 def test_tee_sends_everything_to_every_sink() -> None:
@@ -108,11 +137,11 @@ def test_step_meter_rates_exclude_paused_time_and_give_an_eta() -> None:
     meter.pause(2.0)  # an evaluation: not training time
     row = meter.row(step=2, total_steps=11, tokens=2000, samples=8)
     assert row["tokens_per_second"] == pytest.approx(1000.0)
-    assert row["eta_seconds"] == pytest.approx(1.5 * 9)  # (2 + 1) s over 2 steps
-    for step in (3, 4, 5):  # the window forgets the slow first step
-        clock.now += 1.0
+    assert row["eta_seconds"] == pytest.approx(9.0)  # 1 s a step since step 1, 9 left
+    for step in (3, 4, 5, 6):
+        clock.now += 0.5
         row = meter.row(step=step, total_steps=11, tokens=1000 * step, samples=4 * step)
-    assert row["eta_seconds"] == pytest.approx(6.0)
+    assert row["eta_seconds"] == pytest.approx(0.5 * 5)  # the window holds the last 3 steps
 
 
 def test_memory_on_the_cpu_has_no_reserve_and_a_peak_at_least_the_current() -> None:
@@ -138,7 +167,7 @@ def _stored(url: str, job_id: str) -> list[Any]:
 def test_database_sink_writes_in_batches_with_the_logging_time(
     sqlite_url: str, running_job: str
 ) -> None:
-    sink = DatabaseSink(sqlite_url, running_job, max_rows=4, max_seconds=3600)
+    sink = DatabaseSink(sqlite_url, running_job, max_rows=4, max_seconds=3600, background=False)
     sink.begin(10)
     before = datetime.now(UTC)
     for step in (1, 2, 3):

@@ -18,8 +18,8 @@ from core.pipeline import run_job
 from core.settings import Settings
 from core.spec import DatasetSection, JobSpec
 from core.training import checkpoints
-from core.training.sink import ListSink
-from core.training.tensorboard import TENSORBOARD_DIR, tag_for
+from core.training.sink import ListSink, TeeSink
+from core.training.tensorboard import TENSORBOARD_DIR, TensorBoardSink, tag_for
 from tests.helpers import recipe_spec, tiny_dataset
 
 pytestmark = pytest.mark.slow
@@ -66,6 +66,14 @@ def _held_out_loss(model: Any, items: list[Any]) -> float:
     return total / count
 
 
+def _scalars(log_dir: Path, name: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag_for(name))}
+
+
 def test_every_row_is_complete_and_eval_loss_is_the_held_out_loss(
     model_dir: Path, tmp_path: Path
 ) -> None:
@@ -93,9 +101,16 @@ def test_every_row_is_complete_and_eval_loss_is_the_held_out_loss(
     train_items, eval_items = encoded[:15], encoded[15:]
     output_dir = tmp_path / "out"
     sink = FlushRecorder(checkpoints.checkpoint_dir(output_dir))
+    events = TensorBoardSink(tmp_path / TENSORBOARD_DIR, resume_step=0)
     outcome = trainer.train(
-        spec, loaded, train_items, output_dir=output_dir, sink=sink, eval_items=eval_items
+        spec,
+        loaded,
+        train_items,
+        output_dir=output_dir,
+        sink=TeeSink(sink, events),
+        eval_items=eval_items,
     )
+    events.close()
     assert outcome.steps == 4
     assert [r["step"] for r in sink.rows] == [1, 2, 3, 4]
     for row in sink.rows:
@@ -116,14 +131,16 @@ def test_every_row_is_complete_and_eval_loss_is_the_held_out_loss(
     for step in (2, 4):
         assert any(last == step and step not in on_disk for last, on_disk in sink.seen), sink.seen
     assert sink.seen[-1][0] == 4  # and the end flushed everything
+    # TensorBoard's reader finds every metric at every step it was logged.
+    for name in (*TRAINING_FIELDS, "eval_loss"):
+        logged = {r["step"]: r[name] for r in sink.rows if r.get(name) is not None}
+        assert _scalars(tmp_path / TENSORBOARD_DIR, name) == pytest.approx(logged), name
 
 
 def test_a_job_with_a_validation_split_stores_eval_loss_and_tensorboard_events(
     tmp_path: Path, sqlite_url: str, model_cache: Path
 ) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    spec = recipe_spec(tiny_dataset(tmp_path / "tiny.jsonl"), max_steps=3, save_steps=0)
+    spec = recipe_spec(tiny_dataset(tmp_path / "tiny.jsonl"), max_steps=2, save_steps=0)
     spec["training_dataset"]["validation_share"] = 0.25  # eval_steps null: every step here
     with session_scope(sqlite_url) as s:
         job_id = jobs.create_job(s, JobSpec.model_validate(spec)).id
@@ -133,11 +150,10 @@ def test_a_job_with_a_validation_split_stores_eval_loss_and_tensorboard_events(
         job = jobs.get_job(s, job_id)
         rows, _ = jobs.metrics_page(s, job_id, after_step=-1, limit=100)
     assert status == JobStatus.succeeded, (job.error_code, job.error_message)
-    assert [r.step for r in rows] == [1, 2, 3]
+    assert [r.step for r in rows] == [1, 2]
     assert all(r.eval_loss is not None and math.isfinite(r.eval_loss) for r in rows)
     assert all(getattr(r, k) is not None for r in rows for k in TRAINING_FIELDS)
-    events = EventAccumulator(str(tmp_path / "jobs" / job_id / TENSORBOARD_DIR))
-    events.Reload()
+    # The job's own event files, where `tensorboard --logdir <home>/jobs` finds them.
     for name in (*TRAINING_FIELDS, "eval_loss"):
-        points = {e.step: e.value for e in events.Scalars(tag_for(name))}
+        points = _scalars(tmp_path / "jobs" / job_id / TENSORBOARD_DIR, name)
         assert points == pytest.approx({r.step: getattr(r, name) for r in rows}), name
