@@ -158,6 +158,7 @@ class InferenceEngine:
         max_batch: int = 8,
         batch_wait_s: float = 0.005,
         default_backend: str = "auto",
+        llama_threads: int | None = None,
     ) -> None:
         self.models_dir = models_dir
         self.max_adapters = max(max_adapters, max_batch)  # a batch's adapters fit at once
@@ -166,7 +167,7 @@ class InferenceEngine:
         self._bases: dict[tuple[str, bool], _Base] = {}
         self._tokenizers: dict[str, Any] = {}
         self._static: OrderedDict[str, Any] = OrderedDict()
-        self._llama = LlamaCppBackend(loads=self.loads)
+        self._llama = LlamaCppBackend(loads=self.loads, n_threads=llama_threads)
         self._cuda: bool | None = None
         self.batcher = Batcher(
             self._run_group, self._group_key, max_batch=max_batch, wait_s=batch_wait_s

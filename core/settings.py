@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         le=64,
         description="Threads of an inference-only worker (requests it takes at once to batch).",
     )
+    infer_threads: int = Field(
+        default=0,
+        ge=0,
+        le=512,
+        description="CPU threads of the llama.cpp backend (0: half the cores).",
+    )
     lease_seconds: float = Field(
         default=300.0, gt=0, description="A running job's lease; renewed every third of it."
     )

@@ -64,6 +64,7 @@ def _engine() -> InferenceEngine:
         max_batch=settings.infer_max_batch,
         batch_wait_s=settings.infer_batch_wait_ms / 1000,
         default_backend=settings.infer_backend,
+        llama_threads=settings.infer_threads or None,
     )
 
 
