@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -59,11 +60,22 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
+def field_path(loc: Sequence[int | str]) -> str:
+    """A location as a client writes it: keys joined by dots, list items in brackets
+    (``training_dataset.sources[1].weight``)."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
 def _field(err: dict[str, Any]) -> str:
     if err["type"] == "json_invalid":
         return "body"  # its location is a character offset, not a field
-    parts = [str(p) for p in err["loc"] if p not in ("body", "query", "path")]
-    return ".".join(parts) or "body"
+    return field_path([p for p in err["loc"] if p not in ("body", "query", "path")]) or "body"
 
 
 def _fix(err: dict[str, Any]) -> str:

@@ -323,8 +323,12 @@ class FineTuningJobCreate(BaseModel):
     )
     validation_file: str | None = Field(
         default=None,
-        description="Not supported: medtune holds validation examples out of the training file "
-        "(medtune.training_dataset.validation_share).",
+        min_length=1,
+        max_length=1000,
+        description="A separate validation set (medtune's validation_dataset.name): a file id "
+        "from POST /v1/files (or /files) that the caller owns, or any other name training_file "
+        "takes. Prepared like the training file; eval loss and the evaluation use it. Not "
+        "together with medtune.training_dataset.validation_share.",
     )
     suffix: str | None = Field(
         default=None,

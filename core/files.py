@@ -4,9 +4,10 @@ An upload is written chunk by chunk into a staging folder under ``$MEDTUNE_HOME/
 (the size limit is enforced as the bytes arrive, the SHA-256 computed on the way), its type is
 checked by name and by content, and the folder is renamed to ``uploads/<file id>/`` in one
 step, so a file id's folder is complete or absent. Then the ``files`` row is committed (with its
-Idempotency-Key row, when one was sent). A job spec names the file by id
-(``training_dataset.name``: ``file-...`` or ``file:file-...``); the API checks that the caller
-owns it, and the worker finds the bytes by id under its own data folder (core.data.sources).
+Idempotency-Key row, when one was sent). A job spec names the file by id (``file-...`` or
+``file:file-...`` as ``training_dataset.name``, a mix source's name or ``validation_dataset.name``);
+the API checks that the caller owns it, and the worker finds the bytes by id under its own data
+folder (core.data.sources).
 
 Deleting a file that a queued or running job reads is refused (409 ``file_in_use``): a job needs
 its file until its data stage is over, and a requeued job reads it again. A finished job needs
@@ -429,9 +430,10 @@ def file_refs(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
                     walk(value, here)
         elif isinstance(node, list):
             for i, item in enumerate(node):
-                walk(item, f"{where}.{i}")
+                walk(item, f"{where}[{i}]")
 
     walk(spec.get("training_dataset"), "training_dataset")
+    walk(spec.get("validation_dataset"), "validation_dataset")
     return found
 
 

@@ -35,6 +35,8 @@ _TOP_LEVEL_FIELDS = {
     "training_dataset.name": "training_file",
     "training_config.seed": "seed",
 }
+# Set from validation_file when the request has one (else they came from the medtune field).
+_VALIDATION_FILE_FIELDS = ("validation_dataset", "validation_dataset.name")
 _HYPERPARAMETER_FIELDS = {
     "training_config.num_train_epochs": "n_epochs",
     "training_config.per_device_train_batch_size": "batch_size",
@@ -101,6 +103,7 @@ def spec_from_request(
     *,
     model: str,
     training_file: str,
+    validation_file: str | None = None,
     suffix: str | None = None,
     seed: int | None = None,
     hyperparameters: Mapping[str, Any] | None = None,
@@ -112,6 +115,7 @@ def spec_from_request(
     and must agree with what the medtune field says about the same ones. Hyperparameters left
     "auto" keep the recipe's values (or the medtune field's); ``batch_size`` is the effective
     batch (micro-batch x gradient accumulation), ``learning_rate_multiplier`` scales 2e-4.
+    ``validation_file`` becomes ``validation_dataset.name``.
     """
     spec: dict[str, Any] = copy.deepcopy(dict(medtune or {}))
     _put(spec, "model_config", "base_model", model, source="model")
@@ -121,6 +125,10 @@ def spec_from_request(
     if finetuned is not None:
         _put(spec, "model_config", "finetuned_model", finetuned, source="suffix")
     _put(spec, "training_dataset", "name", training_file, source="training_file")
+    if validation_file is not None:
+        if spec.get("validation_dataset") is None:  # absent, or null in the medtune field
+            spec["validation_dataset"] = {}
+        _put(spec, "validation_dataset", "name", validation_file, source="validation_file")
     if seed is not None:
         _put(spec, "training_config", "seed", seed, source="seed")
     hp = dict(hyperparameters or {})
@@ -144,10 +152,17 @@ def spec_from_request(
     return spec
 
 
-def request_field(spec_field: str, *, hyperparameters: Mapping[str, Any] | None = None) -> str:
+def request_field(
+    spec_field: str,
+    *,
+    hyperparameters: Mapping[str, Any] | None = None,
+    validation_file: str | None = None,
+) -> str:
     """The OpenAI body field a spec error is about (``medtune.<field>`` when it came from there)."""
     if spec_field in _TOP_LEVEL_FIELDS:
         return _TOP_LEVEL_FIELDS[spec_field]
+    if validation_file is not None and spec_field in _VALIDATION_FILE_FIELDS:
+        return "validation_file"
     name = _HYPERPARAMETER_FIELDS.get(spec_field)
     if name and (hyperparameters or {}).get(name, AUTO) != AUTO:
         return f"hyperparameters.{name}"
@@ -200,10 +215,14 @@ def estimated_finish(job: Job, recent: Sequence[MetricRow]) -> int | None:
 def job_error(job: Job) -> dict[str, str | None] | None:
     if not job.error_code:
         return None
+    param = _ERROR_PARAMS.get(job.error_code)
+    # Errors about the validation set say so first (core.data.validation.scoped).
+    if param == "training_file" and (job.error_message or "").startswith("validation_dataset:"):
+        param = "validation_file"
     return {
         "code": job.error_code,
         "message": job.error_message or job.error_code,
-        "param": _ERROR_PARAMS.get(job.error_code),
+        "param": param,
     }
 
 
@@ -224,7 +243,7 @@ def job_object(job: Job, recent: Sequence[MetricRow] = ()) -> dict[str, Any]:
         "hyperparameters": hyperparameters_of(spec),
         "trained_tokens": stats.get("trained_tokens"),
         "training_file": spec.get("training_dataset", {}).get("name"),
-        "validation_file": None,
+        "validation_file": (spec.get("validation_dataset") or {}).get("name"),
         "result_files": [],
         "seed": spec.get("training_config", {}).get("seed"),
         "estimated_finish": estimated_finish(job, recent),

@@ -33,7 +33,12 @@ def _prepare_data(spec: JobSpec, model_path: str) -> Prepared:
     from transformers import AutoTokenizer
 
     tokenizer = hub_call(spec.model.base_model, AutoTokenizer.from_pretrained, model_path)
-    return prepare(spec.dataset, tokenizer, max_seq_length=spec.model.max_seq_length)
+    return prepare(
+        spec.dataset,
+        tokenizer,
+        max_seq_length=spec.model.max_seq_length,
+        validation=spec.validation_dataset,
+    )
 
 
 def _save_adapter(loaded: Any, target: Path) -> None:
@@ -157,7 +162,8 @@ def _evaluate(
         _note(
             url,
             job_id,
-            "evaluation skipped: no held-out examples; set training_dataset.validation_share",
+            "evaluation skipped: no held-out examples; give a validation_dataset or set "
+            "training_dataset.validation_share",
         )
         return
     with session_scope(url) as s:

@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -238,7 +239,11 @@ class DatasetSection(_Section):
         description="Drop examples longer than this (tokens) instead of truncating them.",
     )
     validation_share: float = Field(
-        default=0.0, ge=0.0, le=0.5, description="Share of examples held out for validation."
+        default=0.0,
+        ge=0.0,
+        le=0.5,
+        description="Share of examples held out for validation; leave 0 when the job has a "
+        "validation_dataset.",
     )
     validation_seed: int = Field(
         default=42, ge=0, le=2**32 - 1, description="Seed of the validation split (stable)."
@@ -339,6 +344,44 @@ class DatasetSection(_Section):
         return self
 
 
+class ValidationDataset(_Section):
+    """A separate validation set: read like one training source, then cleaned, rendered and
+    tokenized with training_dataset's settings (system_prompt, dedupe, chat_template,
+    train_on_prompt, min_tokens/max_tokens), and used as the validation split."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=1000,
+        description="What training_dataset.name takes: an uploaded file's id, a local file or "
+        "folder, MedQuAD as published, 'sample:medical_qa', or a Hub dataset id.",
+    )
+    split: str = Field(
+        default="train",
+        min_length=1,
+        max_length=100,
+        description="The Hub split to read (e.g. 'validation' or 'test' of the training "
+        "dataset); files have none.",
+    )
+    input_field: str = Field(default="prompt", min_length=1, max_length=100)
+    max_samples: int | None = Field(
+        default=None, ge=1, description="Read only the first N rows of the validation set."
+    )
+    format: Literal["auto", "medquad", "records"] = "auto"
+    rename_columns: dict[str, str] = Field(default_factory=dict, max_length=100)
+    remove_columns: list[str] = Field(default_factory=list, max_length=100)
+    columns: ColumnMap | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dataset_name(cls, value: str) -> str:
+        # The same names training_dataset.name accepts, checked by the same rules.
+        try:
+            DatasetSection(name=value)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return value
+
+
 def looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.lower().endswith(
         DATA_SUFFIXES + ARCHIVE_SUFFIXES
@@ -424,9 +467,9 @@ class TrainingSection(_Section):
     )
     eval_strategy: Literal["steps", "end", "no"] = Field(
         default="steps",
-        description="When a job with a validation split (training_dataset.validation_share > 0) "
-        "measures its eval loss on the held-out tokens: every eval_steps and at the end, only "
-        "at the end, or never.",
+        description="When a job with a validation split (validation_dataset, or "
+        "training_dataset.validation_share > 0) measures its eval loss on the held-out "
+        "tokens: every eval_steps and at the end, only at the end, or never.",
     )
     eval_steps: int | None = Field(
         default=None,
@@ -489,6 +532,14 @@ class JobSpec(_Section):
     model: ModelSection = Field(default_factory=ModelSection, alias="model_config")
     lora: LoraSection = Field(default_factory=LoraSection, alias="lora_config")
     dataset: DatasetSection = Field(default_factory=DatasetSection, alias="training_dataset")
+    validation_dataset: ValidationDataset | None = Field(
+        default=None,
+        description="A separate validation set (name, split, input_field, max_samples, format, "
+        "columns, rename_columns, remove_columns, as a training source takes), prepared like "
+        "the training set and used for eval loss and the evaluation stage instead of a "
+        "validation_share split. Examples that are also in the training set are dropped "
+        "(dedupe permitting). null: the validation split, if any, comes from validation_share.",
+    )
     training: TrainingSection = Field(default_factory=TrainingSection, alias="training_config")
     evaluation: EvaluationSection = Field(
         default_factory=EvaluationSection, alias="evaluation_config"
@@ -497,6 +548,22 @@ class JobSpec(_Section):
     hugging_face_username: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.-]{0,95}$")
 
     model_config = ConfigDict(extra="forbid", validate_by_alias=True, validate_by_name=False)
+
+    @field_validator("validation_dataset")
+    @classmethod
+    def _one_validation_split(
+        cls, value: ValidationDataset | None, info: ValidationInfo
+    ) -> ValidationDataset | None:
+        # Declared after `dataset`, so info.data holds it (absent if it failed validation).
+        dataset = info.data.get("dataset")
+        if value is not None and dataset is not None and dataset.validation_share > 0:
+            raise ValueError(
+                "validation_dataset and training_dataset.validation_share both give a "
+                "validation split: set validation_share to 0 (or remove it) to validate on "
+                "validation_dataset, or remove validation_dataset to hold out a share of the "
+                "training data"
+            )
+        return value
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

@@ -27,6 +27,7 @@ from api.schemas import (
 from core import auth, files, idempotency, jobs, routing
 from core.base_models import allowed_model_roots, check_base_model
 from core.data.sources import allowed_roots, resolve_local
+from core.data.validation import resolve_validation
 from core.db import session_scope
 from core.errors import ConflictError, NotFoundError
 from core.evaluation import EVALUATION_FILE
@@ -120,6 +121,7 @@ def submit_job(
     # the job is committed, so a concurrent DELETE sees the job and refuses (file_in_use).
     files.check_spec_files(session, spec.to_json(), owner=principal.job_owner)
     resolve_local(spec.dataset, roots=allowed_roots(settings), uploads=settings.uploads_dir)
+    resolve_validation(spec, roots=allowed_roots(settings), uploads=settings.uploads_dir)
     local_dir = routing.local_model_dir(spec.model.base_model, settings.models_dir)
     target, needed = routing.route(spec, routing.live_workers(session), local_dir=local_dir)
     options: dict[str, Any] = {
@@ -218,7 +220,8 @@ def read_evaluation(session: SessionDep, principal: PrincipalDep, job_id: str) -
     if not job.artifacts_dir or not path.is_file():
         raise ConflictError(
             f"job {job_id} has no evaluation (status {job.status}); set evaluation_config.enabled "
-            "and training_dataset.validation_share, and wait for the job to succeed",
+            "and a validation_dataset (or training_dataset.validation_share), and wait for the "
+            "job to succeed",
             field="job_id",
             code="evaluation_not_ready",
         )

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from sqlmodel import Session
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
+from api.problems import field_path
 from api.routes.jobs import submit_job
 from api.schemas import (
     FineTuningCheckpoint,
@@ -29,7 +30,7 @@ from api.schemas import (
 )
 from core import jobs
 from core import openai_shapes as shapes
-from core.errors import MedtuneError, SpecError
+from core.errors import MedtuneError
 from core.models import Job, JobStatus, MetricRow
 from core.spec import JobSpec
 from core.training import checkpoints
@@ -67,6 +68,12 @@ def _job(session: Session, job: Job) -> FineTuningJob:
 def _as_request_fields(body: FineTuningJobCreate) -> Iterator[None]:
     """Errors about the spec name the OpenAI body field the client sent, not the spec field."""
     hp = body.hyperparameters.model_dump()
+
+    def request_field(spec_field: str) -> str:
+        return shapes.request_field(
+            spec_field, hyperparameters=hp, validation_file=body.validation_file
+        )
+
     try:
         yield
     except ValidationError as exc:
@@ -74,7 +81,7 @@ def _as_request_fields(body: FineTuningJobCreate) -> Iterator[None]:
             [
                 {
                     "type": e["type"],
-                    "loc": ("body", shapes.request_field(_dotted(e["loc"]), hyperparameters=hp)),
+                    "loc": ("body", request_field(field_path(e["loc"]))),
                     "msg": e["msg"],
                     "input": e.get("input"),
                 }
@@ -84,12 +91,8 @@ def _as_request_fields(body: FineTuningJobCreate) -> Iterator[None]:
     except MedtuneError as exc:
         # ConflictingFields already names the medtune field at fault.
         if exc.field and not isinstance(exc, shapes.ConflictingFields):
-            exc.field = shapes.request_field(exc.field, hyperparameters=hp)
+            exc.field = request_field(exc.field)
         raise
-
-
-def _dotted(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc)
 
 
 @router.post("/jobs", response_model=FineTuningJob)
@@ -102,18 +105,12 @@ def create_fine_tuning_job(
     limiter: LimiterDep,
 ) -> FineTuningJob:
     """Create a medtune job from an OpenAI fine-tuning request."""
-    if body.validation_file is not None:
-        raise SpecError(
-            "validation_file is not supported: medtune holds validation examples out of the "
-            "training file; set medtune.training_dataset.validation_share instead",
-            field="validation_file",
-            code="unsupported_parameter",
-        )
     with _as_request_fields(body):
         spec = JobSpec.model_validate(
             shapes.spec_from_request(
                 model=body.model,
                 training_file=body.training_file,
+                validation_file=body.validation_file,
                 suffix=body.suffix,
                 seed=body.seed,
                 hyperparameters=body.hyperparameters.model_dump(),

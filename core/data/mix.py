@@ -116,7 +116,7 @@ def collect(section: DatasetSection) -> Collected:
             raise DatasetError(
                 f"source {index} ({source.name!r}) has no example left after cleaning "
                 f"({dict(part.dropped)}); remove it from the mix or fix its columns",
-                field=f"{FIELD}.sources.{index}",
+                field=f"{FIELD}.sources[{index}]",
                 code="dataset_empty",
             )
         for example in part.examples:

@@ -1,5 +1,9 @@
 """The data stage end to end: load, clean, dedupe, render, tokenize, filter, gate, split.
 
+The validation split is a share held out of the training data (``validation_share``), or a
+separate validation set (``validation_dataset``) prepared the same way, without the examples
+that are also in the training set.
+
 Used by the pipeline before training and by dataset previews; needs a tokenizer, not torch.
 """
 
@@ -9,14 +13,17 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from core.data.cleaning import validation_split
+from core.data.cleaning import Seen, dedupe, validation_split
 from core.data.conversations import Example
 from core.data.gate import DatasetGateError, TokenRules, enforce, inspect, token_rules
 from core.data.mix import Collected, by_dataset, collect
 from core.data.stats import dataset_stats
 from core.data.tokenize import IGNORE_INDEX, Encoded, encode_all, ensure_chat_template
+from core.data.validation import FIELD as VALIDATION_FIELD
+from core.data.validation import scoped as validation_scoped
+from core.data.validation import validation_section
 from core.errors import DatasetError
-from core.spec import DatasetSection
+from core.spec import DatasetSection, ValidationDataset
 
 
 @dataclass
@@ -87,11 +94,19 @@ def render_dataset(
     )
 
 
-def prepare(section: DatasetSection, tokenizer: Any, *, max_seq_length: int) -> Prepared:
+def prepare(
+    section: DatasetSection,
+    tokenizer: Any,
+    *,
+    max_seq_length: int,
+    validation: ValidationDataset | None = None,
+) -> Prepared:
     """Everything before training; raises DatasetGateError on the first example at fault.
 
     The error carries the statistics of every rendered example (``dataset_stats``), so a job
-    the gate fails still shows what was wrong with its data.
+    the gate fails still shows what was wrong with its data. With ``validation`` (the job's
+    validation_dataset), that set is the validation split, and ``section.validation_share``
+    must be 0 (JobSpec refuses both).
     """
     rendered = render_dataset(section, tokenizer, max_seq_length=max_seq_length)
     try:
@@ -134,9 +149,13 @@ def prepare(section: DatasetSection, tokenizer: Any, *, max_seq_length: int) -> 
         else:
             pairs.append((example, item))
     by_id = {id(e): i for e, i in pairs}
-    train_ex, val_ex = validation_split(
-        [e for e, _ in pairs], share=section.validation_share, seed=section.validation_seed
-    )
+    if validation is None:
+        train_ex, val_ex = validation_split(
+            [e for e, _ in pairs], share=section.validation_share, seed=section.validation_seed
+        )
+        val_items = [by_id[id(e)] for e in val_ex]
+    else:
+        train_ex, val_ex = [e for e, _ in pairs], []
     train = [by_id[id(e)] for e in train_ex]
     stats = _stats(
         section,
@@ -148,13 +167,149 @@ def prepare(section: DatasetSection, tokenizer: Any, *, max_seq_length: int) -> 
         max_seq_length=max_seq_length,
     )
     stats["gate"] = {"passed": True, "problem_count": 0, "problems": []}
+    if validation is None:
+        stats["validation"] = _share_stats(section, stats, len(val_ex))
+    else:
+        try:
+            held = _prepare_validation(
+                section, validation, tokenizer, max_seq_length=max_seq_length, train=train_ex
+            )
+        except DatasetGateError as exc:
+            # The training set passed: the stored statistics show it, and the refused set.
+            stats["validation"] = exc.dataset_stats
+            exc.dataset_stats = stats
+            raise
+        val_ex, val_items = held.examples, held.items
+        stats["validation_examples"] = len(val_ex)
+        stats["validation"] = held.stats
     return Prepared(
         train=train,
-        validation=[by_id[id(e)] for e in val_ex],
+        validation=val_items,
         examples=train_ex,
         validation_examples=val_ex,
         stats=stats,
     )
+
+
+def _share_stats(
+    section: DatasetSection, stats: dict[str, Any], count: int
+) -> dict[str, Any] | None:
+    """Where a validation split held out of the training data came from; None without one."""
+    if not count:
+        return None
+    return {
+        "kind": "validation_share",
+        "source": stats["source"],
+        "share": section.validation_share,
+        "seed": section.validation_seed,
+        "examples": count,
+    }
+
+
+@dataclass
+class HeldOut:
+    """A separate validation set, prepared: examples parallel to items, and its statistics."""
+
+    examples: list[Example]
+    items: list[Encoded]
+    stats: dict[str, Any]
+
+
+def _prepare_validation(
+    section: DatasetSection,
+    validation: ValidationDataset,
+    tokenizer: Any,
+    *,
+    max_seq_length: int,
+    train: list[Example],
+) -> HeldOut:
+    """Read, clean, render, filter and gate the validation set as the training set was.
+
+    Examples also in the training set (by the training section's dedupe rule) are dropped as
+    ``in_training_set``: a loss measured on trained examples says nothing of generalisation.
+    Errors name validation_dataset.<field>; a gate failure carries this set's statistics.
+    """
+    vsection = validation_section(section, validation)
+    with validation_scoped():
+        rendered = render_dataset(vsection, tokenizer, max_seq_length=max_seq_length)
+        dropped = rendered.dropped
+        seen = Seen()
+        dedupe(train, section.dedupe, seen=seen)  # fills ``seen`` with the training set
+        fresh, repeated = dedupe(rendered.examples, section.dedupe, seen=seen)
+        if repeated:
+            dropped["in_training_set"] += sum(repeated.values())
+        keep = {id(e) for e in fresh}
+        pairs = []
+        for example, item in zip(rendered.examples, rendered.items, strict=True):
+            if id(example) not in keep:
+                continue
+            if all(label == IGNORE_INDEX for label in item.labels):
+                dropped["prompt_fills_max_seq_length"] += 1
+            else:
+                pairs.append((example, item))
+        examples, items = [e for e, _ in pairs], [i for _, i in pairs]
+        stats = _validation_stats(
+            validation, rendered, items=items, examples=examples, dropped=dropped
+        )
+        if not items:
+            raise DatasetError(
+                f"no validation example is left after cleaning and filters ({dict(dropped)}); "
+                "in_training_set counts examples that are also in the training data: give a "
+                "validation set of other examples, or use training_dataset.validation_share",
+                field=VALIDATION_FIELD,
+                code="dataset_empty",
+            )
+        try:
+            enforce(
+                items,
+                examples,
+                rendered.rules,
+                max_truncated_share=section.max_truncated_share,
+                max_seq_length=max_seq_length,
+            )
+        except DatasetGateError as exc:
+            findings = inspect(
+                items,
+                examples,
+                rendered.rules,
+                max_truncated_share=section.max_truncated_share,
+                max_seq_length=max_seq_length,
+            )
+            stats["gate"] = {
+                "passed": False,
+                "problem_count": len(findings),
+                "problems": [asdict(f) for f in findings[:20]],
+            }
+            exc.dataset_stats = stats
+            raise
+    stats["gate"] = {"passed": True, "problem_count": 0, "problems": []}
+    return HeldOut(examples=examples, items=items, stats=stats)
+
+
+def _validation_stats(
+    validation: ValidationDataset,
+    rendered: Rendered,
+    *,
+    items: list[Encoded],
+    examples: list[Example],
+    dropped: Counter[str],
+) -> dict[str, Any]:
+    stats = dataset_stats(
+        items=items,
+        examples=examples,
+        validation=0,
+        rows=rendered.collected.rows,
+        dropped=dropped,
+        default_source=validation.name,
+    )
+    del stats["validation_examples"]  # this set is the validation split
+    return {
+        "kind": "validation_dataset",
+        "source": validation.name,
+        "format": rendered.collected.format,
+        "layout": rendered.layout,
+        **stats,
+    }
 
 
 def _stats(

@@ -145,18 +145,18 @@ def source_section(section: DatasetSection, index: int) -> DatasetSection:
 @contextmanager
 def scoped(section: DatasetSection, index: int) -> Iterator[None]:
     """Name source ``index`` in errors raised while reading it: training_dataset.name becomes
-    training_dataset.sources.<index>.name, and the message says which source it was."""
+    training_dataset.sources[<index>].name, and the message says which source it was."""
     try:
         yield
     except MedtuneError as exc:
         assert section.sources is not None
         prefix = f"{FIELD}."
         if exc.field == FIELD:
-            exc.field = f"{FIELD}.sources.{index}"
+            exc.field = f"{FIELD}.sources[{index}]"
         elif exc.field and exc.field.startswith(prefix):
             rest = exc.field.removeprefix(prefix)
             if rest.split(".", 1)[0] in SOURCE_FIELDS:
-                exc.field = f"{FIELD}.sources.{index}.{rest}"
+                exc.field = f"{FIELD}.sources[{index}].{rest}"
         exc.detail = f"source {index} ({section.sources[index].name!r}): {exc.detail}"
         exc.args = (exc.detail,)
         raise

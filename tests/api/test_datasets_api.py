@@ -141,7 +141,7 @@ def test_job_with_a_bad_mix_is_refused_naming_the_field(api: Api, tmp_path: Path
         api.client.post("/jobs", json=bad_weight),
         422,
         "out_of_range",
-        "training_dataset.sources.1.weight",
+        "training_dataset.sources[1].weight",
     )
     assert_problem(
         api.client.post("/jobs", json=mix_spec()), 422, "out_of_range", "training_dataset.sources"
@@ -151,7 +151,7 @@ def test_job_with_a_bad_mix_is_refused_naming_the_field(api: Api, tmp_path: Path
         api.client.post("/jobs", json=missing),
         422,
         "dataset_not_found",
-        "training_dataset.sources.1.name",
+        "training_dataset.sources[1].name",
     )
     assert "source 1" in body["detail"]
     assert api.queue.calls == []

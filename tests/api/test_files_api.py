@@ -475,12 +475,16 @@ def test_file_refs_finds_every_dataset_name_that_is_a_file() -> None:
                 {"name": "file-def", "weight": 2},
             ]
         },
+        "validation_dataset": {"name": "file:file-ghi"},
         "model_config": {"name": "file-not-a-dataset"},
     }
     assert files.file_refs(spec) == [
-        ("training_dataset.sources.1.name", "file-abc"),
-        ("training_dataset.sources.2.name", "file-def"),
+        ("training_dataset.sources[1].name", "file-abc"),
+        ("training_dataset.sources[2].name", "file-def"),
+        ("validation_dataset.name", "file-ghi"),
     ]
+    # A stored spec without a validation set has validation_dataset: null.
+    assert files.file_refs({"training_dataset": {"name": "x"}, "validation_dataset": None}) == []
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -516,4 +520,4 @@ def test_a_mix_source_may_name_an_uploaded_file(api: Api) -> None:
     assert created.status_code == 201, created.text
     spec["training_dataset"]["sources"][1]["name"] = "file-0123456789abcdef01234567"
     missing = api.client.post("/jobs", json=spec)
-    assert_problem(missing, 404, "file_not_found", "training_dataset.sources.1.name")
+    assert_problem(missing, 404, "file_not_found", "training_dataset.sources[1].name")

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from core import jobs
 from core import openai_shapes as shapes
 from core.db import session_scope
 from core.models import Job, JobStatus, MetricRow
 from core.queue import RUN_JOB_TASK, TRAIN_QUEUE
-from tests.api.test_api import Api, assert_problem
+from tests.api.test_api import Api, FakeQueue, assert_problem
+from tests.api.test_auth import bearer, build, new_key
+from tests.api.test_files_api import JSONL, ROWS, upload
 from tests.helpers import recipe_spec
 
 V1 = "/v1/fine_tuning/jobs"
@@ -173,8 +177,42 @@ BAD_CREATE = [
         id="model-outside-model-roots",
     ),
     pytest.param(
-        {"validation_file": "sample:medical_qa"}, "unsupported_parameter", "validation_file",
-        id="validation-file",
+        {"validation_file": "/no/such/val.jsonl"}, "dataset_path_not_allowed", "validation_file",
+        id="validation-file-outside-data-roots",
+    ),
+    pytest.param(
+        {"validation_file": "not a dataset"}, "invalid_value", "validation_file",
+        id="validation-file-bad-name",
+    ),
+    pytest.param(
+        {"validation_file": "file-0000000000000000000000ff"}, "file_not_found",
+        "validation_file", id="validation-file-not-uploaded",
+    ),
+    pytest.param(
+        {"validation_file": "sample:medical_qa",
+         "medtune": {"training_dataset": {"validation_share": 0.1}}},
+        "invalid_value", "validation_file", id="validation-file-and-validation-share",
+    ),
+    pytest.param(
+        {"validation_file": "sample:medical_qa",
+         "medtune": {"validation_dataset": {"name": "other.jsonl"}}},
+        "conflicting_fields", "medtune.validation_dataset.name",
+        id="medtune-contradicts-validation-file",
+    ),
+    pytest.param(
+        {"validation_file": "sample:medical_qa",
+         "medtune": {"validation_dataset": {"columns": {"question": "q"}}}},
+        "invalid_value", "medtune.validation_dataset.columns",
+        id="validation-file-with-bad-columns",
+    ),
+    pytest.param(
+        {"medtune": {"validation_dataset": {"name": "a.jsonl"},
+                     "training_dataset": {"validation_share": 0.2}}},
+        "invalid_value", "medtune.validation_dataset", id="medtune-validation-and-share",
+    ),
+    pytest.param(
+        {"medtune": {"lora_config": {"target_modules": ["q_proj", ""]}}},
+        "out_of_range", "medtune.lora_config.target_modules[1]", id="list-item-in-brackets",
     ),
     pytest.param(
         {"medtune": {"model_config": {"base_model": "other-model"}}},
@@ -196,7 +234,7 @@ def test_bad_create_is_a_problem_naming_the_openai_field_and_stores_nothing(
     before = api.snapshot()
     body = {"model": SMOL, "training_file": "sample:medical_qa", **override}
     response = api.client.post(V1, json=body)
-    assert response.status_code == 422, response.text
+    assert response.status_code == (404 if code == "file_not_found" else 422), response.text
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()
     assert problem["field"] == field, problem
@@ -205,6 +243,56 @@ def test_bad_create_is_a_problem_naming_the_openai_field_and_stores_nothing(
     assert problem["instance"] == V1 and problem["detail"]
     assert api.snapshot() == before
     assert api.queue.calls == []
+
+
+# --- validation_file ----------------------------------------------------------------------------
+
+
+def test_validation_file_is_the_jobs_validation_dataset(api: Api) -> None:
+    training = upload(api.client, "train.jsonl", JSONL, path="/v1/files").json()["id"]
+    validation = upload(api.client, "val.jsonl", b"".join(ROWS[6:9]), path="/v1/files").json()
+    job = create_v1(api, training_file=training, validation_file=validation["id"])
+    assert job["training_file"] == training and job["validation_file"] == validation["id"]
+    assert api.client.get(f"{V1}/{job['id']}").json()["validation_file"] == validation["id"]
+    spec = api.client.get(f"/jobs/{job['id']}").json()["spec"]
+    assert spec["validation_dataset"]["name"] == validation["id"]
+    assert spec["training_dataset"]["validation_share"] == 0
+    # The job needs the file until it ends, like its training file.
+    refused = api.client.delete(f"/v1/files/{validation['id']}")
+    assert_problem(refused, 409, "file_in_use", "file_id")
+    # medtune.validation_dataset may add the other source fields.
+    more = create_v1(
+        api,
+        validation_file=validation["id"],
+        medtune={"validation_dataset": {"max_samples": 2}},
+    )
+    again = api.client.get(f"/jobs/{more['id']}").json()["spec"]["validation_dataset"]
+    assert again["name"] == validation["id"] and again["max_samples"] == 2
+    # Without one, the job object says null.
+    assert create_v1(api)["validation_file"] is None
+
+
+@pytest.fixture
+def secure_v1(sqlite_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(build(sqlite_url, tmp_path / "home", FakeQueue())) as client:
+        yield client
+
+
+def test_a_validation_file_of_another_key_is_not_found(
+    secure_v1: TestClient, sqlite_url: str
+) -> None:
+    _, alice = new_key(sqlite_url, name="alice")
+    _, bob = new_key(sqlite_url, name="bob")
+    mine = upload(secure_v1, "t.jsonl", JSONL, path="/v1/files", headers=bearer(bob)).json()["id"]
+    theirs = upload(secure_v1, "v.jsonl", JSONL, path="/v1/files", headers=bearer(alice))
+    body = {"model": SMOL, "training_file": mine, "validation_file": theirs.json()["id"]}
+    refused = secure_v1.post(V1, json=body, headers=bearer(bob))
+    problem = assert_problem(refused, 404, "file_not_found", "validation_file")
+    assert theirs.json()["id"] in problem["detail"]
+    assert secure_v1.get(V1, headers=bearer(bob)).json()["data"] == []
+    own = secure_v1.post(V1, json={**body, "validation_file": mine}, headers=bearer(bob))
+    assert own.status_code == 200, own.text
+    assert own.json()["validation_file"] == mine
 
 
 # --- read, list, cancel ------------------------------------------------------------------------
@@ -458,6 +546,63 @@ def test_spec_from_request_does_not_change_its_input() -> None:
     medtune = {"training_config": {"max_steps": 5}}
     shapes.spec_from_request(model=SMOL, training_file="x.jsonl", seed=1, medtune=medtune)
     assert medtune == {"training_config": {"max_steps": 5}}
+
+
+def test_spec_from_request_maps_validation_file() -> None:
+    spec = shapes.spec_from_request(model=SMOL, training_file="t.jsonl", validation_file="v.jsonl")
+    assert spec["validation_dataset"] == {"name": "v.jsonl"}
+    merged = shapes.spec_from_request(
+        model=SMOL,
+        training_file="t.jsonl",
+        validation_file="v.jsonl",
+        medtune={"validation_dataset": {"max_samples": 3}},
+    )
+    assert merged["validation_dataset"] == {"max_samples": 3, "name": "v.jsonl"}
+    null = shapes.spec_from_request(
+        model=SMOL,
+        training_file="t.jsonl",
+        validation_file="v.jsonl",
+        medtune={"validation_dataset": None},
+    )
+    assert null["validation_dataset"] == {"name": "v.jsonl"}
+    assert "validation_dataset" not in shapes.spec_from_request(model=SMOL, training_file="t")
+    with pytest.raises(shapes.ConflictingFields) as caught:
+        shapes.spec_from_request(
+            model=SMOL,
+            training_file="t.jsonl",
+            validation_file="v.jsonl",
+            medtune={"validation_dataset": {"name": "w.jsonl"}},
+        )
+    assert caught.value.field == "medtune.validation_dataset.name"
+
+
+def test_validation_errors_name_validation_file_when_it_was_sent() -> None:
+    for field in ("validation_dataset", "validation_dataset.name"):
+        assert shapes.request_field(field, validation_file="v.jsonl") == "validation_file"
+        assert shapes.request_field(field) == f"medtune.{field}"
+    assert shapes.request_field("validation_dataset.columns", validation_file="v.jsonl") == (
+        "medtune.validation_dataset.columns"
+    )
+
+
+def test_job_object_shows_the_validation_file_and_its_errors() -> None:
+    spec = recipe_spec("sample:medical_qa")
+    spec["validation_dataset"] = {"name": "file-abc"}
+    assert shapes.job_object(make_job(spec=spec))["validation_file"] == "file-abc"
+    spec["validation_dataset"] = None  # as a stored spec without one says
+    assert shapes.job_object(make_job(spec=spec))["validation_file"] is None
+    failed = make_job(
+        status=JobStatus.failed,
+        error_code="dataset_not_found",
+        error_message="validation_dataset: uploaded file 'file-abc' does not exist",
+    )
+    assert shapes.job_error(failed) == {
+        "code": "dataset_not_found",
+        "message": "validation_dataset: uploaded file 'file-abc' does not exist",
+        "param": "validation_file",
+    }
+    training = make_job(status=JobStatus.failed, error_code="dataset_not_found")
+    assert shapes.job_error(training)["param"] == "training_file"  # type: ignore[index]
 
 
 def test_request_field_names_where_the_value_came_from() -> None:

@@ -193,18 +193,18 @@ def test_errors_name_the_source(tmp_path: Path) -> None:
     )
     with pytest.raises(DatasetError) as info:
         collect(bad_column)
-    assert info.value.field == "training_dataset.sources.1.columns.question"
+    assert info.value.field == "training_dataset.sources[1].columns.question"
     assert info.value.detail.startswith(f"source 1 ({str(b)!r}): ")
     missing = mix({"name": str(a)}, {"name": str(tmp_path / "nowhere.jsonl")})
     with pytest.raises(DatasetNotFound) as found:
         resolve_local(missing)  # what the API runs at submit time
-    assert found.value.field == "training_dataset.sources.1.name"
+    assert found.value.field == "training_dataset.sources[1].name"
     no_rows = tmp_path / "c.jsonl"
     no_rows.write_text('{"question": "q?", "answer": " "}\n')
     with pytest.raises(DatasetError) as empty:
         collect(mix({"name": str(a)}, {"name": str(no_rows)}))
     assert empty.value.code == "dataset_empty"
-    assert empty.value.field == "training_dataset.sources.1"
+    assert empty.value.field == "training_dataset.sources[1]"
 
 
 # --- statistics -------------------------------------------------------------------------------
