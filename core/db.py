@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -11,6 +13,19 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, create_engine
+
+log = logging.getLogger(__name__)
+
+# How long a new database connection is retried before the error is raised. The API keeps 0:
+# it answers 503 at once while the database is down. Workers set it (connect_retry) so that a
+# database restart pauses their writes (metric rows, lease, status) instead of failing the job.
+_connect_retry_s = 0.0
+
+
+def connect_retry(seconds: float) -> None:
+    """Retry failed connects of every Postgres engine in this process for up to ``seconds``."""
+    global _connect_retry_s
+    _connect_retry_s = seconds
 
 
 @lru_cache(maxsize=8)
@@ -23,7 +38,28 @@ def get_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pool_pre_ping: the API must survive a database restart without serving dead connections.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    event.listen(engine, "do_connect", _connect_with_retry)
+    return engine
+
+
+def _connect_with_retry(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+    """Connect, retrying with backoff (0.25 s doubling to 5 s) within ``_connect_retry_s``.
+
+    Every session checks its connection out (and pings it) first, so a write that comes while
+    the database is down waits here for it to come back.
+    """
+    deadline = time.monotonic() + _connect_retry_s
+    pause = 0.25
+    while True:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except dialect.loaded_dbapi.OperationalError as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("database unreachable (%s); retrying in %.2f s", str(exc).strip(), pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

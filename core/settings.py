@@ -69,6 +69,18 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(
         default=30.0, gt=0, description="How often a worker requeues jobs whose lease lapsed."
     )
+    db_retry_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="How long a worker waits for an unreachable database (retrying with "
+        "backoff) before a write fails: a database restart pauses a job instead of failing it.",
+    )
+    visibility_timeout_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="Redis broker: an unacknowledged task is handed out again after this long "
+        "(the job's database claim makes that second delivery a no-op).",
+    )
     env: str = Field(default="development", description="development or production")
     auth: Literal["required", "disabled", "auto"] = Field(
         default="auto",

@@ -7,10 +7,13 @@ from typing import Any
 
 from celery.signals import worker_ready
 
+from core.db import connect_retry
 from core.queue import TRAIN_QUEUE, make_celery
 from core.settings import get_settings
 
 app = make_celery(get_settings())
+# A database restart pauses this worker's writes (metric rows, lease, status) until it is back.
+connect_retry(get_settings().db_retry_s)
 app.conf.include = ["worker.tasks"]
 log = logging.getLogger(__name__)
 
