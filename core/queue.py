@@ -11,9 +11,6 @@ INFER_QUEUE = "medtune.infer"
 RUN_JOB_TASK = "medtune.run_job"
 INFER_TASK = "medtune.infer"
 
-# A training job can run for hours: the broker must not hand it to another worker meanwhile.
-VISIBILITY_TIMEOUT_S = 24 * 3600
-
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     return {
@@ -27,16 +24,26 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_default_queue": TRAIN_QUEUE,
         "task_routes": {RUN_JOB_TASK: {"queue": TRAIN_QUEUE}, INFER_TASK: {"queue": INFER_QUEUE}},
-        "broker_transport_options": _transport_options(settings.celery_broker_url),
+        "broker_transport_options": _transport_options(
+            settings.celery_broker_url, visibility_timeout_s=settings.visibility_timeout_s
+        ),
         "result_expires": 3600,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
     }
 
 
-def _transport_options(broker_url: str) -> dict[str, Any]:
+def _transport_options(broker_url: str, *, visibility_timeout_s: float) -> dict[str, Any]:
     if broker_url.startswith(("redis://", "rediss://")):
-        return {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+        # A training job can run for hours: the default (a day) keeps the broker from handing
+        # it to another worker meanwhile; if it does, the job's claim refuses the copy.
+        options: dict[str, Any] = {"visibility_timeout": visibility_timeout_s}
+        if visibility_timeout_s < 100:
+            # Kombu sweeps for overdue tasks about every 100 s (10 s x a throttle of 10): a
+            # short timeout only takes effect with sweeps as frequent.
+            interval = max(1, int(visibility_timeout_s))
+            options |= {"unacked_restore_interval": interval, "unacked_restore_throttle": 1}
+        return options
     # Kombu's SQL transport hands every option to create_engine(), so it gets none.
     return {}
 
