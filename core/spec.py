@@ -307,6 +307,14 @@ class DatasetSection(_Section):
             return "path"
         return "hub"
 
+    @field_validator("name")
+    @classmethod
+    def _no_control_characters(cls, value: str) -> str:
+        # A NUL reaches the file system as "embedded null byte", a 500 instead of this 422.
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("control characters are not allowed in a dataset name or path")
+        return value
+
     @model_validator(mode="after")
     def _known_kind(self) -> DatasetSection:
         if self.kind == "file" and not FILE_REF.fullmatch(self.name):

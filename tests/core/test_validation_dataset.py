@@ -364,3 +364,15 @@ def test_a_job_measures_eval_loss_and_evaluates_on_the_validation_set(
         "held question number 0?",
         "held question number 1?",
     ]
+
+
+def test_control_characters_in_a_dataset_name_are_refused() -> None:
+    # A NUL in a path failed in the file system (a 500) instead of naming the field.
+    for body in (
+        {"training_dataset": {"name": "/tmp/a\x00.jsonl"}},
+        {"training_dataset": {"sources": [{"name": "/tmp/a\x00.jsonl"}]}},
+        {"validation_dataset": {"name": "/tmp/a\x00.jsonl"}},
+        {"validation_dataset": {"name": "./a\n.jsonl"}},
+    ):
+        with pytest.raises(ValidationError, match="control characters are not allowed"):
+            JobSpec.model_validate(body)
