@@ -121,7 +121,8 @@ class MetricPublic(_Out):
     )
     eval_loss: float | None = Field(
         default=None,
-        description="Loss on the held-out split at this step (jobs with a validation_share).",
+        description="Loss on the held-out split at this step (jobs with a validation_dataset "
+        "or a validation_share).",
     )
     created_at: datetime
 
@@ -205,7 +206,9 @@ class JobDatasetPublic(BaseModel):
     dataset: dict[str, Any] = Field(description="The job's training_dataset section.")
     stats: dict[str, Any] = Field(
         description="Counts by source, dropped rows by reason, token length percentiles "
-        "(p50/p90/p99/max, before truncation), trained-token share, truncation rate."
+        "(p50/p90/p99/max, before truncation), trained-token share, truncation rate; "
+        "'validation': where the validation split came from (kind validation_dataset, with "
+        "that set's own statistics, or validation_share), null without one."
     )
 
 
