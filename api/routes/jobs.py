@@ -304,6 +304,10 @@ def stream_events(
     """Metrics as Server-Sent Events (event id = step, resumable with Last-Event-ID)."""
     owner = principal.job_owner
     jobs.get_job(session, job_id, owner=owner)  # 404 before the stream starts
+    # The request's session would keep its pooled connection until the stream ends: 50 open
+    # streams exhausted the pool (30) and every other request timed out with a 500. The stream
+    # polls with short sessions of its own.
+    session.close()
     start = _resume_step(last_event_id, after_step)
     url = settings.db_url
 
