@@ -19,6 +19,7 @@ import redis
 from core import jobs
 from core.client import parse_sse
 from core.db import session_scope
+from core.inference_llamacpp import llama_cpp_available
 from core.models import JobStatus
 from core.queue import INFER_QUEUE
 from core.spec import JobSpec
@@ -218,3 +219,24 @@ def test_openai_chat_with_the_base_model(infer_stack: Stack) -> None:
         )
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] <= 8
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python missing")
+def test_the_llama_cpp_backend_streams_through_the_api(infer_stack: Stack, job_id: str) -> None:
+    body = {
+        "job_id": job_id,
+        "use_adapter": False,  # the embedded base: its shipped GGUF
+        "question": QUESTION,
+        "max_new_tokens": 16,
+        "backend": "llama_cpp",
+    }
+    with client(infer_stack) as http:
+        events = infer_stream(http, body)
+        refused = http.post("/infer", json={**body, "use_adapter": True})
+    done = events[-1][1]
+    assert events[-1][0] == "done" and done["backend"] == "llama_cpp"
+    assert "".join(data["text"] for _, data in events[:-1]) == done["answer"]
+    assert done["usage"]["completion_tokens"] <= 16
+    # The tuned job has no GGUF export: asking llama.cpp for it says how to get one.
+    assert refused.status_code == 409 and refused.json()["code"] == "backend_unavailable"
+    assert refused.json()["field"] == "backend"
