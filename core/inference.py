@@ -184,6 +184,14 @@ class InferenceEngine:
         return self.submit(InferenceRequest(**kwargs)).result()
 
     @property
+    def _unsloth(self) -> bool:
+        if not self.cuda:
+            return False
+        from core.inference_cuda import unsloth_available
+
+        return unsloth_available()
+
+    @property
     def cuda(self) -> bool:
         if self._cuda is None:
             import torch
@@ -223,7 +231,9 @@ class InferenceEngine:
     def _group_key(self, request: InferenceRequest) -> Hashable:
         if request.backend == "transformers":
             sampling = request.generation(None).sampling_key()
-            return ("transformers", request.base_model, request.load_in_4bit, sampling)
+            # Unsloth's fast LoRA kernels serve one adapter at a time: no mixed batches there.
+            adapter = request.adapter_dir if self._unsloth else None
+            return ("transformers", request.base_model, request.load_in_4bit, sampling, adapter)
         return (request.backend, id(request))  # llama.cpp and static graphs: one at a time
 
     def _run_group(self, group: Sequence[Pending]) -> None:
