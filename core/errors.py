@@ -111,3 +111,17 @@ class ExportError(MedtuneError):
 
     code = "export_failed"
     status = 422
+
+
+class DiskFull(MedtuneError):
+    """The volume holding a job's artifacts ran out of space while the job wrote to it."""
+
+    code = "disk_full"
+    status = 507
+
+
+class ArtifactsUnwritable(MedtuneError):
+    """A job's artifact folder cannot be created or written (read-only, no permission)."""
+
+    code = "artifacts_unwritable"
+    status = 500

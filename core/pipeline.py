@@ -24,6 +24,7 @@ from core.lease import LeaseKeeper
 from core.models import JobStage, JobStatus
 from core.settings import Settings
 from core.spec import JobSpec
+from core.storage import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,22 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
             return status
         spec = JobSpec.model_validate(jobs.get_job(s, job_id).spec)
     job_dir = settings.artifacts_dir / job_id
-    job_dir.mkdir(parents=True, exist_ok=True)
     try:
         with LeaseKeeper(url, job_id, worker=worker, lease_s=settings.lease_seconds):
+            job_dir.mkdir(parents=True, exist_ok=True)
             return _run_stages(job_id, spec, job_dir, settings)
     except MedtuneError as exc:
         log.warning("job %s failed: %s %s", job_id, exc.code, exc.detail)
         _finish(url, job_id, JobStatus.failed, error_code=exc.code, error_message=exc.detail)
     except Exception as exc:
+        storage = storage_error(exc, job_dir)
+        if storage is not None:  # a full or read-only volume: say so, keep what was complete
+            log.warning("job %s failed: %s (%s)", job_id, storage.code, exc)
+            _drop_staging(job_dir / spec.training.output_dir)
+            _finish(
+                url, job_id, JobStatus.failed, error_code=storage.code, error_message=storage.detail
+            )
+            return JobStatus.failed
         log.exception("job %s crashed", job_id)
         _finish(
             url,
@@ -78,6 +87,13 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
             error_message=f"{type(exc).__name__}: {str(exc)[:500]}",
         )
     return JobStatus.failed
+
+
+def _drop_staging(output_dir: Path) -> None:
+    """Free the space a half-written checkpoint took; complete checkpoints stay."""
+    from core.training import checkpoints
+
+    shutil.rmtree(checkpoints.checkpoint_dir(output_dir) / checkpoints.STAGING, ignore_errors=True)
 
 
 def _finish(url: str, job_id: str, status: JobStatus, **values: Any) -> None:
