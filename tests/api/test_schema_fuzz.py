@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -365,3 +366,35 @@ def test_an_unparsable_body_names_the_body_and_the_fix(fast: tuple[Any, str, str
     response = client.post("/infer", content=b"\x02!\xff:", headers=headers)
     body = problem_of(response, 400, "invalid_body", "body")
     assert "UTF-8 JSON" in body["detail"]
+
+
+def test_an_open_event_stream_holds_no_pooled_connection(db_url: str, tmp_path: Path) -> None:
+    """Found by bench/load_soak.py: 50 SSE listeners held 50 connections of a pool of 30, and
+    every other request waited 30 s for one and failed with a 500."""
+    from fastapi.testclient import TestClient
+
+    from core.db import get_engine
+
+    app = build(db_url, tmp_path / "home", FuzzQueue())
+    _, key = new_key(db_url, name="sse")
+    with TestClient(app) as client:
+        response = client.post("/jobs", json=recipe_spec("sample:medical_qa"), headers=bearer(key))
+        job_id = response.json()["id"]
+        with session_scope(db_url) as s:
+            assert jobs.claim(s, job_id, worker="sse")  # running: the stream stays open
+        pool = get_engine(db_url).pool
+        params = {"poll_seconds": 0.2}
+        with client.stream(
+            "GET", f"/jobs/{job_id}/events", params=params, headers=bearer(key)
+        ) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("retry:")
+            while not next(lines).startswith("event: status"):
+                pass
+            # Between polls nothing is checked out (during one, the poll's own session is).
+            samples = []
+            for _ in range(40):
+                samples.append(pool.checkedout())  # type: ignore[attr-defined]
+                time.sleep(0.02)
+            assert 0 in samples, samples
