@@ -28,11 +28,17 @@ def unsloth_available() -> bool:
     return True
 
 
-def load_base(path: str, *, load_in_4bit: bool, max_seq_length: int = 4096) -> tuple[Any, Any]:
-    """The base model for adapters: Unsloth ``for_inference`` where installed."""
+def load_base(
+    path: str, *, load_in_4bit: bool, max_seq_length: int = 4096, unsloth: bool | None = None
+) -> tuple[Any, Any]:
+    """The base model for adapters: Unsloth ``for_inference`` where installed.
+
+    ``unsloth=False`` keeps to transformers (+ bitsandbytes): importing Unsloth patches
+    transformers for the whole process, so a comparison must not even try it.
+    """
     import torch
 
-    if unsloth_available():
+    if unsloth if unsloth is not None else unsloth_available():
         from unsloth import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(
@@ -60,7 +66,7 @@ def load_base(path: str, *, load_in_4bit: bool, max_seq_length: int = 4096) -> t
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def attach_adapter(model: Any, adapter_dir: str, name: str) -> Any:
+def attach_adapter(model: Any, adapter_dir: str, name: str, *, unsloth: bool | None = None) -> Any:
     """Attach a LoRA adapter; the returned model is the one to keep (a PeftModel)."""
     from peft import PeftModel
 
@@ -68,7 +74,7 @@ def attach_adapter(model: Any, adapter_dir: str, name: str) -> Any:
         model.load_adapter(adapter_dir, adapter_name=name)
     else:
         model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
-    if unsloth_available():
+    if unsloth if unsloth is not None else unsloth_available():
         from unsloth import FastLanguageModel
 
         FastLanguageModel.for_inference(model)  # re-patch the LoRA layers peft just added

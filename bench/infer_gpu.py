@@ -1,0 +1,152 @@
+"""GPU inference benchmark: one stream, 128 new tokens, Llama-3-8B shape, four paths.
+
+Random weights of the real Llama-3-8B architecture with the real Llama 3 tokenizer and chat
+template (bench/real_tokenizers.py), a random LoRA adapter (r=16, all 7 projections): speed is
+faithful, answers are not the point. Each path runs in its own process (Unsloth patches
+transformers when imported) through the service's own code (core.inference_cuda and the shared
+``generate_batch``), greedy, ``min_new_tokens`` = ``max_new_tokens`` so every run decodes them all.
+
+    python bench/infer_gpu.py make TOKENIZER_DIR WORK_DIR     # WORK_DIR/model, WORK_DIR/adapter
+    python bench/infer_gpu.py run PATH WORK_DIR [--tokens 128]
+    PATH: unsloth_4bit_lora | hf_4bit_peft | bf16_eager | bf16_static_compiled
+
+Prints one JSON line per run (appended to $BENCH_OUT if set): time to first token (prefill +
+first token) and decode tokens/s, medians of 3 after a warm-up. The random weights stand in for
+the merged model in the two bf16 paths (merging changes values, not shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PATHS = ("unsloth_4bit_lora", "hf_4bit_peft", "bf16_eager", "bf16_static_compiled")
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QUESTION = "What are the symptoms of iron deficiency anemia, and how is it treated?"
+SYSTEM = "You are a medical assistant. Answer the question truthfully."
+
+
+def emit(record: dict[str, Any]) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if os.environ.get("BENCH_OUT"):
+        with open(os.environ["BENCH_OUT"], "a") as fh:
+            fh.write(line + "\n")
+
+
+def make(tokenizer_dir: str, work: str) -> None:
+    """The 8B-shaped model (bench/gpu_train.py's shape) and a random LoRA adapter for it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bench.gpu_train import make as make_model
+
+    model_dir, adapter_dir = Path(work) / "model", Path(work) / "adapter"
+    make_model("llama3-8b", tokenizer_dir, str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, device_map={"": 0}
+    )
+    lora = LoraConfig(
+        r=16, lora_alpha=16, target_modules=PROJECTIONS, init_lora_weights=False
+    )  # non-zero B: the adapter really computes
+    get_peft_model(model, lora).save_pretrained(adapter_dir)
+    emit({"made": "adapter", "dir": str(adapter_dir)})
+
+
+def _load(path: str, work: Path) -> tuple[Any, Any, dict[str, Any], str | None]:
+    """(model, tokenizer, generate kwargs, adapter name) for one path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.inference_cuda import StaticCompiled, attach_adapter, load_base
+
+    model_dir, adapter_dir = str(work / "model"), str(work / "adapter")
+    if path in ("unsloth_4bit_lora", "hf_4bit_peft"):
+        unsloth = path == "unsloth_4bit_lora"
+        model, tokenizer = load_base(model_dir, load_in_4bit=True, unsloth=unsloth)
+        model = attach_adapter(model, adapter_dir, "job", unsloth=unsloth)
+        return model, tokenizer, {}, "job"
+    if path == "bf16_static_compiled":
+        compiled = StaticCompiled(model_dir)
+        return compiled.model, compiled.tokenizer, compiled.generate_kwargs(), None
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, device_map={"": 0}
+    ).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir), {}, None
+
+
+def run(path: str, work: str, *, tokens: int) -> None:
+    import torch
+
+    from core.inference_generate import GenerationRequest, generate_one
+
+    started = time.perf_counter()
+    model, tokenizer, kwargs, adapter = _load(path, Path(work))
+    load_s = time.perf_counter() - started
+    request = GenerationRequest(
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
+        max_new_tokens=tokens,
+        adapter=adapter,
+    )
+    kwargs = {**kwargs, "min_new_tokens": tokens}
+    warm = time.perf_counter()
+    for _ in range(2 if path == "bf16_static_compiled" else 1):  # compile + record the graphs
+        generate_one(model, tokenizer, request, generate_kwargs=kwargs)
+    warm_s = time.perf_counter() - warm
+    runs = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        runs.append(generate_one(model, tokenizer, request, generate_kwargs=kwargs))
+    decode = [
+        (g.completion_tokens - 1) / (g.seconds - g.first_token_seconds)
+        for g in runs
+        if g.first_token_seconds is not None
+    ]
+    emit(
+        {
+            "path": path,
+            "gpu": torch.cuda.get_device_name(0),
+            "prompt_tokens": runs[0].prompt_tokens,
+            "new_tokens": runs[0].completion_tokens,
+            "ttft_ms_median": round(
+                statistics.median(g.first_token_seconds or 0 for g in runs) * 1000, 1
+            ),
+            "decode_tokens_per_s_median": round(statistics.median(decode), 1),
+            "end_to_end_tokens_per_s_median": round(
+                statistics.median(g.completion_tokens / g.seconds for g in runs), 1
+            ),
+            "load_s": round(load_s, 1),
+            "warm_up_s": round(warm_s, 1),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    made = sub.add_parser("make")
+    made.add_argument("tokenizer_dir")
+    made.add_argument("work")
+    ran = sub.add_parser("run")
+    ran.add_argument("path", choices=PATHS)
+    ran.add_argument("work")
+    ran.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+    if args.command == "make":
+        make(args.tokenizer_dir, args.work)
+    else:
+        run(args.path, args.work, tokens=args.tokens)
+
+
+if __name__ == "__main__":
+    main()
