@@ -209,6 +209,8 @@ def generate_batch(
     if len({r.sampling_key() for r in requests}) != 1:
         raise ValueError("a batch must share temperature and top_p; group requests first")
     texts = [render(tokenizer, r.messages, add_generation_prompt=True) for r in requests]
+    if tokenizer.pad_token_id is None:  # a batch needs padding; masked, so any token does
+        tokenizer.pad_token = tokenizer.eos_token
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import socket
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -56,8 +57,11 @@ def export_task(
             return {"error": exc.as_dict()}
 
 
+_engine_lock = threading.Lock()
+
+
 @lru_cache(maxsize=1)
-def _engine() -> InferenceEngine:
+def _new_engine() -> InferenceEngine:
     settings = get_settings()
     return InferenceEngine(
         models_dir=settings.models_dir,
@@ -66,6 +70,12 @@ def _engine() -> InferenceEngine:
         default_backend=settings.infer_backend,
         llama_threads=settings.infer_threads or None,
     )
+
+
+def _engine() -> InferenceEngine:
+    # One engine per process, also when a threads pool asks for it from several threads at once.
+    with _engine_lock:
+        return _new_engine()
 
 
 @app.task(name=INFER_TASK)
