@@ -7,7 +7,7 @@ set -euo pipefail
 DIR=${1:-.whl} VENV=${2:-.venv}
 PKGS=(pydantic pydantic-core pydantic-settings annotated-types typing-inspection python-dotenv
       sqlmodel sqlalchemy greenlet alembic mako httpx httpcore h11 anyio idna certifi
-      redis pytest pluggy iniconfig pytest-timeout)
+      redis pytest pluggy iniconfig pytest-timeout tensorboardX protobuf)
 PINS=()
 for p in "${PKGS[@]}"; do
   v=$("$VENV/bin/python" -m pip show "$p" 2>/dev/null | awk '/^Version:/{print $2}')
