@@ -62,7 +62,9 @@ def decode_rate(result: dict[str, Any]) -> float | None:
     return round((n - 1) / (total - first), 2) if n > 1 and total > first else None
 
 
-def single_stream(engine: Any, name: str, *, tokens: int, **request: Any) -> None:
+def single_stream(
+    engine: Any, name: str, *, tokens: int, extra: dict[str, Any] | None = None, **request: Any
+) -> None:
     engine.answer(base_model=BASE, messages=messages("Hi"), max_new_tokens=8, **request)
     runs = [
         engine.answer(
@@ -78,6 +80,7 @@ def single_stream(engine: Any, name: str, *, tokens: int, **request: Any) -> Non
             "ttft_s_median": statistics.median(r["time_to_first_token_s"] for r in runs),
             "tokens_per_s_median": statistics.median(r["tokens_per_second"] for r in runs),
             "decode_tokens_per_s_median": statistics.median(decode_rate(r) or 0 for r in runs),
+            **(extra or {}),
         }
     )
 
@@ -271,6 +274,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gguf", help="GGUF file (default: the embedded model's Q4_1)")
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--llama-threads", type=int, help="default: half the cores")
     parser.add_argument("--skip-api", action="store_true")
     parser.add_argument("--only", choices=["streams", "batched", "adapter", "api"])
     args = parser.parse_args()
@@ -282,11 +286,20 @@ def main() -> None:
 
     models_dir = get_settings().models_dir
     workdir = Path(tempfile.mkdtemp(prefix="medtune-infer-bench-"))
-    engine = InferenceEngine(models_dir=models_dir, max_batch=len(QUESTIONS), batch_wait_s=0.05)
+    engine = InferenceEngine(
+        models_dir=models_dir,
+        max_batch=len(QUESTIONS),
+        batch_wait_s=0.05,
+        llama_threads=args.llama_threads,
+    )
     if args.only in (None, "streams"):
         single_stream(engine, "transformers_fp32", tokens=args.tokens, backend="transformers")
         single_stream(
-            engine, "llama_cpp", tokens=args.tokens, gguf_path=args.gguf or str(gguf_path())
+            engine,
+            "llama_cpp",
+            tokens=args.tokens,
+            gguf_path=args.gguf or str(gguf_path()),
+            extra={"threads": engine.llama.n_threads, "gguf": Path(args.gguf or gguf_path()).name},
         )
     if args.only in (None, "batched"):
         batched(engine, tokens=32)

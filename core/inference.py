@@ -167,7 +167,7 @@ class InferenceEngine:
         self._bases: dict[tuple[str, bool], _Base] = {}
         self._tokenizers: dict[str, Any] = {}
         self._static: OrderedDict[str, Any] = OrderedDict()
-        self._llama = LlamaCppBackend(loads=self.loads, n_threads=llama_threads)
+        self.llama = LlamaCppBackend(loads=self.loads, n_threads=llama_threads)
         self._cuda: bool | None = None
         self.batcher = Batcher(
             self._run_group, self._group_key, max_batch=max_batch, wait_s=batch_wait_s
@@ -280,7 +280,7 @@ class InferenceEngine:
         try:
             assert req.gguf_path
             tokenizer = self._tokenizer(req.adapter_dir or resolve_base(req, self.models_dir))
-            gen = self._llama.generate(req.gguf_path, tokenizer, req.generation(None))
+            gen = self.llama.generate(req.gguf_path, tokenizer, req.generation(None))
         except MedtuneError as exc:
             pending.future.set_exception(exc)
             return
