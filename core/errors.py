@@ -125,3 +125,9 @@ class ArtifactsUnwritable(MedtuneError):
 
     code = "artifacts_unwritable"
     status = 500
+
+
+class LeaseLost(ConflictError):
+    """The worker's lease on a running job lapsed and the job was requeued: stop, write nothing."""
+
+    code = "lease_lost"

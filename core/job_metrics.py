@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,12 @@ class DatabaseSink(BufferedSink):
         max_seconds: float = 2.0,
         cancel_poll_s: float = 1.0,
         background: bool = True,
+        lease_check: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(max_rows=max_rows, max_seconds=max_seconds, background=background)
         self.url, self.job_id, self.cancel_poll_s = url, job_id, cancel_poll_s
+        # Raises LeaseLost once another worker may hold the job: its rows must not mix with ours.
+        self.lease_check = lease_check or (lambda: None)
         self._cancel_read_at = -math.inf
         self._cancelled = False
 
@@ -41,10 +45,12 @@ class DatabaseSink(BufferedSink):
             jobs.set_fields(s, self.job_id, steps_total=total_steps)
 
     def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        self.lease_check()
         with session_scope(self.url) as s:
             jobs.add_metrics(s, self.job_id, rows)
 
     def should_stop(self) -> bool:
+        self.lease_check()  # stops the run at the next step, without a checkpoint
         now = time.monotonic()
         if not self._cancelled and now - self._cancel_read_at >= self.cancel_poll_s:
             self._cancel_read_at = now
@@ -53,13 +59,20 @@ class DatabaseSink(BufferedSink):
         return self._cancelled
 
 
-def job_sink(url: str, job_id: str, *, job_dir: Path, resume_step: int) -> TeeSink:
+def job_sink(
+    url: str,
+    job_id: str,
+    *,
+    job_dir: Path,
+    resume_step: int,
+    lease_check: Callable[[], None] | None = None,
+) -> TeeSink:
     """The sink a job's training run reports to; ``close()`` it when the run ends.
 
     ``resume_step``: the checkpoint step the run starts from (0 for a fresh start); TensorBoard
     drops what an earlier, lost run logged after it.
     """
     return TeeSink(
-        DatabaseSink(url, job_id),
+        DatabaseSink(url, job_id, lease_check=lease_check),
         TensorBoardSink(job_dir / TENSORBOARD_DIR, resume_step=resume_step),
     )

@@ -251,12 +251,17 @@ def finish(
     *,
     error_code: str | None = None,
     error_message: str | None = None,
+    worker: str | None = None,
     **values: Any,
 ) -> None:
+    """End a running job; with ``worker``, only while that worker still holds it."""
+    held = col(Job.status) == JobStatus.running
+    if worker is not None:
+        held = and_(held, col(Job.worker) == worker)
     _update(
         session,
         job_id,
-        col(Job.status) == JobStatus.running,
+        held,
         status=status,
         stage=None,
         finished_at=utcnow(),

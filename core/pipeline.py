@@ -17,7 +17,7 @@ from core.base_models import allowed_model_roots, hub_call, resolve
 from core.data.prepare import Prepared, prepare
 from core.data.tokenize import ensure_chat_template
 from core.db import session_scope
-from core.errors import MedtuneError, OutOfMemory
+from core.errors import LeaseLost, MedtuneError, OutOfMemory
 from core.evaluation import EVALUATION_FILE
 from core.job_metrics import job_sink
 from core.lease import LeaseKeeper
@@ -63,19 +63,34 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
         spec = JobSpec.model_validate(jobs.get_job(s, job_id).spec)
     job_dir = settings.artifacts_dir / job_id
     try:
-        with LeaseKeeper(url, job_id, worker=worker, lease_s=settings.lease_seconds):
+        with LeaseKeeper(url, job_id, worker=worker, lease_s=settings.lease_seconds) as lease:
             job_dir.mkdir(parents=True, exist_ok=True)
-            return _run_stages(job_id, spec, job_dir, settings)
+            return _run_stages(job_id, spec, job_dir, settings, lease=lease)
+    except LeaseLost as exc:  # the job is another worker's now: touch nothing of it
+        log.warning("job %s abandoned: %s", job_id, exc.detail)
+        return JobStatus.queued
     except MedtuneError as exc:
         log.warning("job %s failed: %s %s", job_id, exc.code, exc.detail)
-        _finish(url, job_id, JobStatus.failed, error_code=exc.code, error_message=exc.detail)
+        _finish(
+            url,
+            job_id,
+            JobStatus.failed,
+            worker=worker,
+            error_code=exc.code,
+            error_message=exc.detail,
+        )
     except Exception as exc:
         storage = storage_error(exc, job_dir)
         if storage is not None:  # a full or read-only volume: say so, keep what was complete
             log.warning("job %s failed: %s (%s)", job_id, storage.code, exc)
             _drop_staging(job_dir / spec.training.output_dir)
             _finish(
-                url, job_id, JobStatus.failed, error_code=storage.code, error_message=storage.detail
+                url,
+                job_id,
+                JobStatus.failed,
+                worker=worker,
+                error_code=storage.code,
+                error_message=storage.detail,
             )
             return JobStatus.failed
         log.exception("job %s crashed", job_id)
@@ -83,6 +98,7 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
             url,
             job_id,
             JobStatus.failed,
+            worker=worker,
             error_code="internal_error",
             error_message=f"{type(exc).__name__}: {str(exc)[:500]}",
         )
@@ -96,9 +112,9 @@ def _drop_staging(output_dir: Path) -> None:
     shutil.rmtree(checkpoints.checkpoint_dir(output_dir) / checkpoints.STAGING, ignore_errors=True)
 
 
-def _finish(url: str, job_id: str, status: JobStatus, **values: Any) -> None:
+def _finish(url: str, job_id: str, status: JobStatus, *, worker: str, **values: Any) -> None:
     with session_scope(url) as s:
-        jobs.finish(s, job_id, status, **values)
+        jobs.finish(s, job_id, status, worker=worker, **values)
 
 
 def _note(url: str, job_id: str, *notes: str) -> None:
@@ -107,7 +123,9 @@ def _note(url: str, job_id: str, *notes: str) -> None:
             jobs.add_note(s, job_id, note)
 
 
-def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -> str:
+def _run_stages(
+    job_id: str, spec: JobSpec, job_dir: Path, settings: Settings, *, lease: LeaseKeeper
+) -> str:
     from core.training import engines
 
     url = settings.db_url
@@ -132,20 +150,36 @@ def _run_stages(job_id: str, spec: JobSpec, job_dir: Path, settings: Settings) -
         jobs.set_fields(s, job_id, engine=loaded.engine)
     _note(url, job_id, *loaded.notes)
     outcome = _train_with_recovery(
-        job_id, spec, loaded, prepared.train, job_dir, url, eval_items=prepared.validation
+        job_id,
+        spec,
+        loaded,
+        prepared.train,
+        job_dir,
+        url,
+        eval_items=prepared.validation,
+        lease=lease,
     )
+    lease.check()
     _note(url, job_id, *outcome.notes)
     if spec.evaluation.enabled and not outcome.cancelled:
         _evaluate(job_id, spec, loaded, prepared, job_dir, url)
     with session_scope(url) as s:
         jobs.set_fields(s, job_id, stage=JobStage.exporting)
     adapter_dir = job_dir / "adapter"
+    lease.check()
     _save_adapter(loaded, adapter_dir)
     if not outcome.cancelled:
         _export(job_id, spec, loaded, job_dir, adapter_dir, model_path, url)
     (job_dir / "spec.json").write_text(json.dumps(spec.to_json(), indent=2))
     status = JobStatus.cancelled if outcome.cancelled else JobStatus.succeeded
-    _finish(url, job_id, status, adapter_dir=str(adapter_dir), steps_done=outcome.steps)
+    _finish(
+        url,
+        job_id,
+        status,
+        worker=lease.worker,
+        adapter_dir=str(adapter_dir),
+        steps_done=outcome.steps,
+    )
     log.info(
         "job %s %s after %d steps (loss %s)", job_id, status, outcome.steps, outcome.final_loss
     )
@@ -212,6 +246,7 @@ def _train_with_recovery(
     url: str,
     *,
     eval_items: list[Any],
+    lease: LeaseKeeper,
 ) -> Any:
     """Train, resuming from the last checkpoint after a lost worker or a CUDA out-of-memory.
 
@@ -229,7 +264,13 @@ def _train_with_recovery(
             jobs.delete_metrics_after(s, job_id, resume.step)
         _note(url, job_id, f"resumed from checkpoint-{resume.step}")
     while True:
-        sink = job_sink(url, job_id, job_dir=job_dir, resume_step=resume.step if resume else 0)
+        sink = job_sink(
+            url,
+            job_id,
+            job_dir=job_dir,
+            resume_step=resume.step if resume else 0,
+            lease_check=lease.check,
+        )
         try:
             return trainer.train(
                 spec,
