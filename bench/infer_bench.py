@@ -187,7 +187,9 @@ def api_overhead(models_dir: Path, workdir: Path, *, samples: int = 30) -> None:
 
     db_url = f"sqlite:///{workdir / 'jobs.db'}"
     upgrade(db_url)
-    spec = JobSpec.model_validate({"training_dataset": {"name": "sample:medical_qa"}})
+    spec = JobSpec.model_validate(
+        {"model_config": {"base_model": BASE}, "training_dataset": {"name": "sample:medical_qa"}}
+    )
     with session_scope(db_url) as s:
         job_id = jobs.create_job(s, spec).id  # queued: its base model can be asked
     broker = _free_redis_db()
@@ -276,7 +278,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--llama-threads", type=int, help="default: half the cores")
     parser.add_argument("--skip-api", action="store_true")
-    parser.add_argument("--only", choices=["streams", "batched", "adapter", "api"])
+    parser.add_argument("--only", choices=["streams", "llama", "batched", "adapter", "api"])
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -294,6 +296,7 @@ def main() -> None:
     )
     if args.only in (None, "streams"):
         single_stream(engine, "transformers_fp32", tokens=args.tokens, backend="transformers")
+    if args.only in (None, "streams", "llama"):
         single_stream(
             engine,
             "llama_cpp",
