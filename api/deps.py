@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -18,9 +18,16 @@ from core.ratelimit import RateLimited, RateLimiter
 from core.settings import Settings, get_settings
 
 
-def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
-    with Session(get_engine(settings.db_url), expire_on_commit=False) as session:
+async def get_session(
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> AsyncIterator[Session]:
+    """A request's session, opened and closed on the event loop: giving its connection back
+    never waits for a worker thread (api/admission.py says why that matters)."""
+    session = Session(get_engine(settings.db_url), expire_on_commit=False)
+    try:
         yield session
+    finally:
+        session.close()
 
 
 _queues: dict[tuple[str, str], Any] = {}
@@ -49,7 +56,9 @@ def get_principal(
     """Who sent the request: the Bearer key's owner, or anonymous when auth is off."""
     if auth_mode(request, settings) != "required":
         return auth.ANONYMOUS
-    return auth.authenticate(session, settings, request.headers.get("authorization"))
+    principal = auth.authenticate(session, settings, request.headers.get("authorization"))
+    session.commit()  # end the lookup's transaction: no connection held while the route waits
+    return principal
 
 
 def get_limiter(request: Request) -> RateLimiter:

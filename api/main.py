@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from api import problems
+from api.admission import AdmissionLimit
 from api.deps import install_security
 from api.request_guards import RefuseNulBytes
 from api.routes import (
@@ -24,6 +25,7 @@ from api.routes import (
     openai_ft,
 )
 from core.logs import configure_from_env
+from core.settings import get_settings
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -40,6 +42,7 @@ def create_app() -> FastAPI:
     problems.install(app)
     install_security(app)
     app.add_middleware(metrics.PrometheusMiddleware)
+    app.add_middleware(AdmissionLimit, limit=get_settings().api_max_inflight)
     app.add_middleware(RefuseNulBytes)  # outermost: Postgres text cannot hold NUL
     app.include_router(health.router)
     app.include_router(jobs.router)

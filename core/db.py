@@ -34,13 +34,24 @@ def get_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            **_pool(parsed.database),
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pool_pre_ping: the API must survive a database restart without serving dead connections.
-    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=40)
     event.listen(engine, "do_connect", _connect_with_retry)
     return engine
+
+
+def _pool(database: str | None) -> dict[str, Any]:
+    """A file database gets the same pool as Postgres (above the API's admission limit)."""
+    if not database or database == ":memory:":
+        return {}
+    return {"pool_size": 10, "max_overflow": 40}
 
 
 def _connect_with_retry(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:

@@ -81,6 +81,14 @@ class Settings(BaseSettings):
         description="Redis broker: an unacknowledged task is handed out again after this long "
         "(the job's database claim makes that second delivery a no-op).",
     )
+    api_max_inflight: int = Field(
+        default=24,
+        ge=1,
+        le=1000,
+        description="API requests served at once before their responses start; more wait their "
+        "turn (503 server_busy after 30 s). Keep it below the database pool (50) so requests "
+        "never wait on each other for connections.",
+    )
     env: str = Field(default="development", description="development or production")
     auth: Literal["required", "disabled", "auto"] = Field(
         default="auto",
