@@ -1,5 +1,6 @@
 """Client subcommands of ``medtune``: ``jobs create|list|show|watch|cancel|metrics``, ``infer``
-and ``files upload|list|delete`` (core.cli_files).
+``files upload|list|delete`` (core.cli_files), and ``export``, ``jobs artifacts``,
+``artifacts download`` (core.cli_export).
 
 They talk to any medtune server over HTTP (``--url``, else ``MEDTUNE_URL``, else
 http://127.0.0.1:8000) through :class:`core.client.MedtuneClient`. ``--json`` prints the API's
@@ -468,3 +469,7 @@ def register(sub: Any) -> None:
     from core.cli_files import register as register_files
 
     register_files(sub, common)
+
+    from core.cli_export import register as register_export
+
+    register_export(sub, common, jobs_sub)
