@@ -71,6 +71,7 @@ TRAINING_STACK = {
     "protobuf",
     "rouge-score",
     "sacrebleu",
+    "tensorboardx",  # TensorBoard event files, written by the worker's training loop
 }
 # Never installed in the API image, whoever asks.
 HEAVY = TRAINING_STACK | {
@@ -619,11 +620,15 @@ def test_gpu_image_installs_the_gpu_extra_from_pyproject() -> None:
         [sys.executable, "-c", argv[2]], cwd=ROOT, capture_output=True, text=True, check=True
     )
     lines = result.stdout.split()
-    assert lines == PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["gpu"]
+    extras = PYPROJECT["optional-dependencies"]
+    assert lines == PYPROJECT["dependencies"] + extras["gpu"] + extras["gguf"] + extras["export"]
     pinned = {Requirement(line).name: str(Requirement(line).specifier) for line in lines}
     assert pinned["unsloth"] == "==2026.10.9"
     assert pinned["unsloth-zoo"] == "==2026.10.9"
     assert pinned["torch"] == "==2.13.0"
+    # The build stage compiles the llama-cpp-python wheel that pyproject pins (gguf extra).
+    llama_arg = next(v for v in _instructions(DOCKERFILE_GPU, "ARG") if "=" in v and "LLAMA" in v)
+    assert f"=={llama_arg.partition('=')[2]}" == pinned["llama-cpp-python"]
     installs = [i for i in _pip_installs(DOCKERFILE_GPU) if i["options"].get("-r")]
     assert [i["options"]["-r"] for i in installs] == ["/tmp/requirements.txt"]
     # The project itself goes in last, without pulling anything new.
