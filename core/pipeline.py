@@ -282,6 +282,8 @@ def _train_with_recovery(
                 eval_items=eval_items,
             )
         except torch.cuda.OutOfMemoryError as exc:
+            # Its last rows land now, before the rows past the checkpoint are dropped below.
+            sink.close()
             cfg = spec.training
             if cfg.per_device_train_batch_size == 1:
                 raise OutOfMemory(
