@@ -84,9 +84,9 @@ def test_export_of_a_job_without_adapter_is_409(api: Api, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"formats": ["onnx"]}, "formats"),
+        ({"formats": ["onnx"]}, "formats[0]"),
         ({"formats": []}, "formats"),
-        ({"formats": ["gguf"], "gguf_quantizations": ["q2_k"]}, "gguf_quantizations"),
+        ({"formats": ["gguf"], "gguf_quantizations": ["q2_k"]}, "gguf_quantizations[0]"),
         ({"formats": ["lora"], "colour": "red"}, "colour"),
     ],
 )
