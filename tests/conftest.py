@@ -27,6 +27,17 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 DATA_ROOTS: list[str] = []
 
 
+@pytest.fixture(autouse=True)
+def settings_of_this_test_only() -> Iterator[None]:
+    """Settings cached while a test changed the environment must not outlive it. Autouse
+    fixtures are torn down after the test's own monkeypatch, so the cache is dropped once the
+    environment is back."""
+    from core.settings import get_settings
+
+    yield
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def data_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """Allow datasets from the session's temp folders and the shared data, here and in stacks."""

@@ -5,17 +5,23 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 
 from core.db import connect_retry
 from core.queue import TRAIN_QUEUE, make_celery
 from core.settings import get_settings
 
 app = make_celery(get_settings())
-# A database restart pauses this worker's writes (metric rows, lease, status) until it is back.
-connect_retry(get_settings().db_retry_s)
 app.conf.include = ["worker.tasks"]
 log = logging.getLogger(__name__)
+
+
+@worker_init.connect
+def _wait_for_the_database(**_: Any) -> None:
+    """A database restart pauses this worker's writes (metric rows, lease, status) until it is
+    back. Set when a worker starts, not on import: a process that only imports the tasks (the
+    tests, a script) keeps failing fast."""
+    connect_retry(get_settings().db_retry_s)
 
 
 def _gpu() -> tuple[str, float] | None:
