@@ -216,6 +216,14 @@ def _write_merged_4bit(loaded: Any, merged_dir: Path | None, target: Path) -> No
     os.replace(tmp, target)
 
 
+def _keep_sentencepiece_model(base_path: str, folder: Path) -> None:
+    """A fast tokenizer's save_pretrained writes no tokenizer.model; the GGUF writer needs the
+    base model's SentencePiece scores, so the merged folder keeps a copy."""
+    source = Path(base_path) / "tokenizer.model"
+    if source.is_file() and not (folder / "tokenizer.model").exists():
+        shutil.copy2(source, folder / "tokenizer.model")
+
+
 @contextmanager
 def _merged_source(
     loaded: Any, job_dir: Path, formats: list[str], outcome: dict[str, Any]
@@ -349,6 +357,7 @@ def export_all(
 
         def merged_16bit() -> dict[str, Any]:
             _write_merged(loaded, target)
+            _keep_sentencepiece_model(base_path, target)
             answers = _smoke_merged(target, system_prompt, max_new_tokens)
             return _entry(target, describe(target), answers)
 
@@ -361,6 +370,7 @@ def export_all(
                 ):
                     outcome[key] = failed_entry(key, outcome["merge_error"])
             else:
+                _keep_sentencepiece_model(base_path, merged_dir)
                 if "merged_4bit" in formats:
                     target4 = job_dir / "merged_4bit"
 

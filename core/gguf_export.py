@@ -183,14 +183,24 @@ def _add_bpe_vocab(writer: Any, tokenizer: Any, model_dir: Path, vocab_size: int
     writer.add_token_merges(merges)
 
 
+SENTENCEPIECE_MODEL = "tokenizer.model"
+
+
 def _add_sentencepiece_vocab(writer: Any, model_dir: Path) -> None:
     """A SentencePiece vocabulary (Llama 2, Mistral 7B): tokens, scores, types."""
     import gguf
 
-    try:
-        vocab: Any = gguf.SentencePieceVocab(model_dir)
-    except FileNotFoundError:
-        vocab = gguf.LlamaHfVocab(model_dir)  # tokenizer.json of a converted SentencePiece model
+    if not (model_dir / SENTENCEPIECE_MODEL).is_file():
+        # Scores rebuilt from tokenizer.json make llama.cpp split words differently from
+        # transformers ('Ibuprofen' came out as other pieces): refuse rather than ship that.
+        raise ExportError(
+            f"a SentencePiece tokenizer without its {SENTENCEPIECE_MODEL}: llama.cpp needs the "
+            "model's own scores to tokenize as transformers does; put the base model's "
+            f"{SENTENCEPIECE_MODEL} in its folder, or export lora or merged_16bit instead",
+            field="export_config.formats",
+            code="gguf_unsupported_tokenizer",
+        )
+    vocab: Any = gguf.SentencePieceVocab(model_dir)
     tokens, scores, kinds = [], [], []
     for text, score, kind in vocab.all_tokens():
         tokens.append(text)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ pytest.importorskip("llama_cpp", reason="the gguf extra: pip install -e '.[gguf]
 
 pytestmark = pytest.mark.slow
 QUANTS = ["f16", "q8_0", "q4_k_m"]
+MISTRAL_SP_MODEL = str(files("mistral_common") / "data" / "tokenizer.model.v1")
 # The smoke answers are bounded (the untuned SmolLM2 may run past it on the second question);
 # stopping at the end-of-turn token is checked below with a question answered in a few words.
 TOKENS = 48
@@ -176,14 +179,7 @@ def test_a_failing_quantization_fails_alone(
                 "so its pre-tokenizer is not recognised (gguf_unsupported_tokenizer)",
             ),
         ),
-        pytest.param(
-            "mistral_v2",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known gap: the SentencePiece route tokenizes 'Ibuprofen 400 mg' "
-                "differently from transformers",
-            ),
-        ),
+        "mistral_v2",
     ],
 )
 def test_other_llama_tokenizers_tokenize_the_same_in_llama_cpp(
@@ -209,6 +205,8 @@ def test_other_llama_tokenizers_tokenize_the_same_in_llama_cpp(
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
+    if name == "mistral_v2":  # as Mistral's own repository ships it beside tokenizer.json
+        shutil.copy(MISTRAL_SP_MODEL, tmp_path / "model" / "tokenizer.model")
     target = tmp_path / "model.gguf"
     gguf_export.write_f16(tmp_path / "model", target, name=name)
     llm = Llama(str(target), vocab_only=True, verbose=False)
@@ -221,3 +219,31 @@ def test_other_llama_tokenizers_tokenize_the_same_in_llama_cpp(
             ), text
     finally:
         llm.close()
+
+
+def test_a_sentencepiece_folder_without_its_model_file_is_refused(
+    tmp_path: Path, real: dict[str, Any]
+) -> None:
+    """Without tokenizer.model the scores would come from tokenizer.json, and llama.cpp split
+    'Ibuprofen' into other pieces than transformers: the export says so instead."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = real["mistral_v2"]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with pytest.raises(ExportError) as caught:
+        gguf_export.write_f16(tmp_path / "model", tmp_path / "model.gguf", name="mistral_v2")
+    assert caught.value.code == "gguf_unsupported_tokenizer"
+    assert "tokenizer.model" in caught.value.detail
+    assert not (tmp_path / "model.gguf").exists()
