@@ -146,8 +146,9 @@ SOURCE_FIELDS = (
 )
 
 
-class DatasetSource(_Section):
-    """One dataset of a mix: where its rows come from, how its columns map, and its weight."""
+class _SourceFields(_Section):
+    """Where one dataset's rows come from and how its columns map: a mix source or the
+    validation set, read like training_dataset's own fields."""
 
     name: str = Field(
         min_length=1,
@@ -155,18 +156,15 @@ class DatasetSource(_Section):
         description="What training_dataset.name takes: an uploaded file's id, a local file or "
         "folder, MedQuAD as published, 'sample:medical_qa', or a Hub dataset id.",
     )
-    weight: float = Field(
-        default=1.0,
-        gt=0,
-        le=1_000_000,
-        allow_inf_nan=False,
-        description="This source's share of the mixed training set is weight / (sum of all "
-        "weights), e.g. 3 and 1 give 75% and 25%.",
+    split: str = Field(
+        default="train",
+        min_length=1,
+        max_length=100,
+        description="The Hub split to read (e.g. 'validation' or 'test'); files have none.",
     )
-    split: str = Field(default="train", min_length=1, max_length=100)
     input_field: str = Field(default="prompt", min_length=1, max_length=100)
     max_samples: int | None = Field(
-        default=None, ge=1, description="Read only the first N rows of this source."
+        default=None, ge=1, description="Read only the first N rows of this dataset."
     )
     format: Literal["auto", "medquad", "records"] = "auto"
     rename_columns: dict[str, str] = Field(default_factory=dict, max_length=100)
@@ -182,6 +180,19 @@ class DatasetSource(_Section):
         except ValidationError as exc:
             raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
         return value
+
+
+class DatasetSource(_SourceFields):
+    """One dataset of a mix: where its rows come from, how its columns map, and its weight."""
+
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1_000_000,
+        allow_inf_nan=False,
+        description="This source's share of the mixed training set is weight / (sum of all "
+        "weights), e.g. 3 and 1 give 75% and 25%.",
+    )
 
 
 class DatasetSection(_Section):
@@ -352,42 +363,10 @@ class DatasetSection(_Section):
         return self
 
 
-class ValidationDataset(_Section):
+class ValidationDataset(_SourceFields):
     """A separate validation set: read like one training source, then cleaned, rendered and
     tokenized with training_dataset's settings (system_prompt, dedupe, chat_template,
     train_on_prompt, min_tokens/max_tokens), and used as the validation split."""
-
-    name: str = Field(
-        min_length=1,
-        max_length=1000,
-        description="What training_dataset.name takes: an uploaded file's id, a local file or "
-        "folder, MedQuAD as published, 'sample:medical_qa', or a Hub dataset id.",
-    )
-    split: str = Field(
-        default="train",
-        min_length=1,
-        max_length=100,
-        description="The Hub split to read (e.g. 'validation' or 'test' of the training "
-        "dataset); files have none.",
-    )
-    input_field: str = Field(default="prompt", min_length=1, max_length=100)
-    max_samples: int | None = Field(
-        default=None, ge=1, description="Read only the first N rows of the validation set."
-    )
-    format: Literal["auto", "medquad", "records"] = "auto"
-    rename_columns: dict[str, str] = Field(default_factory=dict, max_length=100)
-    remove_columns: list[str] = Field(default_factory=list, max_length=100)
-    columns: ColumnMap | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _dataset_name(cls, value: str) -> str:
-        # The same names training_dataset.name accepts, checked by the same rules.
-        try:
-            DatasetSection(name=value)
-        except ValidationError as exc:
-            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
-        return value
 
 
 def looks_like_path(name: str) -> bool:
