@@ -5,10 +5,13 @@ template (bench/real_tokenizers.py), a random LoRA adapter (r=16, all 7 projecti
 faithful, answers are not the point. Each path runs in its own process (Unsloth patches
 transformers when imported) through the service's own code (core.inference_cuda and the shared
 ``generate_batch``), greedy, ``min_new_tokens`` = ``max_new_tokens`` so every run decodes them all.
+``bf16_static_compiled`` is transformers' ``generate()`` over a static cache with a compiled
+forward; ``bf16_graph_loop`` is the engine's fast path (core/static_decode.py: one CUDA-graph
+replay per token), the one ``/infer`` uses for a merged export.
 
     python bench/infer_gpu.py make TOKENIZER_DIR WORK_DIR     # WORK_DIR/model, WORK_DIR/adapter
     python bench/infer_gpu.py run PATH WORK_DIR [--tokens 128]
-    PATH: unsloth_4bit_lora | hf_4bit_peft | bf16_eager | bf16_static_compiled
+    PATH: unsloth_4bit_lora | hf_4bit_peft | bf16_eager | bf16_static_compiled | bf16_graph_loop
 
 Prints one JSON line per run (appended to $BENCH_OUT if set): time to first token (prefill +
 first token) and decode tokens/s, medians of 3 after a warm-up. The random weights stand in for
@@ -23,12 +26,21 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PATHS = ("unsloth_4bit_lora", "hf_4bit_peft", "bf16_eager", "bf16_static_compiled")
+from core.inference_generate import Generation, GenerationRequest, generate_one
+
+PATHS = (
+    "unsloth_4bit_lora",
+    "hf_4bit_peft",
+    "bf16_eager",
+    "bf16_static_compiled",
+    "bf16_graph_loop",
+)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTION = "What are the symptoms of iron deficiency anemia, and how is it treated?"
 SYSTEM = "You are a medical assistant. Answer the question truthfully."
@@ -62,8 +74,8 @@ def make(tokenizer_dir: str, work: str) -> None:
     emit({"made": "adapter", "dir": str(adapter_dir)})
 
 
-def _load(path: str, work: Path) -> tuple[Any, Any, dict[str, Any], str | None]:
-    """(model, tokenizer, generate kwargs, adapter name) for one path."""
+def _load(path: str, work: Path) -> tuple[Callable[[GenerationRequest], Generation], str | None]:
+    """A function that answers one request on this path, and the adapter name it needs."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,38 +86,52 @@ def _load(path: str, work: Path) -> tuple[Any, Any, dict[str, Any], str | None]:
         unsloth = path == "unsloth_4bit_lora"
         model, tokenizer = load_base(model_dir, load_in_4bit=True, unsloth=unsloth)
         model = attach_adapter(model, adapter_dir, "job", unsloth=unsloth)
-        return model, tokenizer, {}, "job"
+        return _through_generate(model, tokenizer, {}), "job"
+    if path == "bf16_graph_loop":
+        return StaticCompiled(model_dir).generate, None
     if path == "bf16_static_compiled":
         compiled = StaticCompiled(model_dir)
-        return compiled.model, compiled.tokenizer, compiled.generate_kwargs(), None
+        return _through_generate(
+            compiled.model, compiled.tokenizer, compiled.generate_kwargs()
+        ), None
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16, device_map={"": 0}
     ).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir), {}, None
+    return _through_generate(model, AutoTokenizer.from_pretrained(model_dir), {}), None
+
+
+def _through_generate(
+    model: Any, tokenizer: Any, kwargs: dict[str, Any]
+) -> Callable[[GenerationRequest], Generation]:
+    """transformers' generate(), forced to decode every token as ignore_eos asks."""
+
+    def answer(request: GenerationRequest) -> Generation:
+        forced = {**kwargs, "min_new_tokens": request.max_new_tokens}
+        return generate_one(model, tokenizer, request, generate_kwargs=forced)
+
+    return answer
 
 
 def run(path: str, work: str, *, tokens: int) -> None:
     import torch
 
-    from core.inference_generate import GenerationRequest, generate_one
-
     started = time.perf_counter()
-    model, tokenizer, kwargs, adapter = _load(path, Path(work))
+    answer, adapter = _load(path, Path(work))
     load_s = time.perf_counter() - started
     request = GenerationRequest(
         messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
         max_new_tokens=tokens,
         adapter=adapter,
+        ignore_eos=True,
     )
-    kwargs = {**kwargs, "min_new_tokens": tokens}
     warm = time.perf_counter()
-    for _ in range(2 if path == "bf16_static_compiled" else 1):  # compile + record the graphs
-        generate_one(model, tokenizer, request, generate_kwargs=kwargs)
+    for _ in range(2 if "static" in path or "graph" in path else 1):  # compile, record graphs
+        answer(request)
     warm_s = time.perf_counter() - warm
     runs = []
     for _ in range(3):
         torch.cuda.synchronize()
-        runs.append(generate_one(model, tokenizer, request, generate_kwargs=kwargs))
+        runs.append(answer(request))
     decode = [
         (g.completion_tokens - 1) / (g.seconds - g.first_token_seconds)
         for g in runs

@@ -288,7 +288,6 @@ class InferenceEngine:
 
     def _run_static(self, pending: Pending) -> None:
         from core.inference_cuda import StaticCompiled
-        from core.inference_generate import generate_one
 
         req: InferenceRequest = pending.request
         assert req.merged_dir
@@ -299,13 +298,11 @@ class InferenceEngine:
             self._static[req.merged_dir] = compiled
             if len(self._static) > 1:  # each holds a whole bf16 model and its graphs
                 self._static.popitem(last=False)
-        compiled = self._static[req.merged_dir]
-        gen = generate_one(
-            compiled.model,
-            compiled.tokenizer,
-            req.generation(None),
-            generate_kwargs=compiled.generate_kwargs(),
-        )
+        try:
+            gen = self._static[req.merged_dir].generate(req.generation(None))
+        except MedtuneError as exc:  # a prompt too long for the static cache
+            pending.future.set_exception(exc)
+            return
         pending.future.set_result(gen.as_result(backend="cuda_static", batch_size=1))
 
     # --- models -------------------------------------------------------------------------------

@@ -3,16 +3,19 @@
 - Adapters: the base is loaded with Unsloth's ``FastLanguageModel`` (4-bit when the job trained
   in 4-bit) and switched to ``for_inference`` (Unsloth's fused LoRA/RoPE kernels and its own KV
   cache), with peft adapters attached as on the CPU. Without Unsloth: transformers in bfloat16.
-- Merged weights (a job's ``merged_16bit`` export): bfloat16, a static KV cache and the decode
-  step compiled with CUDA graphs (transformers' ``cache_implementation="static"`` plus a
-  ``CompileConfig``), which removes the per-token Python and kernel-launch overhead that bounds
-  eager decoding of a single stream.
+- Merged weights (a job's ``merged_16bit`` export): bfloat16, a static KV cache and a
+  one-token step replayed as a CUDA graph by medtune's own loop (core/static_decode.py), which
+  removes the per-token Python and kernel-launch overhead that bounds eager decoding of a
+  single stream. ``generate_kwargs()`` keeps transformers' own route to the same idea
+  (``cache_implementation="static"`` plus a ``CompileConfig``) for comparison in the benchmark.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+from core.inference_generate import Generation, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +91,22 @@ class StaticCompiled:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from core.static_decode import StaticDecoder
+
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.bfloat16, device_map={"": 0}
         ).eval()
         self.max_cache_tokens = max_cache_tokens
+        self.decoder = StaticDecoder(
+            self.model, self.tokenizer, max_cache_tokens=max_cache_tokens, compile=True
+        )
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        return self.decoder.generate(request)
 
     def generate_kwargs(self) -> dict[str, Any]:
+        """transformers' ``generate()`` over a static cache with a compiled forward."""
         from transformers import CompileConfig
 
         return {
@@ -106,12 +118,7 @@ class StaticCompiled:
 
     def warm_up(self) -> None:
         """Compile and record the graphs before the first real request (tens of seconds)."""
-        from core.inference_generate import GenerationRequest, generate_one
-
         for _ in range(2):
-            generate_one(
-                self.model,
-                self.tokenizer,
-                GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_new_tokens=8),
-                generate_kwargs=self.generate_kwargs(),
+            self.generate(
+                GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_new_tokens=8)
             )

@@ -31,6 +31,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     adapter: str | None = None  # a loaded peft adapter's name; None answers with the base model
     on_delta: Callable[[str], None] | None = None  # called with each new piece of answer text
+    # Benchmarks only: decode all max_new_tokens even past the end of turn (random weights end
+    # anywhere). The static decoder honours it; generate() takes min_new_tokens instead.
+    ignore_eos: bool = False
 
     def sampling_key(self) -> tuple[bool, float, float]:
         """Requests batch together only if generate() would sample them alike."""
