@@ -15,9 +15,12 @@ and reports: errors (any non-200, transport error or SSE stream that broke), pol
 p50/p99/max, requests/s, SSE events received, the training step time per window (median of the
 intervals between consecutive metric rows, timestamped by the worker), and the CPU seconds the
 API, the worker and this load generator used per window (/proc). With --pin the API and this
-script run on CPU 0 and the worker on CPU 1 (taskset / sched_setaffinity).
+script run on CPU 0 and the worker on CPU 1 (taskset / sched_setaffinity); --api-cpus and
+--worker-cpus give other sets (taskset lists such as 0-3). --spec runs another job, e.g. a GPU
+job on a GPU host (bench/gpu_soak.sh), instead of the SmolLM2 CPU job.
 
     python bench/load_soak.py [--pin] [--pollers 200] [--sse 50] [--load-s 60] [--out FILE]
+    python bench/load_soak.py --spec JOB.json --api-cpus 0-3 --worker-cpus 4-15
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from core.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("MEDTUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_SERVER = "redis://127.0.0.1:6379"
+REDIS_SERVER = os.environ.get("MEDTUNE_SOAK_REDIS", "redis://127.0.0.1:6379")
 TICKS = os.sysconf("SC_CLK_TCK")
 # One TLS context for every client (the URLs are plain http): building one per client costs
 # the load generator CPU that the API and the worker would otherwise have.
@@ -96,9 +99,9 @@ class Stack:
     db_name: str
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], cpu: int | None) -> None:
-        if cpu is not None:
-            argv = ["taskset", "-c", str(cpu), *argv]
+    def start(self, name: str, argv: list[str], env: dict[str, str], cpus: str | None) -> None:
+        if cpus is not None:
+            argv = ["taskset", "-c", cpus, *argv]
         log = (self.home / f"{name}.log").open("wb")
         self.procs[name] = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
@@ -136,7 +139,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_stack(pin: bool) -> Stack:
+def cpu_list(spec: str) -> set[int]:
+    """A taskset list such as ``0-3,8`` as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def start_stack(api_cpus: str | None, worker_cpus: str | None, embedded: bool) -> Stack:
     name = f"medtune_soak_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -152,8 +164,11 @@ def start_stack(pin: bool) -> Stack:
         db_name=name,
     )
     cache = Path(os.environ.get("MEDTUNE_MODEL_CACHE", ROOT / ".medtune" / "models"))
-    prepare_embedded_model(cache)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDTUNE_")}
+    if embedded:
+        prepare_embedded_model(cache)
+    # The stack's settings are this script's, except where the caller confines data and models.
+    kept = ("MEDTUNE_DATA_ROOTS", "MEDTUNE_MODEL_ROOTS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDTUNE_") or k in kept}
     env.update(
         MEDTUNE_HOME=str(stack.home),
         MEDTUNE_MODEL_CACHE=str(cache),
@@ -165,9 +180,9 @@ def start_stack(pin: bool) -> Stack:
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )
-    stack.start("worker", worker_command("medtune.train", f"soak-{port}"), env, 1 if pin else None)
-    stack.start("api", api_command("127.0.0.1", port), env, 0 if pin else None)
-    deadline = time.monotonic() + 90
+    stack.start("worker", worker_command("medtune.train", f"soak-{port}"), env, worker_cpus)
+    stack.start("api", api_command("127.0.0.1", port), env, api_cpus)
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         with suppress(httpx.TransportError):
             if httpx.get(f"{stack.url}/healthz", timeout=2).status_code == 200:
@@ -351,6 +366,10 @@ def wait_training(client: httpx.Client, job_id: str, min_step: int, timeout_s: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pin", action="store_true", help="API + load on CPU 0, worker on 1")
+    parser.add_argument("--api-cpus", help="taskset list for the API and the load generator")
+    parser.add_argument("--worker-cpus", help="taskset list for the training worker")
+    parser.add_argument("--spec", type=Path, help="JSON job spec (default: SmolLM2 on the CPU)")
+    parser.add_argument("--train-timeout-s", type=float, default=900)
     parser.add_argument("--pollers", type=int, default=200)
     parser.add_argument("--sse", type=int, default=50)
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
@@ -360,19 +379,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.pin:
-        os.sched_setaffinity(0, {0})
+        args.api_cpus, args.worker_cpus = args.api_cpus or "0", args.worker_cpus or "1"
+    if args.api_cpus:
+        os.sched_setaffinity(0, cpu_list(args.api_cpus))
+    spec = json.loads(args.spec.read_text()) if args.spec else job_spec(args.max_steps)
+    embedded = spec["model_config"]["base_model"] == "smollm2-135m-instruct"
     load_before = os.getloadavg()
-    stack = start_stack(args.pin)
+    stack = start_stack(args.api_cpus, args.worker_cpus, embedded)
     try:
         with session_scope(stack.db_url) as s:
             _, key = auth.create_key(s, name="soak")
         client = httpx.Client(
             base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
         )
-        job = client.post("/jobs", json=job_spec(args.max_steps))
+        job = client.post("/jobs", json=spec)
         job.raise_for_status()
         job_id = job.json()["id"]
-        wait_training(client, job_id, min_step=5, timeout_s=900)
+        wait_training(client, job_id, min_step=5, timeout_s=args.train_timeout_s)
         marks: dict[str, float] = {}
         cpu: dict[str, dict[str, float]] = {}
 
@@ -420,10 +443,12 @@ def main() -> None:
             "hardware": {
                 "cpus": os.cpu_count(),
                 "cpu_model": _cpu_model(),
+                "gpu": _gpu_name(),
                 "python": platform.python_version(),
                 "load_average_at_end": os.getloadavg(),
             },
-            "pinned": args.pin,
+            "cpus": {"api_and_load": args.api_cpus, "worker": args.worker_cpus},
+            "job": {k: spec[k] for k in ("model_config", "training_config") if k in spec},
             "clients": {"pollers": args.pollers, "interval_s": args.interval, "sse": args.sse},
             "load_seconds": args.load_s,
             "errors": len(load.errors),
@@ -461,6 +486,19 @@ def _cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor()
+
+
+def _gpu_name() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
 
 
 if __name__ == "__main__":
