@@ -8,12 +8,14 @@
 # API_CPUS (default 0-5) and WORKER_CPUS (default 6-N) split the machine; PG_PORT and
 # REDIS_PORT (5432, 6379) place the servers; SPEC=FILE replaces the GPU job (a CPU rehearsal).
 set -euo pipefail
-SERVERS=$1 MODEL=$2 DATA=$3 OUT=$4
+SERVERS=$1 MODEL=$(realpath -m "$2") DATA=$(realpath -m "$3") OUT=$4
 last=$(($(nproc) - 1))
 API_CPUS=${API_CPUS:-0-5} WORKER_CPUS=${WORKER_CPUS:-6-$last}
 PG_PORT=${PG_PORT:-5432} REDIS_PORT=${REDIS_PORT:-6379}
 export MEDTUNE_TEST_PG=postgresql://postgres@127.0.0.1:$PG_PORT/postgres
 export MEDTUNE_SOAK_REDIS=redis://127.0.0.1:$REDIS_PORT
+# The job's base_model is a local folder: the service accepts it only inside a model root.
+export MEDTUNE_MODEL_ROOTS=${MEDTUNE_MODEL_ROOTS:-[\"$(dirname "$MODEL")\"]}
 run=/tmp/medtune-soak-servers
 rm -rf "$run" && mkdir -p "$run/pg"
 tar -C "$run" -xJf "$SERVERS/servers.tar.xz"
