@@ -18,7 +18,9 @@ export MEDTUNE_SOAK_REDIS=redis://127.0.0.1:$REDIS_PORT
 export MEDTUNE_MODEL_ROOTS=${MEDTUNE_MODEL_ROOTS:-[\"$(dirname "$MODEL")\"]}
 run=/tmp/medtune-soak-servers
 rm -rf "$run" && mkdir -p "$run/pg"
-tar -C "$run" -xJf "$SERVERS/servers.tar.xz"
+# Python unpacks it: the GPU machine may have no xz.
+python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
+  "$SERVERS/servers.tar.xz" "$run"
 export LD_LIBRARY_PATH=$run/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 taskset -c "$API_CPUS" "$run/bin/redis-server" --port "$REDIS_PORT" --bind 127.0.0.1 --save "" \
   --appendonly no --daemonize yes --logfile "$run/redis.log"
