@@ -53,6 +53,7 @@ def llama3_special_tokens() -> list[str]:
 
 
 def build_llama3(out: Path) -> Any:
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -62,6 +63,19 @@ def build_llama3(out: Path) -> Any:
         pattern=LLAMA3_PATTERN,
         extra_special_tokens=llama3_special_tokens(),
     ).converted()
+    # As the Hub's tokenizer.json: encode() opens with <|begin_of_text|> (the converter adds no
+    # BOS; without it llama.cpp's pre-tokenizer hash and add_bos_token came out wrong).
+    bos = "<|begin_of_text|>"
+    converted.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),
+            processors.TemplateProcessing(
+                single=f"{bos} $A",
+                pair=f"{bos} $A {bos}:1 $B:1",
+                special_tokens=[(bos, converted.token_to_id(bos))],
+            ),
+        ]
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=converted,
         bos_token="<|begin_of_text|>",

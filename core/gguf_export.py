@@ -45,6 +45,21 @@ _KNOWN_BPE_PRE = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM(2)
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
 }
+# The hash covers what encode() adds too: Llama 3's holds only with its <|begin_of_text|>, so a
+# Llama 3 tokenizer without that BOS template (as transformers' tiktoken converter builds it)
+# hashes otherwise. It splits text exactly as llama.cpp's "llama-bpe" all the same when its
+# tokenizer.json has this pre-tokenizer, no normalizer and a BPE with ignore_merges (llama-bpe
+# too takes a piece found whole in the vocabulary as one token): then that spec names it.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_SPLIT_STEP = {
+    "type": "Split",
+    "pattern": {"Regex": _LLAMA3_SPLIT},
+    "behavior": "Isolated",
+    "invert": False,
+}
 
 
 def file_name(quant: str) -> str:
@@ -143,12 +158,34 @@ def _token_kind(token: str, special: bool) -> Any:
     return gguf.TokenType.CONTROL if special or looks_special else gguf.TokenType.USER_DEFINED
 
 
-def _add_bpe_vocab(writer: Any, tokenizer: Any, model_dir: Path, vocab_size: int) -> None:
-    """A GPT-2 style byte-level BPE (SmolLM2, Llama 3): tokens, types, merges, pre-tokenizer."""
-    import gguf
+def _is_llama3_spec(spec: dict[str, Any]) -> bool:
+    """Does tokenizer.json split and merge exactly as llama.cpp's llama-bpe does?"""
+    model = spec.get("model") or {}
+    if spec.get("normalizer") is not None or model.get("type") != "BPE":
+        return False
+    if not model.get("ignore_merges") or model.get("byte_fallback") or model.get("dropout"):
+        return False
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    if len(steps) != 2:
+        return False
+    split, byte_level = steps
+    return (
+        split == _LLAMA3_SPLIT_STEP
+        and byte_level.get("type") == "ByteLevel"
+        and byte_level.get("add_prefix_space") is False
+        and byte_level.get("use_regex") is False
+    )
 
+
+def _bpe_pre(tokenizer: Any, model_dir: Path) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer, as its converter finds it, or by spec."""
     digest = sha256(str(tokenizer.encode(_PRE_CHECK_TEXT)).encode()).hexdigest()
     pre = _KNOWN_BPE_PRE.get(digest)
+    if pre is None and _is_llama3_spec(json.loads((model_dir / "tokenizer.json").read_text())):
+        pre = "llama-bpe"
     if pre is None:
         raise ExportError(
             "GGUF export does not know this BPE tokenizer's pre-tokenizer (llama.cpp needs it "
@@ -156,6 +193,14 @@ def _add_bpe_vocab(writer: Any, tokenizer: Any, model_dir: Path, vocab_size: int
             field="export_config.formats",
             code="gguf_unsupported_tokenizer",
         )
+    return pre
+
+
+def _add_bpe_vocab(writer: Any, tokenizer: Any, model_dir: Path, vocab_size: int) -> None:
+    """A GPT-2 style byte-level BPE (SmolLM2, Llama 3): tokens, types, merges, pre-tokenizer."""
+    import gguf
+
+    pre = _bpe_pre(tokenizer, model_dir)
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, kinds = [], []

@@ -168,29 +168,29 @@ def test_a_failing_quantization_fails_alone(
     assert json.loads((tmp_path / "artifacts.json").read_text()) == manifest
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            "llama3",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the tiktoken-built Llama 3 tokenizer hashes differently from the Hub's, "
-                "so its pre-tokenizer is not recognised (gguf_unsupported_tokenizer)",
-            ),
-        ),
-        "mistral_v2",
-    ],
-)
-def test_other_llama_tokenizers_tokenize_the_same_in_llama_cpp(
-    tmp_path: Path, real: dict[str, Any], name: str
-) -> None:
-    """Llama 3 (byte-level BPE, llama-bpe) and Mistral 7B (SentencePiece) vocabularies."""
+# Texts where a pre-tokenizer or merge mismatch shows: digit runs, contractions in any case,
+# newlines and tabs, emoji (ZWJ sequences), non-Latin scripts, runs of spaces and punctuation.
+HARD_TEXTS = [
+    "What is high blood pressure?",
+    "Ibuprofen 400 mg, twice daily.",
+    "12345 3.14159 1,000,000 (2024-05-17) 007",
+    "I'VE told you; we'Ll see. THEY'RE here, it's 'D and 'm",
+    "line one\n\nline two\r\n\tindented   \n \n\n\n  end",
+    "🦙🚀 fever 😶\u200d🌫️ ✅ 👩🏽\u200d⚕️",
+    "Привет мир, 我想在apple工作1314151天\uff5e كيف حالك កាន់តែពិសេស",
+    "   leading and trailing spaces   ",
+    "''''```\"\"\"......!!!!?????------=======",
+    gguf_export._PRE_CHECK_TEXT,
+]
+# Llama 3's tokenizer.json as transformers' tiktoken converter writes it: no BOS template.
+NO_BOS_TEMPLATE = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False}
+
+
+def _tiny_llama(folder: Path, tokenizer: Any) -> None:
+    """A one-layer Llama with random weights and ``tokenizer``'s vocabulary, saved in ``folder``."""
     import torch
-    from llama_cpp import Llama
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = real[name]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -203,22 +203,123 @@ def test_other_llama_tokenizers_tokenize_the_same_in_llama_cpp(
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _edit_tokenizer_json(folder: Path, edit: Any) -> Any:
+    """Change the saved tokenizer.json with ``edit`` and load the tokenizer back from it."""
+    from transformers import AutoTokenizer
+
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    edit(spec)
+    path.write_text(json.dumps(spec, ensure_ascii=False))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _gguf_value(path: Path, key: str) -> Any:
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields[key]
+    part = field.parts[field.data[0]]
+    return bytes(part).decode() if field.types[0].name == "STRING" else part[0].item()
+
+
+@pytest.mark.parametrize("name", ["llama3", "llama3_without_bos_template", "mistral_v2"])
+def test_other_llama_tokenizers_tokenize_the_same_in_llama_cpp(
+    tmp_path: Path, real: dict[str, Any], name: str
+) -> None:
+    """Llama 3 (byte-level BPE, llama-bpe) and Mistral 7B (SentencePiece) vocabularies.
+
+    Llama 3 as the Hub ships it is recognised by llama.cpp's own pre-tokenizer hash; saved
+    without its BOS template that hash changes, and its tokenizer.json spec names it instead.
+    """
+    import llama_cpp
+    from llama_cpp import Llama
+
+    tokenizer = real[name.removesuffix("_without_bos_template")]
+    folder = tmp_path / "model"
+    _tiny_llama(folder, tokenizer)
+    if name == "llama3_without_bos_template":
+        tokenizer = _edit_tokenizer_json(
+            folder, lambda spec: spec.update(post_processor=NO_BOS_TEMPLATE)
+        )
+        assert tokenizer.encode("a")[0] != tokenizer.bos_token_id
     if name == "mistral_v2":  # as Mistral's own repository ships it beside tokenizer.json
-        shutil.copy(MISTRAL_SP_MODEL, tmp_path / "model" / "tokenizer.model")
+        shutil.copy(MISTRAL_SP_MODEL, folder / "tokenizer.model")
+    if name.startswith("llama3"):
+        # Which route names it: llama.cpp's hash (the Hub's Llama 3, BOS included) or the spec.
+        digest = hashlib.sha256(str(tokenizer.encode(gguf_export._PRE_CHECK_TEXT)).encode())
+        by_hash = gguf_export._KNOWN_BPE_PRE.get(digest.hexdigest())
+        assert by_hash == ("llama-bpe" if name == "llama3" else None)
     target = tmp_path / "model.gguf"
-    gguf_export.write_f16(tmp_path / "model", target, name=name)
+    gguf_export.write_f16(folder, target, name=name)
+    if name.startswith("llama3"):
+        assert _gguf_value(target, "tokenizer.ggml.pre") == "llama-bpe"
+    expected = [tokenizer.encode(text, add_special_tokens=False) for text in HARD_TEXTS]
+    if name == "mistral_v2":
+        # Mistral's own tokenizer is SentencePiece, and llama.cpp's follows it; transformers'
+        # converted one merges a run of spaces before a word otherwise ("a  b": '▁▁' 'b', not
+        # '▁' '▁b'), so here SentencePiece is the reference.
+        import sentencepiece
+
+        own = sentencepiece.SentencePieceProcessor(model_file=MISTRAL_SP_MODEL)
+        expected = [own.encode(text) for text in HARD_TEXTS]
+    # What encode() adds around any text: <|begin_of_text|> or <s>, or nothing.
+    added = tokenizer.encode("")
     llm = Llama(str(target), vocab_only=True, verbose=False)
     try:
         assert llm.token_eos() == tokenizer.eos_token_id
         assert llm.token_bos() == tokenizer.bos_token_id
-        for text in ["What is high blood pressure?", "Ibuprofen 400 mg, twice daily."]:
-            assert llm.tokenize(text.encode(), add_bos=False) == tokenizer.encode(
-                text, add_special_tokens=False
-            ), text
+        for text, ids in zip(HARD_TEXTS, expected, strict=True):
+            assert llm.tokenize(text.encode(), add_bos=False) == ids, text
+            # add_bos=True is llama.cpp's default: its BOS only where transformers adds one.
+            assert llm.tokenize(text.encode(), add_bos=True) == added + ids, text
+        chat = tokenizer.apply_chat_template(
+            [
+                {"role": "user", "content": "Is 38.5 C a fever?"},
+                {"role": "assistant", "content": "Yes."},
+            ],
+            tokenize=False,
+        )
+        # Only for byte-level BPE: llama.cpp's SentencePiece puts a '▁' after every special
+        # token, so Mistral's "<s> [INST]" comes out with one token more than in transformers.
+        if name.startswith("llama3"):
+            assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tokenizer.encode(
+                chat, add_special_tokens=False
+            )
+        # llama.cpp stops generating on these: the eos (the end of turn) must be one.
+        vocab = llm._model.vocab
+        eog = {t for t in range(len(tokenizer)) if llama_cpp.llama_vocab_is_eog(vocab, t)}
     finally:
         llm.close()
+    assert tokenizer.eos_token_id in eog
+    if name.startswith("llama3"):
+        assert tokenizer.convert_ids_to_tokens(tokenizer.eos_token_id) == "<|eot_id|>"
+        ends = ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"]
+        assert eog == set(tokenizer.convert_tokens_to_ids(ends))
+        assert _finish_on_end_of_turn(target, tokenizer.eos_token_id) == "stop"
+
+
+def test_an_unknown_bpe_pre_tokenizer_is_refused(tmp_path: Path, real: dict[str, Any]) -> None:
+    """Llama 3's vocabulary with digits split one by one: llama.cpp's llama-bpe would group
+    them by three, so neither the hash nor the spec may name it; no file is written."""
+    folder = tmp_path / "model"
+    _tiny_llama(folder, real["llama3"])
+
+    def single_digits(spec: dict[str, Any]) -> None:
+        split = spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]
+        split["Regex"] = split["Regex"].replace(r"\p{N}{1,3}", r"\p{N}")
+
+    tokenizer = _edit_tokenizer_json(folder, single_digits)
+    assert len(tokenizer.encode("12345", add_special_tokens=False)) == 5  # the edit took effect
+    with pytest.raises(ExportError) as caught:
+        gguf_export.write_f16(folder, tmp_path / "model.gguf", name="digits")
+    assert caught.value.code == "gguf_unsupported_tokenizer"
+    assert caught.value.field == "export_config.formats"
+    assert not (tmp_path / "model.gguf").exists()
+    assert not (tmp_path / "model.gguf.tmp").exists()
 
 
 def test_a_sentencepiece_folder_without_its_model_file_is_refused(
@@ -226,22 +327,7 @@ def test_a_sentencepiece_folder_without_its_model_file_is_refused(
 ) -> None:
     """Without tokenizer.model the scores would come from tokenizer.json, and llama.cpp split
     'Ibuprofen' into other pieces than transformers: the export says so instead."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = real["mistral_v2"]
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    _tiny_llama(tmp_path / "model", real["mistral_v2"])
     with pytest.raises(ExportError) as caught:
         gguf_export.write_f16(tmp_path / "model", tmp_path / "model.gguf", name="mistral_v2")
     assert caught.value.code == "gguf_unsupported_tokenizer"
