@@ -84,6 +84,49 @@ def attach_adapter(model: Any, adapter_dir: str, name: str, *, unsloth: bool | N
     return model.eval()
 
 
+def restore_stock_rotary(model: Any) -> bool:
+    """Give a plain transformers model back its own rotary embedding if Unsloth swapped it.
+
+    Once Unsloth has loaded a Llama in this process it has replaced transformers' rotary
+    embedding class with its own (its other patches are gated to models it loaded), so a plain
+    model built later gets Unsloth's, whose forward reads a position back to the host
+    (``int(position_ids.max())``): a single CUDA graph cannot capture that step. The stock
+    class is taken from a fresh import of the model's own modeling file, which Unsloth's
+    module-level swap does not reach. Returns whether anything was replaced.
+    """
+    import importlib.util
+
+    from torch import nn
+
+    inner = getattr(model, "model", None)
+    rotary = getattr(inner, "rotary_emb", None)
+    home = type(model).__module__
+    if rotary is None or type(rotary).__module__ == home:
+        return False
+    spec = importlib.util.find_spec(home)
+    if spec is None or spec.loader is None:
+        return False
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    candidates = {
+        name: value
+        for name, value in vars(fresh).items()
+        if name.endswith("RotaryEmbedding")
+        and isinstance(value, type)
+        and issubclass(value, nn.Module)
+        and value.__module__ == home
+    }
+    stock = candidates.get(type(rotary).__name__)
+    if stock is None and len(candidates) == 1:
+        (stock,) = candidates.values()
+    if stock is None:
+        log.warning("no stock rotary embedding found in %s; keeping %s", home, type(rotary))
+        return False
+    device = next(model.parameters()).device
+    inner.rotary_emb = stock(config=model.config).to(device)
+    return True
+
+
 class StaticCompiled:
     """A merged model decoding through a static KV cache and a CUDA-graph-compiled step."""
 
@@ -97,6 +140,8 @@ class StaticCompiled:
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.bfloat16, device_map={"": 0}
         ).eval()
+        if restore_stock_rotary(self.model):
+            log.info("static path: Unsloth's rotary embedding replaced by the stock one")
         self.max_cache_tokens = max_cache_tokens
         self.decoder = StaticDecoder(
             self.model, self.tokenizer, max_cache_tokens=max_cache_tokens, compile=True

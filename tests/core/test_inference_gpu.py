@@ -8,6 +8,7 @@ static-cache compiled path).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,12 @@ def ask(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
 
 
+@pytest.fixture(autouse=True)
+def models_allowed(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny model lives in a pytest folder: make it a model root, as an operator would."""
+    monkeypatch.setenv("MEDTUNE_MODEL_ROOTS", json.dumps([str(tiny_model.parent)]))
+
+
 def test_adapters_on_cuda_load_once_and_batch(
     tiny_model: Path, adapters: list[Path], tmp_path: Path
 ) -> None:
@@ -176,6 +183,11 @@ def test_static_cache_compiled_path_answers_like_eager(tiny_model: Path, tmp_pat
     again = engine.answer(**common, merged_dir=str(tiny_model))
     assert fast["backend"] == again["backend"] == "cuda_static"
     assert engine.loads["merged"] == 1  # compiled once, reused
+    # The tests above loaded Unsloth in this process, which swaps transformers' rotary class;
+    # the static path must have put the stock one back to capture its step in one graph.
+    (compiled,) = engine._static.values()
+    rotary = compiled.model.model.rotary_emb
+    assert type(rotary).__module__ == type(compiled.model).__module__
     eager = generate_one(
         _eager(tiny_model),
         AutoTokenizer.from_pretrained(tiny_model),

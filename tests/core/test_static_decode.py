@@ -95,3 +95,42 @@ def test_a_prompt_that_does_not_fit_the_cache_is_refused(decoder: StaticDecoder)
         decoder.generate(GenerationRequest(messages=ask("fever " * 300), max_new_tokens=8))
     assert caught.value.code == "context_length_exceeded"
     assert caught.value.field == "max_new_tokens"
+
+
+def test_a_rotary_class_swapped_by_unsloth_is_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unsloth replaces transformers' rotary class process-wide with one that reads a position
+    back to the host; the static path rebuilds the stock module, with the same outputs."""
+    import torch
+    import transformers.models.llama.modeling_llama as llama
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.inference_cuda import restore_stock_rotary
+
+    class HostReadingRotary(llama.LlamaRotaryEmbedding):
+        def forward(self, x: Any, position_ids: Any) -> Any:
+            self.rows = int(position_ids.max()) + 1  # the host read CUDA graphs cannot hold
+            return super().forward(x, position_ids)
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).eval()
+    monkeypatch.setattr(llama, "LlamaRotaryEmbedding", HostReadingRotary)
+    torch.manual_seed(0)
+    swapped = LlamaForCausalLM(config).eval()
+    assert type(swapped.model.rotary_emb) is HostReadingRotary
+
+    assert restore_stock_rotary(swapped)
+    rotary = type(swapped.model.rotary_emb)
+    assert rotary.__name__ == "LlamaRotaryEmbedding" and rotary.__module__ == llama.__name__
+    assert rotary is not HostReadingRotary
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(swapped(ids).logits, reference(ids).logits)
+    assert not restore_stock_rotary(reference)  # a stock model is left alone
