@@ -1,4 +1,4 @@
-"""What the inference task does: read the job, build the engine request, answer, stream.
+"""What the inference task does: build the engine request, answer, stream.
 
 Kept out of ``worker/tasks.py`` so the task stays a thin adapter and tests can drive it.
 """
@@ -14,10 +14,10 @@ from core.embedded_model import gguf_path as embedded_gguf
 from core.embedded_model import is_embedded
 from core.errors import JobNotReady, MedtuneError
 from core.inference import InferenceEngine, InferenceRequest, NoAdapter, job_gguf, job_merged
+from core.inference_client import job_target
 from core.inference_stream import Channel
 from core.models import JobStatus
 from core.settings import Settings
-from core.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,27 +35,33 @@ def build_request(
     messages: list[dict[str, str]],
     use_adapter: bool,
     options: dict[str, Any],
+    job: dict[str, Any] | None = None,
 ) -> InferenceRequest:
-    """A request for a job's adapter (or its base), or for a bare base model (job_id None)."""
+    """A request for a job's adapter (or its base), or for a bare base model (job_id None).
+
+    ``job``: the job's ``job_target`` as the API sent it; without it (an older API, a caller
+    that did not read the job) the job store is read here.
+    """
     adapter_dir = gguf = merged = None
     load_in_4bit = True
     if job_id is not None:
-        with session_scope(settings.db_url) as s:
-            job = jobs.get_job(s, job_id)
-        base_model = job.base_model
-        load_in_4bit = JobSpec.model_validate(job.spec).model.load_in_4bit
+        if job is None:
+            with session_scope(settings.db_url) as s:
+                job = job_target(jobs.get_job(s, job_id))
+        base_model = job["base_model"]
+        load_in_4bit = bool(job["load_in_4bit"])
         if use_adapter:
-            if job.status != JobStatus.succeeded:
-                raise JobNotReady(f"job {job_id} is {job.status}, not succeeded", field="job_id")
-            if not job.adapter_dir:
+            if job["status"] != JobStatus.succeeded:
+                raise JobNotReady(f"job {job_id} is {job['status']}, not succeeded", field="job_id")
+            if not job["adapter_dir"]:
                 raise NoAdapter(
                     f"job {job_id} finished without an adapter to answer with; ask its base "
                     "model (use_adapter false) or train it again",
                     field="job_id",
                 )
-            adapter_dir = job.adapter_dir
-            gguf = job_gguf(job.artifacts_dir)
-            merged = job_merged(job.artifacts_dir)
+            adapter_dir = job["adapter_dir"]
+            gguf = job_gguf(job["artifacts_dir"])  # checked here: the files are the worker's
+            merged = job_merged(job["artifacts_dir"])
     if base_model is None:
         raise MedtuneError("give a job or a base model", field="model", code="model_not_found")
     if adapter_dir is None and is_embedded(base_model):
@@ -82,15 +88,17 @@ def serve(
     *,
     channel: Channel | None = None,
     stream_id: str | None = None,
+    deltas: bool = True,
 ) -> dict[str, Any]:
-    """Answer; with a stream, publish each delta and then ``done`` or ``error``.
+    """Answer; with a stream, publish each delta (unless ``deltas`` is off: the API waits for
+    the whole answer) and then ``done`` or ``error``.
 
-    ``build`` makes the request (it reads the job store, so its errors are streamed too).
+    ``build`` makes the request (it may read the job store, so its errors are streamed too).
     Returns the answer dict, or ``{"error": ...}`` for the API to turn into the same problem.
     """
     try:
         request: InferenceRequest = build()
-        if channel is not None and stream_id is not None:
+        if channel is not None and stream_id is not None and deltas:
             request.on_delta = lambda text: channel.publish(
                 stream_id, {"type": "delta", "text": text}
             )

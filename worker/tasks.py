@@ -86,11 +86,15 @@ def infer_task(
     use_adapter: bool = True,
     base_model: str | None = None,
     stream_id: str | None = None,
+    deltas: bool = True,
+    job: dict[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Returns the answer, or {"error": {...}} so the API can answer with the same problem.
 
-    With ``stream_id`` the deltas, then ``done`` or ``error``, also go on that stream.
+    With ``stream_id`` the deltas (unless ``deltas`` is false), then ``done`` or ``error``, also
+    go on that stream. ``job``: the job's fields as the API read them (``job_target``), so no
+    job-store query here; without it the job is read from the store.
     options: max_new_tokens, temperature, top_p, stop, backend.
     """
     settings = get_settings()
@@ -103,9 +107,11 @@ def infer_task(
             messages=messages,
             use_adapter=use_adapter,
             options=options,
+            job=job,
         ),
         channel=channel_for(settings) if stream_id else None,
         stream_id=stream_id,
+        deltas=deltas,
     )
 
 

@@ -13,13 +13,11 @@ from pydantic import Field
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import InferRequest, InferResponse
-from api.worker_calls import call_inference_worker
 from core import jobs
 from core.errors import JobNotReady, MedtuneError
-from core.inference_client import stream_answer
+from core.inference_client import ask, job_target, stream_answer
 from core.inference_stream import channel_for
-from core.models import Job, JobStatus
-from core.queue import INFER_TASK
+from core.models import JobStatus
 from core.spec import JobSpec
 
 router = APIRouter(tags=["inference"])
@@ -53,12 +51,12 @@ class InferAnswer(InferResponse):
     batch_size: int = Field(description="Requests answered by the same generate call.")
 
 
-def messages_for(body: InferRequest, job: Job) -> list[dict[str, str]]:
+def messages_for(body: InferRequest, spec: JobSpec) -> list[dict[str, str]]:
     if body.messages is not None:
         return [m.model_dump() for m in body.messages]
     system = body.system_prompt
     if system is None:
-        system = JobSpec.model_validate(job.spec).dataset.system_prompt
+        system = spec.dataset.system_prompt
     messages = [{"role": "user", "content": body.question or ""}]
     if system:
         messages.insert(0, {"role": "system", "content": system})
@@ -96,7 +94,9 @@ def infer(
             "(use_adapter=false asks its base model)",
             field="job_id",
         )
+    spec = JobSpec.model_validate(job.spec)
     kwargs: dict[str, Any] = {
+        "job": job_target(job, spec),  # the worker needs no job-store query of its own
         "use_adapter": body.use_adapter,
         "max_new_tokens": body.max_new_tokens,
         "temperature": body.temperature,
@@ -106,7 +106,7 @@ def infer(
         kwargs["stop"] = body.stop
     if body.backend != "auto":
         kwargs["backend"] = body.backend
-    args = [job.id, messages_for(body, job)]
+    args = [job.id, messages_for(body, spec)]
     model = job.finetuned_model if body.use_adapter else job.base_model
     started = time.perf_counter()
     if body.stream:
@@ -122,8 +122,8 @@ def infer(
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    result = call_inference_worker(
-        queue, INFER_TASK, args=args, kwargs=kwargs, timeout_s=settings.infer_timeout_s
+    result = ask(
+        queue, channel_for(settings), args=args, kwargs=kwargs, timeout_s=settings.infer_timeout_s
     )
     return InferAnswer(
         job_id=job.id,

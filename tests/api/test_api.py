@@ -16,7 +16,9 @@ from sqlalchemy.engine import make_url
 from api.deps import get_queue
 from api.main import create_app
 from core import jobs
+from core.client import parse_sse
 from core.db import session_scope
+from core.inference_stream import Channel, channel_for
 from core.models import JobStatus
 from core.queue import INFER_QUEUE, INFER_TASK, RUN_JOB_TASK, TRAIN_QUEUE
 from core.settings import Settings, get_settings
@@ -48,9 +50,12 @@ class FakeResult:
 
 @dataclass
 class FakeQueue:
-    """Records what the API sends; answers inference tasks with ``reply``."""
+    """Records what the API sends; answers inference tasks with ``reply``: on the task's stream
+    when it names one (as the worker does; ``channel`` is set by the app's builder), else as the
+    task's result."""
 
     calls: list[SentTask] = field(default_factory=list)
+    channel: Channel | None = None
     reply: dict[str, Any] = field(
         default_factory=lambda: {
             "answer": "Rest and fluids.",
@@ -69,7 +74,17 @@ class FakeQueue:
         **options: Any,
     ) -> FakeResult:
         self.calls.append(SentTask(name, args, kwargs, options))
-        return FakeResult(self.reply)
+        return self.answer(kwargs, self.reply)
+
+    def answer(self, kwargs: dict[str, Any] | None, reply: dict[str, Any]) -> FakeResult:
+        stream_id = (kwargs or {}).get("stream_id")
+        if stream_id:
+            assert self.channel is not None, "the app's builder gives the queue its channel"
+            if "error" in reply:
+                self.channel.publish(stream_id, {"type": "error", "error": reply["error"]})
+            else:
+                self.channel.publish(stream_id, {"type": "done", "result": reply})
+        return FakeResult(reply)
 
 
 @dataclass
@@ -102,6 +117,7 @@ def make_client(db_url: str, home: Path, queue: FakeQueue) -> TestClient:
     )
     app.dependency_overrides[get_settings] = lambda: settings
     app.dependency_overrides[get_queue] = lambda: queue
+    queue.channel = channel_for(settings)
     return TestClient(app, raise_server_exceptions=True)
 
 
@@ -450,7 +466,9 @@ def test_infer_with_the_base_model_on_a_queued_job_sends_one_task(
     assert len(api.queue.calls) == 1
     sent = api.queue.calls[0]
     assert sent.name == INFER_TASK
-    assert sent.options == {"queue": INFER_QUEUE}
+    # The answer comes back on the stream channel, not through Celery's result backend.
+    assert sent.options["queue"] == INFER_QUEUE and sent.options["ignore_result"] is True
+    assert "Fever" not in sent.options["argsrepr"] + sent.options["kwargsrepr"]
     assert sent.args == [
         seeded["queued"],
         [
@@ -459,6 +477,29 @@ def test_infer_with_the_base_model_on_a_queued_job_sends_one_task(
         ],
     ]
     assert sent.kwargs is not None and sent.kwargs["use_adapter"] is False
+    assert sent.kwargs["deltas"] is False and sent.kwargs["stream_id"].isalnum()
+    # What the worker needs from the job row travels with the task: no job-store query there.
+    assert sent.kwargs["job"] == {
+        "base_model": "smollm2-135m-instruct",
+        "status": "queued",
+        "adapter_dir": None,
+        "artifacts_dir": None,
+        "load_in_4bit": True,
+    }
+
+
+def test_infer_streams_what_the_worker_sends(api: Api, seeded: dict[str, str]) -> None:
+    response = api.client.post(
+        "/infer", json={"job_id": seeded["finished"], "question": "Fever?", "stream": True}
+    )
+    assert response.status_code == 200, response.text
+    events = [(e.event, e.data) for e in parse_sse(response.iter_lines())]
+    assert [kind for kind, _ in events] == ["done"]
+    assert events[0][1]["answer"] == "Rest and fluids." and events[0][1]["adapter"] is True
+    sent = api.queue.calls[0]
+    assert sent.options["queue"] == INFER_QUEUE and sent.options["ignore_result"] is True
+    assert sent.kwargs is not None and "deltas" not in sent.kwargs  # a stream wants them
+    assert sent.kwargs["job"]["status"] == "succeeded"
 
 
 def test_infer_worker_error_becomes_a_problem(api: Api, seeded: dict[str, str]) -> None:

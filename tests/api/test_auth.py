@@ -19,6 +19,7 @@ from api.main import create_app
 from core import auth, jobs
 from core.cli import main as medtune
 from core.db import session_scope
+from core.inference_stream import channel_for
 from core.models import ApiKey, JobStatus
 from core.settings import Settings, get_settings
 from tests.api.test_api import FakeQueue, assert_problem
@@ -36,6 +37,7 @@ def build(db_url: str, home: Path, queue: FakeQueue, **settings: Any) -> FastAPI
     )
     app.dependency_overrides[get_settings] = lambda: resolved
     app.dependency_overrides[get_queue] = lambda: queue
+    queue.channel = channel_for(resolved)
     return app
 
 

@@ -88,9 +88,7 @@ class FuzzQueue(FakeQueue):
         **options: Any,
     ) -> FakeResult:
         self.names[name] += 1
-        if name == PREVIEW_TASK:
-            return FakeResult(PREVIEW_REPLY)
-        return FakeResult(self.reply)
+        return self.answer(kwargs, PREVIEW_REPLY if name == PREVIEW_TASK else self.reply)
 
 
 @dataclass

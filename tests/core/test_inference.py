@@ -132,23 +132,33 @@ def test_a_deleted_adapter_is_refused_even_when_cached(
         answer(engine, never)
 
 
-def test_a_job_without_adapter_is_refused(sqlite_url: str, model_cache: Path) -> None:
+@pytest.mark.parametrize("source", ["store", "sent"])
+def test_a_job_without_adapter_is_refused(
+    sqlite_url: str, model_cache: Path, tmp_path: Path, source: str
+) -> None:
+    """The same refusals whether the worker reads the job or gets what the API read of it."""
     from core import jobs
     from core.db import session_scope
+    from core.inference_client import job_target
     from core.inference_service import build_request
     from core.models import JobStatus
     from core.settings import Settings
     from core.spec import JobSpec
     from tests.helpers import recipe_spec
 
-    settings = Settings(_env_file=None, database_url=sqlite_url, model_cache=model_cache)  # type: ignore[call-arg]
+    full_precision = recipe_spec("sample:medical_qa")
+    full_precision["model_config"]["load_in_4bit"] = False
     with session_scope(sqlite_url) as s:
-        done = jobs.create_job(s, JobSpec.model_validate(recipe_spec("sample:medical_qa"))).id
+        done = jobs.create_job(s, JobSpec.model_validate(full_precision)).id
         queued = jobs.create_job(s, JobSpec.model_validate(recipe_spec("sample:medical_qa"))).id
         job = jobs.get_job(s, done)
         job.status, job.adapter_dir = JobStatus.succeeded, None
         s.add(job)
         s.commit()
+        sent = {job_id: job_target(jobs.get_job(s, job_id)) for job_id in (done, queued)}
+    # "sent": the worker's store is an empty file, so answering from it would fail.
+    store = sqlite_url if source == "store" else f"sqlite:///{tmp_path / 'empty.db'}"
+    settings = Settings(_env_file=None, database_url=store, model_cache=model_cache)  # type: ignore[call-arg]
 
     def build(job_id: str, use_adapter: bool = True) -> InferenceRequest:
         return build_request(
@@ -158,6 +168,7 @@ def test_a_job_without_adapter_is_refused(sqlite_url: str, model_cache: Path) ->
             messages=ask("Hi"),
             use_adapter=use_adapter,
             options={},
+            job=sent[job_id] if source == "sent" else None,
         )
 
     with pytest.raises(NoAdapter) as info:
@@ -167,6 +178,7 @@ def test_a_job_without_adapter_is_refused(sqlite_url: str, model_cache: Path) ->
         build(queued)
     base = build(done, use_adapter=False)
     assert base.adapter_dir is None and base.base_model == BASE
+    assert base.load_in_4bit is False  # the job's own spec, not the default
 
 
 def test_batched_answers_equal_unbatched_under_greedy(
