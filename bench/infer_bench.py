@@ -172,7 +172,7 @@ def _free_redis_db() -> str:
     raise RuntimeError("no free Redis database")
 
 
-def api_overhead(models_dir: Path, workdir: Path, *, samples: int = 30) -> None:
+def api_overhead(models_dir: Path, workdir: Path, *, llama_threads: int, samples: int = 30) -> None:
     import httpx
     import redis
 
@@ -201,6 +201,9 @@ def api_overhead(models_dir: Path, workdir: Path, *, samples: int = 30) -> None:
         MEDTUNE_MODEL_CACHE=str(models_dir),
         MEDTUNE_AUTH="disabled",
         MEDTUNE_RATE_INFER_PER_MINUTE="0",
+        # The worker would take every CPU (it serves only inference): the same count as the
+        # in-process engine below, so the difference is the API's and the queue's alone.
+        MEDTUNE_INFER_THREADS=str(llama_threads),
         HF_HUB_OFFLINE="1",
     )
     port = 18000 + os.getpid() % 1000
@@ -237,7 +240,7 @@ def api_overhead(models_dir: Path, workdir: Path, *, samples: int = 30) -> None:
                 answer = http.post("/infer", json=body).json()
                 through_api.append(time.perf_counter() - started)
                 backend = answer["backend"]
-        engine = InferenceEngine(models_dir=models_dir)
+        engine = InferenceEngine(models_dir=models_dir, llama_threads=llama_threads)
         request = {
             "base_model": BASE,
             "messages": [
@@ -265,6 +268,7 @@ def api_overhead(models_dir: Path, workdir: Path, *, samples: int = 30) -> None:
             "bench": "api_overhead",
             "backend": backend,
             "samples": samples,
+            "llama_threads": llama_threads,
             "api_p50_ms": round(api_p50 * 1000, 2),
             "engine_p50_ms": round(direct_p50 * 1000, 2),
             "overhead_p50_ms": round((api_p50 - direct_p50) * 1000, 2),
@@ -276,7 +280,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gguf", help="GGUF file (default: the embedded model's Q4_1)")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--llama-threads", type=int, help="default: half the cores")
+    parser.add_argument(
+        "--llama-threads",
+        type=int,
+        help="default: half the usable CPUs (an inference-only worker would take them all)",
+    )
     parser.add_argument("--skip-api", action="store_true")
     parser.add_argument("--only", choices=["streams", "llama", "batched", "adapter", "api"])
     args = parser.parse_args()
@@ -309,7 +317,7 @@ def main() -> None:
     if args.only in (None, "adapter"):
         adapter_loads(models_dir, workdir)
     if args.only in (None, "api") and not args.skip_api:
-        api_overhead(models_dir, workdir)
+        api_overhead(models_dir, workdir, llama_threads=engine.llama.n_threads)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ as the transformers backend: same stop rules, same deltas, same answer shape.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from core.data.tokenize import render
 from core.errors import MedtuneError
 from core.inference_generate import Generation, GenerationRequest, TextTracker
+from core.settings import default_llama_threads, usable_cpus
 
 
 class LlamaCppUnavailable(MedtuneError):
@@ -63,10 +63,13 @@ class LlamaCppBackend:
         self.loads = loads
         self.max_models = max_models
         self.n_ctx = n_ctx
-        # Half the cores: the worker shares the machine (API, a training worker), and
-        # llama.cpp's spinning threads collapse when the cores are oversubscribed (on the 2-core
-        # machine under load: 2 threads 0.96 tokens/s, 1 thread 17).
-        self.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
+        # No count given: half the usable CPUs, as for a process that may share the machine
+        # (API, training): llama.cpp's spinning threads collapse when the cores are
+        # oversubscribed (on the 2-core machine under load: 2 threads 0.96 tokens/s, 1 thread
+        # 17). An inference-only worker passes all of them (Settings.llama_threads).
+        self.n_threads = n_threads or default_llama_threads(
+            inference_only=False, cpus=usable_cpus()
+        )
         self._models: OrderedDict[str, Any] = OrderedDict()
 
     def _model(self, gguf: str) -> Any:

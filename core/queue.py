@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from core.settings import Settings
@@ -10,6 +11,11 @@ TRAIN_QUEUE = "medtune.train"
 INFER_QUEUE = "medtune.infer"
 RUN_JOB_TASK = "medtune.run_job"
 INFER_TASK = "medtune.infer"
+
+
+def serves_only_inference(queues: Iterable[str]) -> bool:
+    """A worker whose queues are the inference queue alone: nothing heavy shares its CPUs."""
+    return set(queues) == {INFER_QUEUE}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

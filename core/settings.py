@@ -16,6 +16,20 @@ def _default_home() -> Path:
     return Path.cwd() / ".medtune"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity (taskset, a container's cpuset), which can be
+    fewer than the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity call on macOS or Windows
+        return os.cpu_count() or 1
+
+
+def default_llama_threads(*, inference_only: bool, cpus: int) -> int:
+    """All ``cpus`` for a process that only serves inference, else half of them (at least 1)."""
+    return max(1, cpus if inference_only else cpus // 2)
+
+
 class Settings(BaseSettings):
     """Where medtune keeps its state and how its parts reach each other.
 
@@ -55,7 +69,12 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         le=512,
-        description="CPU threads of the llama.cpp backend (0: half the cores).",
+        description="CPU threads of the llama.cpp backend. 0 (the default) picks by the "
+        "worker's role: every CPU the process may run on (its affinity: taskset, a container's "
+        "cpuset) on a worker that serves only inference (-Q medtune.infer), half of them on a "
+        "worker that also takes other queues (training, exports) and in any other process, "
+        "because llama.cpp's threads spin-wait for each other and collapse when the cores are "
+        "oversubscribed.",
     )
     lease_seconds: float = Field(
         default=300.0, gt=0, description="A running job's lease; renewed every third of it."
@@ -186,6 +205,14 @@ class Settings(BaseSettings):
     def uploads_dir(self) -> Path:
         """Uploaded dataset files (POST /files), one folder per file id; named by id only."""
         return self.data_dir / "uploads"
+
+    def llama_threads(self, *, inference_only: bool, cpus: int | None = None) -> int:
+        """``infer_threads`` when set, else the default for the role (see its description)."""
+        if self.infer_threads:
+            return self.infer_threads
+        return default_llama_threads(
+            inference_only=inference_only, cpus=usable_cpus() if cpus is None else cpus
+        )
 
     def ensure_dirs(self) -> None:
         for path in (self.home, self.artifacts_dir, self.models_dir, self.data_dir):

@@ -24,6 +24,12 @@ def _wait_for_the_database(**_: Any) -> None:
     connect_retry(get_settings().db_retry_s)
 
 
+def consumed_queues(celery: Any = None) -> set[str]:
+    """The queues this worker consumes: its -Q, as Celery selected them when it started (every
+    declared queue, the training one included, when no -Q was given or outside a worker)."""
+    return set((celery or app).amqp.queues.consume_from)
+
+
 def _gpu() -> tuple[str, float] | None:
     import torch
 

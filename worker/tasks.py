@@ -1,8 +1,10 @@
-"""Tasks take ids and plain values, re-read the job store, and delegate to core."""
+"""Tasks take ids and plain values, read the job store (the inference task gets what the API read
+of the job instead), and delegate to core."""
 
 from __future__ import annotations
 
 import copy
+import logging
 import socket
 import threading
 from functools import lru_cache
@@ -17,13 +19,14 @@ from core.inference_service import build_request, serve
 from core.inference_stream import channel_for
 from core.logs import install_celery_logging, job_context
 from core.pipeline import run_job
-from core.queue import INFER_TASK, RUN_JOB_TASK
-from core.settings import get_settings
+from core.queue import INFER_TASK, RUN_JOB_TASK, serves_only_inference
+from core.settings import Settings, get_settings
 from core.spec import DatasetSection
-from worker.celery_app import app
+from worker.celery_app import app, consumed_queues
 
 # MEDTUNE_LOG_FORMAT=json: JSON lines; this module is imported before Celery sets up logging.
 install_celery_logging()
+log = logging.getLogger(__name__)
 
 
 @app.task(name=RUN_JOB_TASK, bind=True)
@@ -60,15 +63,28 @@ def export_task(
 _engine_lock = threading.Lock()
 
 
+def llama_threads(settings: Settings, queues: set[str]) -> int:
+    """llama.cpp's threads for a worker consuming ``queues`` (MEDTUNE_INFER_THREADS wins)."""
+    threads = settings.llama_threads(inference_only=serves_only_inference(queues))
+    log.info(
+        "llama.cpp threads: %d (%s; queues %s)",
+        threads,
+        "MEDTUNE_INFER_THREADS" if settings.infer_threads else "by role",
+        ",".join(sorted(queues)),
+    )
+    return threads
+
+
 @lru_cache(maxsize=1)
 def _new_engine() -> InferenceEngine:
+    # Made at the first inference request, after the worker has selected its queues.
     settings = get_settings()
     return InferenceEngine(
         models_dir=settings.models_dir,
         max_batch=settings.infer_max_batch,
         batch_wait_s=settings.infer_batch_wait_ms / 1000,
         default_backend=settings.infer_backend,
-        llama_threads=settings.infer_threads or None,
+        llama_threads=llama_threads(settings, consumed_queues()),
     )
 
 

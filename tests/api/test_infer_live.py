@@ -6,6 +6,7 @@ problems before a stream starts, and concurrent requests batched by the worker.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -240,3 +241,14 @@ def test_the_llama_cpp_backend_streams_through_the_api(infer_stack: Stack, job_i
     # The tuned job has no GGUF export: asking llama.cpp for it says how to get one.
     assert refused.status_code == 409 and refused.json()["code"] == "backend_unavailable"
     assert refused.json()["field"] == "backend"
+
+
+def test_the_inference_only_worker_gives_llama_cpp_every_usable_cpu(
+    infer_stack: Stack, job_id: str
+) -> None:
+    """The worker was started with -Q medtune.infer alone and no MEDTUNE_INFER_THREADS."""
+    with client(infer_stack) as http:
+        assert http.post("/infer", json={"job_id": job_id, "question": "Hi?"}).status_code == 200
+    log = (infer_stack.home / "infer.log").read_text(errors="replace")
+    cpus = len(os.sched_getaffinity(0))  # the worker inherits this process's affinity
+    assert f"llama.cpp threads: {cpus} (by role; queues {INFER_QUEUE})" in log, log[-2000:]
