@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.base_models import hub_call, resolve
-from core.data.tokenize import ensure_chat_template
+from core.data.tokenize import ensure_chat_template, saved_chat_template
 from core.errors import MedtuneError
 from core.inference_batching import Batcher, Pending
 from core.inference_generate import GenerationRequest, generate_batch
@@ -270,7 +270,7 @@ class InferenceEngine:
         gens = generate_batch(
             base.model,
             base.tokenizer,
-            [p.request.generation(name) for p, name in ready],
+            [self._generation(p.request, name, base.tokenizer) for p, name in ready],
         )
         for (pending, _), gen in zip(ready, gens, strict=True):
             pending.future.set_result(gen.as_result(backend="transformers", batch_size=len(ready)))
@@ -304,6 +304,17 @@ class InferenceEngine:
             pending.future.set_exception(exc)
             return
         pending.future.set_result(gen.as_result(backend="cuda_static", batch_size=1))
+
+    def _generation(
+        self, req: InferenceRequest, adapter: str | None, base: Any
+    ) -> GenerationRequest:
+        """The request as generate_batch takes it, in the chat template its adapter trained on."""
+        gen = req.generation(adapter)
+        if req.adapter_dir:
+            template = saved_chat_template(Path(req.adapter_dir))
+            if template and template != base.chat_template:
+                gen.chat_template = template
+        return gen
 
     # --- models -------------------------------------------------------------------------------
 

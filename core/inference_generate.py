@@ -34,6 +34,9 @@ class GenerationRequest:
     # Benchmarks only: decode all max_new_tokens even past the end of turn (random weights end
     # anywhere). The static decoder honours it; generate() takes min_new_tokens instead.
     ignore_eos: bool = False
+    # The template the adapter was trained with (its saved tokenizer's), when it is not the
+    # base tokenizer's own: a batch shares one base model but each row renders as it trained.
+    chat_template: str | None = None
 
     def sampling_key(self) -> tuple[bool, float, float]:
         """Requests batch together only if generate() would sample them alike."""
@@ -211,7 +214,10 @@ def generate_batch(
 
     if len({r.sampling_key() for r in requests}) != 1:
         raise ValueError("a batch must share temperature and top_p; group requests first")
-    texts = [render(tokenizer, r.messages, add_generation_prompt=True) for r in requests]
+    texts = [
+        render(tokenizer, r.messages, add_generation_prompt=True, chat_template=r.chat_template)
+        for r in requests
+    ]
     if tokenizer.pad_token_id is None:  # a batch needs padding; masked, so any token does
         tokenizer.pad_token = tokenizer.eos_token
     side = tokenizer.padding_side

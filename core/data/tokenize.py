@@ -6,7 +6,9 @@ end-of-turn token that teaches the model to stop.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from core.data.conversations import Example, Message
@@ -50,9 +52,32 @@ def ensure_chat_template(tokenizer: Any, choice: str = "auto") -> str:
     return "tokenizer"
 
 
-def render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = False) -> str:
+def saved_chat_template(folder: Path) -> str | None:
+    """The chat template a saved tokenizer folder carries (None if none), without loading it."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        value = json.loads(config.read_text()).get("chat_template")
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def render(
+    tokenizer: Any,
+    messages: list[Message],
+    *,
+    add_generation_prompt: bool = False,
+    chat_template: str | None = None,
+) -> str:
+    """The chat as text, by the tokenizer's template or by ``chat_template`` when given."""
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        chat_template=chat_template,
     )
 
 
