@@ -20,10 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from core.cli_client import _bind, print_json, table
-from core.client import ApiError, ClientError, MedtuneClient, ServerUnreachable
+from core.client import ApiError, ClientError, MedtuneClient
 
 FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf")
 QUANTIZATIONS = ("f16", "q8_0", "q4_k_m")
@@ -50,16 +48,13 @@ def request_export(
     gguf_quantizations: list[str] | None,
     push_to_hub: bool,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"formats": formats, "push_to_hub": push_to_hub}
-    if gguf_quantizations:
-        body["gguf_quantizations"] = gguf_quantizations
-    result: dict[str, Any] = client._request("POST", f"/jobs/{job_id}/exports", json=body)
-    return result
+    return client.create_export(
+        job_id, formats=formats, gguf_quantizations=gguf_quantizations, push_to_hub=push_to_hub
+    )
 
 
 def list_artifacts(client: MedtuneClient, job_id: str) -> dict[str, Any]:
-    result: dict[str, Any] = client._request("GET", f"/jobs/{job_id}/artifacts")
-    return result
+    return client.list_artifacts(job_id)
 
 
 def _manifest_or_empty(client: MedtuneClient, job_id: str) -> dict[str, Any]:
@@ -119,22 +114,13 @@ def download_artifact(
     digest = hashlib.sha256()
     size = 0
     try:
-        with client._http.stream("GET", f"/jobs/{job_id}/artifacts/{fmt}/{file_name}") as resp:
-            if resp.is_error:
-                resp.read()
-                raise ApiError.of(resp)
+        with client.stream_artifact(job_id, fmt, file_name) as resp:
             expected = resp.headers.get("x-checksum-sha256")
             with partial.open("wb") as out:
                 for block in resp.iter_bytes(1 << 20):
                     out.write(block)
                     digest.update(block)
                     size += len(block)
-    except httpx.ConnectError as exc:
-        partial.unlink(missing_ok=True)
-        raise ServerUnreachable(client.url, "connection refused") from exc
-    except httpx.TransportError as exc:
-        partial.unlink(missing_ok=True)
-        raise ServerUnreachable(client.url, str(exc) or type(exc).__name__) from exc
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

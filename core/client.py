@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -310,6 +311,38 @@ class MedtuneClient:
             after = page.get("last_id")
             if not page.get("has_more") or not after:
                 return
+
+    def create_export(
+        self,
+        job_id: str,
+        *,
+        formats: list[str],
+        gguf_quantizations: list[str] | None = None,
+        push_to_hub: bool = False,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"formats": formats, "push_to_hub": push_to_hub}
+        if gguf_quantizations:
+            body["gguf_quantizations"] = gguf_quantizations
+        result: dict[str, Any] = self._request("POST", f"/jobs/{job_id}/exports", json=body)
+        return result
+
+    def list_artifacts(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"/jobs/{job_id}/artifacts")
+        return result
+
+    @contextmanager
+    def stream_artifact(self, job_id: str, fmt: str, file_name: str) -> Iterator[httpx.Response]:
+        """The open download of one listed file; its sha256 is in ``x-checksum-sha256``."""
+        try:
+            with self._http.stream("GET", f"/jobs/{job_id}/artifacts/{fmt}/{file_name}") as resp:
+                if resp.is_error:
+                    resp.read()
+                    raise ApiError.of(resp)
+                yield resp
+        except httpx.ConnectError as exc:
+            raise ServerUnreachable(self.url, "connection refused") from exc
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(self.url, str(exc) or type(exc).__name__) from exc
 
     def get_file(self, file_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._request("GET", f"/files/{file_id}")
