@@ -108,13 +108,13 @@ def infer_task(
 ) -> dict[str, Any]:
     """Returns the answer, or {"error": {...}} so the API can answer with the same problem.
 
-    With ``stream_id`` the deltas (unless ``deltas`` is false), then ``done`` or ``error``, also
-    go on that stream. ``job``: the job's fields as the API read them (``job_target``), so no
+    With ``stream_id`` the deltas (unless ``deltas`` is false), then ``done`` or ``error``, go on
+    that stream, and the return value is only the answer's finish reason, usage and backend. ``job``: the job's fields as the API read them (``job_target``), so no
     job-store query here; without it the job is read from the store.
     options: max_new_tokens, temperature, top_p, stop, backend.
     """
     settings = get_settings()
-    return serve(
+    result = serve(
         _engine(),
         lambda: build_request(
             settings,
@@ -129,6 +129,11 @@ def infer_task(
         stream_id=stream_id,
         deltas=deltas,
     )
+    if stream_id and "error" not in result:
+        # The answer went out on the stream. Celery logs a task's return value, so return only
+        # its shape: a patient's question's answer has no place in the worker's log.
+        return {key: result.get(key) for key in ("finish_reason", "usage", "backend")}
+    return result
 
 
 @lru_cache(maxsize=4)

@@ -20,12 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.routes.infer import SSE_HEADERS
-from api.worker_calls import call_inference_worker
 from core.errors import MedtuneError
 from core.inference_catalog import list_models, resolve_model
-from core.inference_client import stream_answer
+from core.inference_client import ask, job_target, stream_answer
 from core.inference_stream import channel_for
-from core.queue import INFER_TASK
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -135,6 +133,8 @@ def create_chat_completion(
         kwargs["stop"] = body.stops()
     if target.job is None:
         kwargs["base_model"] = target.base_model
+    else:
+        kwargs["job"] = job_target(target.job)  # the worker needs no job-store query of its own
     args = [target.job.id if target.job else None, [m.plain() for m in body.messages]]
     base = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -156,8 +156,12 @@ def create_chat_completion(
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        result = call_inference_worker(
-            queue, INFER_TASK, args=args, kwargs=kwargs, timeout_s=settings.infer_timeout_s
+        result = ask(
+            queue,
+            channel_for(settings),
+            args=args,
+            kwargs=kwargs,
+            timeout_s=settings.infer_timeout_s,
         )
     except MedtuneError as exc:
         raise _as_model_field(exc) from None

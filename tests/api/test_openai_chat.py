@@ -80,14 +80,24 @@ def test_a_job_id_answers_as_a_chat_completion(keys: Keys) -> None:
     ]
     assert body["usage"] == {"prompt_tokens": 20, "completion_tokens": 4, "total_tokens": 24}
     (sent,) = keys.queue.calls
-    assert sent.name == INFER_TASK and sent.options == {"queue": INFER_QUEUE}
+    # As /infer: the answer comes back on the stream channel, not through the result backend,
+    # and the question stays out of the task's headers.
+    assert sent.name == INFER_TASK
+    assert sent.options["queue"] == INFER_QUEUE and sent.options["ignore_result"] is True
+    assert "Fever" not in sent.options["argsrepr"] + sent.options["kwargsrepr"]
     assert sent.args == [job_id, [{"role": "user", "content": "Fever?"}]]
+    assert sent.kwargs is not None
+    stream_id, job = sent.kwargs.pop("stream_id"), sent.kwargs.pop("job")
+    assert stream_id.isalnum()
+    # The job's fields travel with the task: the worker reads nothing from the job store.
+    assert job["status"] == "succeeded" and job["adapter_dir"] == "/srv/adapter"
     assert sent.kwargs == {
         "use_adapter": True,
         "max_new_tokens": 32,
         "temperature": 0.0,
         "top_p": 1.0,
         "stop": ["\n\n"],
+        "deltas": False,
     }
 
 
