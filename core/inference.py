@@ -170,7 +170,11 @@ class InferenceEngine:
         self.llama = LlamaCppBackend(loads=self.loads, n_threads=llama_threads)
         self._cuda: bool | None = None
         self.batcher = Batcher(
-            self._run_group, self._group_key, max_batch=max_batch, wait_s=batch_wait_s
+            self._run_group,
+            self._group_key,
+            max_batch=max_batch,
+            wait_s=batch_wait_s,
+            batchable=lambda request: request.backend == "transformers",
         )
 
     # --- public -------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ One thread owns the models: requests from any thread (a Celery threads pool, a b
 queued with a Future; the thread takes the first, waits up to ``wait_s`` for more (up to
 ``max_batch``), splits them into groups that can share one ``generate`` call (same base model,
 backend and sampling settings) and runs each group. A request's failure fails its Future only.
+A request that can never share a batch (``batchable`` false: llama.cpp, the CUDA-graph path)
+does not wait out the window: it runs with whatever was already queued.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ class Batcher:
         max_batch: int = 8,
         wait_s: float = 0.005,
         name: str = "medtune-inference",
+        batchable: Callable[[Any], bool] = lambda request: True,
     ) -> None:
         self._run_group = run_group
         self._group_key = group_key
+        self._batchable = batchable
         self.max_batch = max_batch
         self.wait_s = wait_s
         self._queue: queue.Queue[Pending] = queue.Queue()
@@ -55,7 +59,8 @@ class Batcher:
 
     def _collect(self) -> list[Pending]:
         batch = [self._queue.get()]
-        deadline = time.monotonic() + self.wait_s
+        wait_s = self.wait_s if self._batchable(batch[0].request) else 0.0
+        deadline = time.monotonic() + wait_s
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
             try:
