@@ -117,7 +117,10 @@ class LlamaCppBackend:
     def generate(self, gguf: str, tokenizer: Any, request: GenerationRequest) -> Generation:
         llm = self._model(gguf)
         text = render(tokenizer, request.messages, add_generation_prompt=True)
-        prompt = llm.tokenize(text.encode(), add_bos=False, special=True)
+        # The ids transformers makes, the ones the model trained on: the GGUF's vocabulary is
+        # the tokenizer's, id for id, but llama.cpp's own SentencePiece tokenizer adds a space
+        # after each special token of a Mistral chat ("[INST]", "<s>").
+        prompt = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(prompt) + request.max_new_tokens > self.n_ctx:
             raise MedtuneError(
                 f"the prompt ({len(prompt)} tokens) plus max_new_tokens "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import Counter
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -333,3 +334,37 @@ def test_a_sentencepiece_folder_without_its_model_file_is_refused(
     assert caught.value.code == "gguf_unsupported_tokenizer"
     assert "tokenizer.model" in caught.value.detail
     assert not (tmp_path / "model.gguf").exists()
+
+
+def test_llama_cpp_is_asked_with_the_ids_the_model_trained_on(
+    tmp_path: Path, real: dict[str, Any]
+) -> None:
+    """A Mistral chat tokenized by llama.cpp gets a space after each special token; the
+    backend feeds llama.cpp the ids transformers made instead, as training did."""
+    from llama_cpp import Llama
+
+    from core.data.tokenize import render
+    from core.inference_generate import GenerationRequest
+    from core.inference_llamacpp import LlamaCppBackend
+
+    tokenizer = real["mistral_v2"]
+    folder = tmp_path / "model"
+    _tiny_llama(folder, tokenizer)
+    shutil.copy(MISTRAL_SP_MODEL, folder / "tokenizer.model")
+    target = tmp_path / "model.gguf"
+    gguf_export.write_f16(folder, target, name="mistral")
+    messages = [{"role": "user", "content": "What is high blood pressure?"}]
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    trained = tokenizer(text, add_special_tokens=False)["input_ids"]
+    llm = Llama(str(target), vocab_only=True, verbose=False)
+    try:
+        own = llm.tokenize(text.encode(), add_bos=False, special=True)
+    finally:
+        llm.close()
+    assert own != trained  # why the backend does not let llama.cpp tokenize the chat
+
+    backend = LlamaCppBackend(loads=Counter(), n_threads=1)
+    gen = backend.generate(
+        str(target), tokenizer, GenerationRequest(messages=messages, max_new_tokens=1)
+    )
+    assert gen.prompt_tokens == len(trained)
