@@ -109,8 +109,9 @@ def infer_task(
     """Returns the answer, or {"error": {...}} so the API can answer with the same problem.
 
     With ``stream_id`` the deltas (unless ``deltas`` is false), then ``done`` or ``error``, go on
-    that stream, and the return value is only the answer's finish reason, usage and backend. ``job``: the job's fields as the API read them (``job_target``), so no
-    job-store query here; without it the job is read from the store.
+    that stream, and the return value is only the answer's finish reason, usage and backend.
+    ``job``: the job's fields as the API read them (``job_target``), so no job-store query
+    here; without it the job is read from the store.
     options: max_new_tokens, temperature, top_p, stop, backend.
     """
     settings = get_settings()
