@@ -112,9 +112,7 @@ def delete_openai_file(
     session: SessionDep, settings: SettingsDep, principal: PrincipalDep, file_id: str
 ) -> OpenAIFileDeleted:
     """Delete the file; 409 file_in_use while a queued or running job uses it."""
-    files.delete_file(
-        session, file_id, owner=principal.job_owner, uploads_dir=settings.uploads_dir
-    )
+    files.delete_file(session, file_id, owner=principal.job_owner, uploads_dir=settings.uploads_dir)
     return OpenAIFileDeleted(id=file_id)
 
 
