@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from core.auth import describe as describe_auth
 from core.cli_client import register as register_client_commands
 from core.cli_keys import register as register_key_commands
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 
 log = logging.getLogger("medtune")
 
@@ -109,6 +109,19 @@ def cmd_prepare_model(_: argparse.Namespace) -> int:
     return 0
 
 
+def shared_infer_env(settings: Settings) -> dict[str, str] | None:
+    """The inference worker's environment when a training worker runs on the same machine.
+
+    Alone, an inference-only worker gives llama.cpp every CPU; beside training that would
+    oversubscribe the cores and collapse both, so it gets what a worker that also trains gets.
+    None (inherit) when the operator chose a thread count.
+    """
+    if settings.infer_threads:
+        return None
+    threads = settings.llama_threads(inference_only=False)
+    return {**os.environ, "MEDTUNE_INFER_THREADS": str(threads)}
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Migrate, then run the API, a training worker and an inference worker until Ctrl-C."""
     from core.queue import INFER_QUEUE, TRAIN_QUEUE
@@ -120,7 +133,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     auth_line = describe_auth(get_settings())
     children = [
         subprocess.Popen(worker_command(TRAIN_QUEUE, "train")),
-        subprocess.Popen(worker_command(INFER_QUEUE, "infer")),
+        subprocess.Popen(worker_command(INFER_QUEUE, "infer"), env=shared_infer_env(settings)),
         subprocess.Popen(api_command(host, port)),
     ]
     print(
