@@ -99,10 +99,12 @@ def _chunk(base: dict[str, Any], delta: dict[str, Any], finish: str | None) -> s
     return f"data: {json.dumps(body)}\n\n"
 
 
+# The worker names the fields of /infer; here the client sent them under OpenAI's names.
+_OPENAI_FIELDS = {"job_id": "model", "max_new_tokens": "max_tokens"}
+
+
 def _as_model_field(exc: MedtuneError) -> MedtuneError:
-    # The worker names job_id; here the client sent it as model.
-    if exc.field == "job_id":
-        exc.field = "model"
+    exc.field = _OPENAI_FIELDS.get(exc.field or "", exc.field)
     return exc
 
 

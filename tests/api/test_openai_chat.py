@@ -165,6 +165,16 @@ def test_worker_errors_name_the_model_field(keys: Keys) -> None:
         "error": {"status": 409, "code": "adapter_missing", "detail": "gone", "field": "job_id"}
     }
     assert_problem(keys.chat(keys.alice, model=job_id), 409, "adapter_missing", "model")
+    keys.queue.reply = {
+        "error": {
+            "status": 400,
+            "code": "context_length_exceeded",
+            "detail": "too long",
+            "field": "max_new_tokens",
+        }
+    }
+    too_long = keys.chat(keys.alice, model=job_id, max_tokens=4000)
+    assert_problem(too_long, 400, "context_length_exceeded", "max_tokens")
 
 
 @pytest.mark.parametrize(
