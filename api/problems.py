@@ -116,7 +116,9 @@ async def medtune_handler(request: Request, exc: MedtuneError) -> JSONResponse:
         request,
         status=exc.status,
         code=exc.code,
-        title=type(exc).__name__,
+        # From the code, not the class: an error the worker raised is rebuilt on this side as a
+        # plain MedtuneError, and one problem type must keep one title wherever it was raised.
+        title=exc.code.replace("_", " ").capitalize(),
         detail=exc.detail,
         field=exc.field,
     )

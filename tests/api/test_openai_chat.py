@@ -202,3 +202,15 @@ def test_the_routes_need_a_key(keys: Keys) -> None:
         json={"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]},
     )
     assert_problem(response, 401, "unauthorized", "Authorization")
+
+
+def test_a_problem_has_one_title_wherever_it_was_raised(keys: Keys) -> None:
+    """An error the worker raised reaches the API as a plain MedtuneError; its title comes from
+    its code, as for the same code raised in the API."""
+    job_id = keys.job(keys.alice, name="smol-med")
+    keys.queue.reply = {
+        "error": {"status": 404, "code": "job_not_found", "detail": "gone", "field": "job_id"}
+    }
+    from_worker = keys.chat(keys.alice, model=job_id).json()
+    in_api = keys.client.get("/jobs/job_nope", headers={"Authorization": f"Bearer {keys.alice}"})
+    assert from_worker["title"] == in_api.json()["title"] == "Job not found"
