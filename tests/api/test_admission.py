@@ -46,6 +46,16 @@ class Gate:
         await send({"type": "http.response.body", "body": b"done"})
 
 
+async def inside(gate: Gate, count: int) -> None:
+    """Wait (polling, up to 10 s) until ``count`` requests are inside: a loaded machine may take
+    longer than any fixed sleep to start them."""
+    for _ in range(1000):
+        if gate.inside >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{gate.inside} requests inside, expected {count}")
+
+
 def _client(app: AdmissionLimit) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
@@ -58,7 +68,8 @@ async def _no_more_than_the_limit_run_at_once_and_the_rest_wait_their_turn() -> 
     gate = Gate()
     async with _client(AdmissionLimit(gate, limit=2, wait_s=5)) as client:
         calls = [asyncio.create_task(client.get("/slow")) for _ in range(5)]
-        await asyncio.sleep(0.2)
+        await inside(gate, 2)
+        await asyncio.sleep(0.2)  # time for a third to get in, if the limit let it
         assert gate.inside == 2  # three wait outside, holding nothing
         gate.release.set()
         responses = await asyncio.gather(*calls)
@@ -74,7 +85,7 @@ async def _a_request_that_waits_too_long_gets_a_503_problem() -> None:
     gate = Gate()
     async with _client(AdmissionLimit(gate, limit=1, wait_s=0.2)) as client:
         first = asyncio.create_task(client.get("/slow"))
-        await asyncio.sleep(0.05)
+        await inside(gate, 1)
         response = await client.get("/slow")
         gate.release.set()
         assert (await first).status_code == 200
@@ -93,8 +104,7 @@ async def _a_started_stream_gives_its_slot_back() -> None:
     gate = Gate(stream=True)
     async with _client(AdmissionLimit(gate, limit=1, wait_s=0.5)) as client:
         stream = asyncio.create_task(client.get("/slow"))
-        await asyncio.sleep(0.1)
-        assert gate.inside == 1  # the stream is open, its body not yet sent
+        await inside(gate, 1)  # the stream is open, its body not yet sent
         free = await client.get("/free")  # would time out (503) if the stream kept its slot
         assert (free.status_code, free.text) == (200, "free")
         gate.release.set()
