@@ -7,6 +7,8 @@
 # (bench/gpu_train.py make ...); DATA a JSONL training set inside MEDTUNE_DATA_ROOTS.
 # API_CPUS (default 0-5) and WORKER_CPUS (default 6-N) split the machine; PG_PORT and
 # REDIS_PORT (5432, 6379) place the servers; SPEC=FILE replaces the GPU job (a CPU rehearsal).
+# The job packs its rows: every step then holds the same number of tokens, so the windows'
+# step times compare like with like (unpacked, a step's time follows its rows' lengths).
 set -euo pipefail
 SERVERS=$1 MODEL=$(realpath -m "$2") DATA=$(realpath -m "$3") OUT=$4
 last=$(($(nproc) - 1))
@@ -43,7 +45,7 @@ spec=${SPEC:-$(mktemp --suffix=.json)}
   "lora_config": {"r": 16, "lora_alpha": 16, "lora_dropout": 0,
                   "use_gradient_checkpointing": "unsloth"},
   "training_dataset": {"name": "$DATA"},
-  "training_config": {"engine": "unsloth", "per_device_train_batch_size": 2,
+  "training_config": {"engine": "unsloth", "packing": true, "per_device_train_batch_size": 2,
                       "gradient_accumulation_steps": 4, "max_steps": 3000, "num_train_epochs": 20,
                       "warmup_steps": 5, "learning_rate": 0.0002, "optim": "adamw_8bit",
                       "logging_steps": 1, "save_steps": 0}

@@ -222,8 +222,10 @@ def all_cpu(stack: Stack) -> dict[str, float]:
     }
 
 
-def step_times(db_url: str, job_id: str) -> list[tuple[float, float]]:
-    """(end time, seconds) of each optimizer step, from the worker's metric row timestamps."""
+def step_times(db_url: str, job_id: str) -> list[tuple[float, float, float | None]]:
+    """(end time, seconds, tokens/s) of each optimizer step: the worker's metric row timestamps,
+    and the trainer's own throughput for the step (which, unlike the seconds, does not follow
+    how long the step's rows happen to be)."""
     from sqlmodel import col, select
 
     from core.models import MetricRow
@@ -239,20 +241,25 @@ def step_times(db_url: str, job_id: str) -> list[tuple[float, float]]:
                 (
                     after.created_at.timestamp(),
                     (after.created_at - before.created_at).total_seconds(),
+                    after.tokens_per_second,
                 )
             )
     return out
 
 
-def window_stats(times: list[tuple[float, float]], start: float, end: float) -> dict[str, Any]:
+def window_stats(
+    times: list[tuple[float, float, float | None]], start: float, end: float
+) -> dict[str, Any]:
     # A step counts for the window it both started and ended in.
-    inside = [d for t, d in times if t - d >= start and t <= end]
+    inside = [(d, tps) for t, d, tps in times if t - d >= start and t <= end]
     if not inside:
         return {"steps": 0}
+    rates = [tps for _, tps in inside if tps]
     return {
         "steps": len(inside),
-        "median_s": round(statistics.median(inside), 4),
-        "mean_s": round(statistics.fmean(inside), 4),
+        "median_s": round(statistics.median(d for d, _ in inside), 4),
+        "mean_s": round(statistics.fmean(d for d, _ in inside), 4),
+        "median_tokens_per_s": round(statistics.median(rates), 1) if rates else None,
     }
 
 
@@ -434,6 +441,12 @@ def main() -> None:
             for name in ("quiet_before", "load", "quiet_after")
         }
         quiet = [steps[n]["median_s"] for n in ("quiet_before", "quiet_after") if steps[n]["steps"]]
+        quiet_rates = [
+            steps[n]["median_tokens_per_s"]
+            for n in ("quiet_before", "quiet_after")
+            if steps[n].get("median_tokens_per_s")
+        ]
+        loaded_rate = steps["load"].get("median_tokens_per_s")
         baseline = statistics.fmean(quiet) if quiet else None
         loaded = steps["load"].get("median_s")
         lat = load.latencies
@@ -469,9 +482,15 @@ def main() -> None:
             "step_slowdown_under_load": round(loaded / baseline - 1, 4)
             if (baseline and loaded)
             else None,
+            # Tokens/s of the steps under load against the quiet windows': negative is slower.
+            "throughput_change_under_load": (
+                round(loaded_rate / statistics.fmean(quiet_rates) - 1, 4)
+                if (quiet_rates and loaded_rate)
+                else None
+            ),
             "cpu_seconds": cpu,
             "load_average_before": load_before,
-            "all_step_seconds": [round(d, 3) for _, d in times],
+            "all_step_seconds": [round(d, 3) for _, d, _ in times],
         }
         print(json.dumps(report, indent=2))
         if args.out:
