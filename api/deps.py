@@ -5,17 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse
 from sqlmodel import Session
 
 from api import problems
 from core import auth
-from core.db import get_engine
 from core.errors import MedtuneError
 from core.queue import make_celery
 from core.ratelimit import RateLimited, RateLimiter
 from core.settings import Settings, get_settings
+from core.store import idempotency
+from core.store.db import get_engine
 
 
 async def get_session(
@@ -83,3 +84,18 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 QueueDep = Annotated[Any, Depends(get_queue)]
 PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]
 LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
+
+
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias=idempotency.HEADER,
+        min_length=1,
+        max_length=255,
+        description="Retrying with the same key returns the job the first request created "
+        "(201, Idempotent-Replayed: true) and queues nothing; a different spec is a 409.",
+    ),
+]
+
+# Server-sent events: no caching, and no buffering by a proxy in front (nginx reads the header).
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -17,8 +17,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from core.models import Job, MetricRow
 from core.spec import DatasetSection, check_model_name
+from core.store.models import Job, MetricRow
 
 
 class _Out(BaseModel):

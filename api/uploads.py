@@ -1,25 +1,29 @@
-"""Streaming multipart uploads for POST /files and POST /v1/files.
+"""Streaming multipart uploads for POST /files and POST /v1/files, and their downloads.
 
 Starlette's ``request.form()`` spools a whole file to the system temp folder before a route
 runs, so no size limit could act while the bytes arrive. Here the body is parsed as it streams
-(python-multipart) and the ``file`` part goes chunk by chunk into a core.files.Upload under the
-data folder: past the limit the upload stops at once with 413 ``file_too_large``.
+(python-multipart) and the ``file`` part goes chunk by chunk into a core.store.files.Upload
+under the data folder: past the limit the upload stops at once with 413 ``file_too_large``.
 """
 
 from __future__ import annotations
 
+import mimetypes
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlmodel import Session
 
-from core import auth, files
+from core import auth
 from core.errors import MedtuneError
-from core.models import DataFile
 from core.settings import Settings
+from core.store import files
+from core.store.models import DataFile
 
 FIELD_LIMIT = 1024  # bytes of a text field (purpose)
 # Multipart headers and boundaries around the file: a Content-Length past the limit plus this
@@ -247,4 +251,27 @@ async def accept_upload(
         owner_key_id=principal.key_id,
         idempotency_scope=principal.scope if idempotency_key else None,
         idempotency_key=idempotency_key,
+    )
+
+
+# The types medtune reads, for a download's Content-Type.
+MEDIA_TYPES = {
+    ".jsonl": "application/jsonl",
+    ".json": "application/json",
+    ".csv": "text/csv",
+    ".parquet": "application/vnd.apache.parquet",
+    ".zip": "application/zip",
+    ".xml": "application/xml",
+}
+
+
+def download(row: DataFile, uploads_dir: Path, *, media_type: str | None = None) -> FileResponse:
+    """The stored bytes as a download, with the file's SHA-256 in X-Checksum-Sha256."""
+    path = files.content_path(row, uploads_dir)
+    guessed = MEDIA_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(row.filename)[0]
+    return FileResponse(
+        path,
+        filename=row.filename,
+        media_type=media_type or guessed or "application/octet-stream",
+        headers={"X-Checksum-Sha256": row.sha256},
     )

@@ -16,13 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from core import jobs
-from core.db import session_scope
 from core.evaluation import EVALUATION_FILE
-from core.migrate import upgrade
 from core.pipeline import run_job
 from core.settings import Settings
 from core.spec import JobSpec
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "medquad" / "5_NIDDK_QA"

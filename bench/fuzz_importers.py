@@ -1,6 +1,6 @@
 """Fuzz the dataset importers for longer than the test does (no atheris needed).
 
-Runs N random cases from tests/core/importer_cases.py (well-formed files of every format, then
+Runs N random cases from tests/core/data/importer_cases.py (well-formed files of every format, then
 damaged: cut, flipped bytes, junk lines, latin-1/UTF-16 with or without BOM, empty, one huge line,
 random bytes) and counts the outcomes. Every case must import or raise a MedtuneError with a
 stable code; anything else is printed with the seed that reproduces it, and the exit code is 1.
@@ -34,7 +34,7 @@ def main() -> int:
     # Dataset paths must lie in allowed folders: allow this run's own.
     os.environ["MEDTUNE_DATA_ROOTS"] = json.dumps([str(base)])
     from core.settings import get_settings
-    from tests.core.importer_cases import check_case, make_case
+    from tests.core.data.importer_cases import check_case, make_case
 
     get_settings.cache_clear()
     outcomes: Counter[str] = Counter()

@@ -61,8 +61,8 @@ def decode_speed(path: Path, prompt: str, *, tokens: int, threads: int) -> dict[
 
 def main() -> None:
     from core.embedded_model import prepare_embedded_model
-    from core.export import SMOKE_QUESTIONS
-    from core.gguf_export import file_name, quantize, smoke_test, write_f16
+    from core.export.formats import SMOKE_QUESTIONS
+    from core.export.gguf import file_name, quantize, smoke_test, write_f16
     from core.settings import get_settings
 
     parser = argparse.ArgumentParser(description=__doc__)

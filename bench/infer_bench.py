@@ -86,7 +86,7 @@ def single_stream(
 
 
 def batched(engine: Any, *, tokens: int) -> None:
-    from core.inference import InferenceRequest
+    from core.inference.engine import InferenceRequest
 
     def request(question: str) -> InferenceRequest:
         return InferenceRequest(
@@ -126,7 +126,7 @@ def adapter_loads(models_dir: Path, workdir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from core.embedded_model import prepare_embedded_model
-    from core.inference import InferenceEngine
+    from core.inference.engine import InferenceEngine
 
     adapter = workdir / "adapter"
     torch.manual_seed(0)
@@ -177,14 +177,14 @@ def api_overhead(models_dir: Path, workdir: Path, *, llama_threads: int, samples
     import httpx
     import redis
 
-    from core import jobs
-    from core.cli import api_command, worker_command
-    from core.db import session_scope
+    from cli.main import api_command, worker_command
     from core.embedded_model import gguf_path
-    from core.inference import InferenceEngine
-    from core.migrate import upgrade
+    from core.inference.engine import InferenceEngine
     from core.queue import INFER_QUEUE
     from core.spec import JobSpec
+    from core.store import jobs
+    from core.store.db import session_scope
+    from core.store.migrate import upgrade
 
     db_url = f"sqlite:///{workdir / 'jobs.db'}"
     upgrade(db_url)
@@ -292,7 +292,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from core.embedded_model import gguf_path
-    from core.inference import InferenceEngine
+    from core.inference.engine import InferenceEngine
     from core.settings import get_settings
 
     models_dir = get_settings().models_dir

@@ -3,11 +3,11 @@
 Random weights of the real Llama-3-8B architecture with the real Llama 3 tokenizer and chat
 template (bench/real_tokenizers.py), a random LoRA adapter (r=16, all 7 projections): speed is
 faithful, answers are not the point. Each path runs in its own process (Unsloth patches
-transformers when imported) through the service's own code (core.inference_cuda and the shared
+transformers when imported) through the service's own code (core.inference.cuda and the shared
 ``generate_batch``), greedy, ``min_new_tokens`` = ``max_new_tokens`` so every run decodes them all.
 ``bf16_static_compiled`` is transformers' ``generate()`` over a static cache with a compiled
-forward; ``bf16_graph_loop`` is the engine's fast path (core/static_decode.py: one CUDA-graph
-replay per token), the one ``/infer`` uses for a merged export.
+forward; ``bf16_graph_loop`` is the engine's fast path (core/inference/static_decode.py: one
+CUDA-graph replay per token), the one ``/infer`` uses for a merged export.
 
     python bench/infer_gpu.py make TOKENIZER_DIR WORK_DIR     # WORK_DIR/model, WORK_DIR/adapter
     python bench/infer_gpu.py run PATH WORK_DIR [--tokens 128]
@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.inference_generate import Generation, GenerationRequest, generate_one
+from core.inference.generate import Generation, GenerationRequest, generate_one
 
 PATHS = (
     "unsloth_4bit_lora",
@@ -79,7 +79,7 @@ def _load(path: str, work: Path) -> tuple[Callable[[GenerationRequest], Generati
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from core.inference_cuda import StaticCompiled, attach_adapter, load_base
+    from core.inference.cuda import StaticCompiled, attach_adapter, load_base
 
     model_dir, adapter_dir = str(work / "model"), str(work / "adapter")
     if path in ("unsloth_4bit_lora", "hf_4bit_peft"):

@@ -48,11 +48,11 @@ import httpx
 import psycopg
 import redis
 
+from cli.main import api_command, worker_command
 from core import auth
-from core.cli import api_command, worker_command
-from core.db import session_scope
 from core.embedded_model import prepare_embedded_model
-from core.migrate import upgrade
+from core.store.db import session_scope
+from core.store.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("MEDTUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -196,7 +196,7 @@ def start_stack(api_cpus: str | None, worker_cpus: str | None, embedded: bool) -
 
 def remove_stack(stack: Stack) -> None:
     stack.stop()
-    from core.db import get_engine
+    from core.store.db import get_engine
 
     get_engine(stack.db_url).dispose()
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
@@ -228,7 +228,7 @@ def step_times(db_url: str, job_id: str) -> list[tuple[float, float, float | Non
     how long the step's rows happen to be)."""
     from sqlmodel import col, select
 
-    from core.models import MetricRow
+    from core.store.models import MetricRow
 
     with session_scope(db_url) as s:
         rows = s.exec(

@@ -136,10 +136,10 @@ def cpu_step_seconds(steps: int) -> float:
 
 
 def _running_job(url: str) -> str:
-    from core import jobs
-    from core.db import session_scope
-    from core.migrate import upgrade
     from core.spec import JobSpec
+    from core.store import jobs
+    from core.store.db import session_scope
+    from core.store.migrate import upgrade
 
     upgrade(url)
     with session_scope(url) as s:

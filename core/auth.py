@@ -23,8 +23,8 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from core.errors import MedtuneError, NotFoundError
-from core.models import ApiKey, utcnow
 from core.settings import Settings
+from core.store.models import ApiKey, utcnow
 
 KEY_PREFIX = "mt_"
 ANONYMOUS_SCOPE = "anonymous"
@@ -193,7 +193,7 @@ def describe(settings: Settings) -> str:
     current = mode(settings)
     if current != "required":
         return current
-    from core.db import session_scope
+    from core.store.db import session_scope
 
     with session_scope(settings.db_url) as session:
         active = sum(1 for k in list_keys(session) if k.revoked_at is None)

@@ -9,6 +9,7 @@ from typing import Any
 
 from core.embedded_model import is_embedded, prepare_embedded_model
 from core.errors import HubUnavailable, ModelNotAvailable, SpecError
+from core.paths import is_inside, link_leads_out, real_path
 from core.settings import Settings, get_settings
 from core.spec import looks_like_path
 
@@ -25,18 +26,6 @@ def allowed_model_roots(settings: Settings | None = None) -> list[Path]:
     return [p.expanduser().resolve() for p in (settings.models_dir, *settings.model_roots)]
 
 
-def _real(path: Path) -> Path | None:
-    """Where ``path`` leads once ``~``, ``..`` and links are resolved; None for a link loop."""
-    try:
-        return path.expanduser().resolve()
-    except (OSError, RuntimeError, ValueError):
-        return None
-
-
-def _inside(path: Path | None, roots: Sequence[Path]) -> bool:
-    return path is not None and any(path.is_relative_to(root) for root in roots)
-
-
 def _is_local(name: str) -> bool:
     # from_pretrained loads a Hub-shaped name like 'org/model' from disk when that folder exists
     # (relative to the worker's working directory), so such a name is a local path too.
@@ -48,7 +37,7 @@ def _is_local(name: str) -> bool:
         return False
 
 
-def local_model_dir(
+def confined_model_dir(
     name: str, *, roots: Sequence[Path] | None = None, field: str = FIELD
 ) -> Path | None:
     """The real folder of a local base model, confined to ``roots``; None for the embedded model
@@ -61,10 +50,10 @@ def local_model_dir(
     if is_embedded(name) or not _is_local(name):
         return None
     roots = allowed_model_roots() if roots is None else roots
-    real = _real(Path(name))
+    real = real_path(Path(name))
     # Where the path leads is checked before whether it exists, so that a path outside the
     # roots tells nothing of what exists there. The message names only what the client sent.
-    if real is not None and not _inside(real, roots):
+    if real is not None and not is_inside(real, roots):
         raise _not_allowed(name, "is outside the folders models may come from", field)
     if real is None or not real.is_dir():
         raise ModelNotAvailable(
@@ -72,8 +61,7 @@ def local_model_dir(
             "the worker can read, or 'smollm2-135m-instruct'",
             field=field,
         )
-    # rglob lists linked files but does not enter linked folders: check where each link leads.
-    if any(e.is_symlink() and not _inside(_real(e), roots) for e in real.rglob("*")):
+    if link_leads_out(real, roots):
         raise _not_allowed(name, "holds a link leading outside those folders", field)
     return real
 
@@ -90,7 +78,7 @@ def _not_allowed(name: str, what: str, field: str) -> ModelPathNotAllowed:
 def check_base_model(name: str, *, roots: Sequence[Path] | None = None, field: str = FIELD) -> None:
     """Cheap check at submit time: local folders must exist inside the model roots (Hub ids are
     checked by the worker)."""
-    local_model_dir(name, roots=roots, field=field)
+    confined_model_dir(name, roots=roots, field=field)
 
 
 def resolve(name: str, *, models_dir: Path, roots: Sequence[Path] | None = None) -> str:
@@ -98,7 +86,7 @@ def resolve(name: str, *, models_dir: Path, roots: Sequence[Path] | None = None)
     with the worker's own settings)."""
     if is_embedded(name):
         return str(prepare_embedded_model(models_dir))
-    local = local_model_dir(name, roots=roots)
+    local = confined_model_dir(name, roots=roots)
     return str(local) if local is not None else name
 
 

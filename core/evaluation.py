@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from core.data.conversations import Example
+from core.data.example import Example
 
 EVALUATION_FILE = "evaluation.json"  # in the job's artifacts folder
 
@@ -73,7 +73,7 @@ def generate_with_stop(
     adapter: bool = True,
 ) -> dict[str, Any]:
     """Greedy answer, and whether it ended on the end-of-turn token (a tuned model should)."""
-    from core.inference_generate import GenerationRequest, generate_one, is_peft
+    from core.inference.generate import GenerationRequest, generate_one, is_peft
 
     # adapter=False asks the base model; only a PeftModel can switch its adapter off.
     name = model.active_adapter if adapter and is_peft(model) else None

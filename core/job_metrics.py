@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core import jobs
-from core.db import session_scope
+from core.store import jobs
+from core.store.db import session_scope
 from core.training.sink import BufferedSink, TeeSink
 from core.training.tensorboard import TENSORBOARD_DIR, TensorBoardSink
 

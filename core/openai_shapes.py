@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from core.errors import MedtuneError, SpecError
-from core.models import Job, JobStatus, MetricRow
+from core.store.models import Job, JobStatus, MetricRow
 
 # The recipe's learning rate: learning_rate_multiplier 1 means this.
 BASE_LEARNING_RATE = 2e-4

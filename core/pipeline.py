@@ -12,19 +12,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from core import jobs
 from core.base_models import allowed_model_roots, hub_call, resolve
 from core.data.prepare import Prepared, prepare
 from core.data.tokenize import ensure_chat_template
-from core.db import session_scope
 from core.errors import LeaseLost, MedtuneError, OutOfMemory
 from core.evaluation import EVALUATION_FILE
 from core.job_metrics import job_sink
-from core.lease import LeaseKeeper
-from core.models import JobStage, JobStatus
 from core.settings import Settings
 from core.spec import JobSpec
 from core.storage import storage_error
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.lease import LeaseKeeper
+from core.store.models import JobStage, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def _export(
     model_path: str,
     url: str,
 ) -> None:
-    from core.export_job import export_for_spec
+    from core.export.run import export_for_spec
 
     lines = export_for_spec(
         loaded, spec, job_dir=job_dir, adapter_dir=adapter_dir, base_path=model_path

@@ -9,8 +9,11 @@ from core.settings import Settings
 
 TRAIN_QUEUE = "medtune.train"
 INFER_QUEUE = "medtune.infer"
+# Every task name the service sends or serves, in one place: the API sends tasks by name only.
 RUN_JOB_TASK = "medtune.run_job"
 INFER_TASK = "medtune.infer"
+EXPORT_TASK = "medtune.export"
+PREVIEW_TASK = "medtune.preview"  # renders a dataset's first examples (needs a tokenizer)
 
 
 def serves_only_inference(queues: Iterable[str]) -> bool:

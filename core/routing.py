@@ -16,9 +16,9 @@ from sqlmodel import Session, col, select
 from core.embedded_model import EMBEDDED_MODEL_NAME, is_embedded
 from core.errors import SpecError
 from core.memory import MemoryEstimate, estimate, find_shape
-from core.models import Worker, utcnow
 from core.queue import TRAIN_QUEUE
 from core.spec import JobSpec
+from core.store.models import Worker, utcnow
 
 MARGIN = 1.10  # the estimate is within about 7% of measured peaks (tests/core/test_memory.py)
 LIVE_WITHIN = timedelta(minutes=5)
@@ -28,7 +28,7 @@ class GpuMemoryExceeded(SpecError):
     code = "gpu_memory_exceeded"
 
 
-def local_model_dir(base_model: str, models_dir: Path) -> Path | None:
+def config_dir(base_model: str, models_dir: Path) -> Path | None:
     """Where a model's config.json can be read without downloading anything."""
     if is_embedded(base_model):
         return models_dir / EMBEDDED_MODEL_NAME

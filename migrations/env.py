@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import pool
 from sqlmodel import SQLModel, create_engine
 
-import core.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import core.store.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from core.settings import get_settings
 
 config = context.config

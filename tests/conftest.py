@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from core.cli import api_command, worker_command
+from cli.main import api_command, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("MEDTUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -89,7 +89,7 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
     yield f"{base}/{name}"
-    from core.db import get_engine
+    from core.store.db import get_engine
 
     get_engine.cache_clear()
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
@@ -98,7 +98,7 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def migrated_pg(pg_url: str) -> str:
-    from core.migrate import upgrade
+    from core.store.migrate import upgrade
 
     upgrade(pg_url)
     return pg_url
@@ -128,7 +128,7 @@ def claim_redis_db() -> str:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    from core.migrate import upgrade
+    from core.store.migrate import upgrade
 
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     upgrade(url)

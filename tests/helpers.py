@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from core.client import parse_sse
+from cli.client import parse_sse
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "core" / "samples" / "medical_qa_sample.jsonl"

@@ -1,1 +1,1 @@
-"""Celery workers: thin tasks over core.pipeline and core.inference."""
+"""Celery workers: thin tasks over core.pipeline and core.inference.engine."""

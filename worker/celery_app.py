@@ -7,9 +7,9 @@ from typing import Any
 
 from celery.signals import worker_init, worker_ready
 
-from core.db import connect_retry
 from core.queue import TRAIN_QUEUE, make_celery
 from core.settings import get_settings
+from core.store.db import connect_retry
 
 app = make_celery(get_settings())
 app.conf.include = ["worker.tasks"]
@@ -42,8 +42,8 @@ def _gpu() -> tuple[str, float] | None:
 @worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
     """Train workers join their GPU's memory-class queue and announce it; all reconcile."""
-    from core.db import session_scope
     from core.routing import announce, gpu_queue
+    from core.store.db import session_scope
     from worker import reconciler
 
     settings = get_settings()

@@ -11,10 +11,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from core import jobs
-from core.db import session_scope
 from core.queue import RUN_JOB_TASK, TRAIN_QUEUE
 from core.settings import Settings
+from core.store import jobs
+from core.store.db import session_scope
 
 log = logging.getLogger(__name__)
 

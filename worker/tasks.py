@@ -11,15 +11,15 @@ from functools import lru_cache
 from typing import Any
 
 from core.base_models import hub_call, resolve
-from core.data.preview import PREVIEW_TASK, preview
+from core.data.preview import preview
 from core.errors import MedtuneError
-from core.export_job import EXPORT_TASK, run_export
-from core.inference import InferenceEngine
-from core.inference_service import build_request, serve
-from core.inference_stream import channel_for
+from core.export.run import run_export
+from core.inference.engine import InferenceEngine
+from core.inference.stream import channel_for
+from core.inference.task import build_request, serve
 from core.logs import install_celery_logging, job_context
 from core.pipeline import run_job
-from core.queue import INFER_TASK, RUN_JOB_TASK, serves_only_inference
+from core.queue import EXPORT_TASK, INFER_TASK, PREVIEW_TASK, RUN_JOB_TASK, serves_only_inference
 from core.settings import Settings, get_settings
 from core.spec import DatasetSection
 from worker.celery_app import app, consumed_queues

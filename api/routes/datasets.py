@@ -7,12 +7,12 @@ from fastapi import APIRouter
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import DatasetPreview, DatasetPreviewRequest, JobDatasetPublic
 from api.worker_calls import call_inference_worker
-from core import files, jobs
 from core.base_models import allowed_model_roots, check_base_model
-from core.data.preview import PREVIEW_TASK
 from core.data.sources import allowed_roots, resolve_local
 from core.errors import JobNotReady
+from core.queue import PREVIEW_TASK
 from core.spec import JobSpec
+from core.store import files, jobs
 
 router = APIRouter(tags=["datasets"])
 

@@ -8,11 +8,12 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import PrincipalDep, QueueDep, SessionDep
-from core import hub, jobs
-from core.export import manifest_keys
-from core.export_job import EXPORT_TASK, adapter_folder
-from core.queue import TRAIN_QUEUE
+from core.export import hub
+from core.export.formats import manifest_keys
+from core.export.run import adapter_folder
+from core.queue import EXPORT_TASK, TRAIN_QUEUE
 from core.spec import ExportFormat, GgufQuantization, JobSpec
+from core.store import jobs
 
 router = APIRouter(prefix="/jobs", tags=["exports"])
 

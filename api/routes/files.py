@@ -6,35 +6,23 @@ the API key that uploaded them, as jobs do: another key gets 404 ``file_not_foun
 
 from __future__ import annotations
 
-import mimetypes
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from api.deps import PrincipalDep, SessionDep, SettingsDep
-from api.routes.jobs import IdempotencyKeyHeader
+from api.deps import IdempotencyKeyHeader, PrincipalDep, SessionDep, SettingsDep
 from api.schemas import _Out
-from api.uploads import UPLOAD_BODY, accept_upload
-from core import files
-from core.models import DataFile
+from api.uploads import UPLOAD_BODY, accept_upload, download
+from core.store import files
+from core.store.models import DataFile
 
 router = APIRouter(prefix="/files", tags=["files"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
 After = Annotated[str | None, Query(max_length=40, description="The last id of the previous page.")]
-# The types medtune reads, for a download's Content-Type.
-MEDIA_TYPES = {
-    ".jsonl": "application/jsonl",
-    ".json": "application/json",
-    ".csv": "text/csv",
-    ".parquet": "application/vnd.apache.parquet",
-    ".zip": "application/zip",
-    ".xml": "application/xml",
-}
 
 
 class FilePublic(_Out):
@@ -69,18 +57,6 @@ class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"
     deleted: bool = True
-
-
-def download(row: DataFile, uploads_dir: Path, *, media_type: str | None = None) -> FileResponse:
-    """The stored bytes as a download, with the file's SHA-256 in X-Checksum-Sha256."""
-    path = files.content_path(row, uploads_dir)
-    guessed = MEDIA_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(row.filename)[0]
-    return FileResponse(
-        path,
-        filename=row.filename,
-        media_type=media_type or guessed or "application/octet-stream",
-        headers={"X-Checksum-Sha256": row.sha256},
-    )
 
 
 @router.post("", status_code=201, response_model=FilePublic, openapi_extra=UPLOAD_BODY)

@@ -11,14 +11,14 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
+from api.deps import SSE_HEADERS, LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import InferRequest, InferResponse
-from core import jobs
 from core.errors import JobNotReady, MedtuneError
-from core.inference_client import ask, job_target, stream_answer
-from core.inference_stream import channel_for
-from core.models import JobStatus
+from core.inference.remote import ask, job_target, stream_answer
+from core.inference.stream import channel_for
 from core.spec import JobSpec
+from core.store import jobs
+from core.store.models import JobStatus
 
 router = APIRouter(tags=["inference"])
 
@@ -65,9 +65,6 @@ def messages_for(body: InferRequest, spec: JobSpec) -> list[dict[str, str]]:
 
 def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
-
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @router.post(

@@ -13,9 +13,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
-from sqlmodel import Session
 
-from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
+from api.deps import (
+    IdempotencyKeyHeader,
+    LimiterDep,
+    PrincipalDep,
+    QueueDep,
+    SessionDep,
+    SettingsDep,
+)
 from api.schemas import (
     CheckpointPublic,
     CheckpointsPage,
@@ -24,19 +30,14 @@ from api.schemas import (
     MetricPublic,
     MetricsPage,
 )
-from core import auth, files, idempotency, jobs, routing
-from core.base_models import allowed_model_roots, check_base_model
-from core.data.sources import allowed_roots, resolve_local
-from core.data.validation import resolve_validation
-from core.db import session_scope
 from core.errors import ConflictError, NotFoundError
 from core.evaluation import EVALUATION_FILE
-from core.export import MANIFEST
-from core.models import Job, JobStatus
-from core.queue import RUN_JOB_TASK
-from core.ratelimit import RateLimiter
-from core.settings import Settings
+from core.export.formats import MANIFEST
 from core.spec import JobSpec
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import Job, JobStatus
+from core.submit import submit_job
 from core.training import checkpoints
 
 log = logging.getLogger(__name__)
@@ -53,18 +54,6 @@ SPEC_EXAMPLE = {
     "training_dataset": {"name": "sample:medical_qa"},
     "training_config": {"max_steps": 30, "learning_rate": 1e-3},
 }
-
-
-IdempotencyKeyHeader = Annotated[
-    str | None,
-    Header(
-        alias=idempotency.HEADER,
-        min_length=1,
-        max_length=255,
-        description="Retrying with the same key returns the job the first request created "
-        "(201, Idempotent-Replayed: true) and queues nothing; a different spec is a 409.",
-    ),
-]
 
 
 @router.post("", status_code=201, response_model=JobPublic)
@@ -92,62 +81,6 @@ def create_job(
         # Stripe's behaviour: the first request's status code again, marked as a replay.
         response.headers["Idempotent-Replayed"] = "true"
     return JobPublic.of(job)
-
-
-def submit_job(
-    session: Session,
-    settings: Settings,
-    queue: Any,
-    spec: JobSpec,
-    *,
-    principal: auth.Principal,
-    limiter: RateLimiter,
-    idempotency_key: str | None = None,
-) -> tuple[Job, bool]:
-    """Check, store and queue a job for ``principal``; returns (job, replayed).
-
-    With ``idempotency_key``, a key already used with the same spec returns that job and queues
-    nothing (replayed is True).
-    """
-    scope = principal.scope
-    if idempotency_key is not None:
-        earlier = idempotency.replay(session, scope=scope, key=idempotency_key, spec=spec)
-        if earlier is not None:
-            return earlier, True
-    limiter.hit("jobs", scope, per_minute=settings.rate_jobs_per_minute, what="jobs created")
-    # Fail now, not minutes later on a worker, for what the server can check cheaply.
-    check_base_model(spec.model.base_model, roots=allowed_model_roots(settings))
-    # Uploaded files the spec names must be the caller's; their rows stay share-locked until
-    # the job is committed, so a concurrent DELETE sees the job and refuses (file_in_use).
-    files.check_spec_files(session, spec.to_json(), owner=principal.job_owner)
-    resolve_local(spec.dataset, roots=allowed_roots(settings), uploads=settings.uploads_dir)
-    resolve_validation(spec, roots=allowed_roots(settings), uploads=settings.uploads_dir)
-    local_dir = routing.local_model_dir(spec.model.base_model, settings.models_dir)
-    target, needed = routing.route(spec, routing.live_workers(session), local_dir=local_dir)
-    options: dict[str, Any] = {
-        "queue": target,
-        "estimated_gpu_memory_gib": round(needed.total_gib, 2) if needed else None,
-        "owner_key_id": principal.key_id,
-    }
-    if idempotency_key is None:
-        job = jobs.create_job(session, spec, **options)
-    else:
-        job, replayed = idempotency.create_job_once(
-            session, spec, scope=scope, key=idempotency_key, **options
-        )
-        if replayed:  # a concurrent request with the same key won
-            return job, True
-    # Commit first, enqueue the id second: the task re-reads the row (the store is the truth).
-    # A broker that is down loses nothing: the job stays queued, unstamped, and the workers'
-    # reconciler sends it.
-    try:
-        queue.send_task(RUN_JOB_TASK, args=[job.id], queue=target)
-    except Exception:
-        log.exception("job %s stored but not sent to the broker; the reconciler will", job.id)
-    else:
-        jobs.mark_enqueued(session, job.id)
-        session.refresh(job)
-    return job, False
 
 
 @router.get("", response_model=JobsPublic)

@@ -30,9 +30,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from core.auth import Forbidden
-from core.models import Job, JobStatus, MetricRow
 from core.queue import INFER_QUEUE, TRAIN_QUEUE
 from core.settings import Settings
+from core.store.models import Job, JobStatus, MetricRow
 
 router = APIRouter(tags=["observability"])
 

@@ -18,12 +18,11 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
-from api.routes.infer import SSE_HEADERS
+from api.deps import SSE_HEADERS, LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from core.errors import MedtuneError
-from core.inference_catalog import list_models, resolve_model
-from core.inference_client import ask, job_target, stream_answer
-from core.inference_stream import channel_for
+from core.inference.catalog import list_models, resolve_model
+from core.inference.remote import ask, job_target, stream_answer
+from core.inference.stream import channel_for
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

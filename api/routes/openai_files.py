@@ -13,13 +13,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from api.deps import PrincipalDep, SessionDep, SettingsDep
-from api.routes.files import download
-from api.routes.jobs import IdempotencyKeyHeader
-from api.uploads import UPLOAD_BODY, accept_upload
-from core import files
-from core.models import DataFile
+from api.deps import IdempotencyKeyHeader, PrincipalDep, SessionDep, SettingsDep
+from api.uploads import UPLOAD_BODY, accept_upload, download
 from core.openai_shapes import unix
+from core.store import files
+from core.store.models import DataFile
 
 router = APIRouter(prefix="/v1/files", tags=["openai-compatible"])
 

@@ -18,7 +18,6 @@ from sqlmodel import Session
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.problems import field_path
-from api.routes.jobs import submit_job
 from api.schemas import (
     FineTuningCheckpoint,
     FineTuningCheckpointsPage,
@@ -28,11 +27,12 @@ from api.schemas import (
     FineTuningJobEvent,
     FineTuningJobsPage,
 )
-from core import jobs
 from core import openai_shapes as shapes
 from core.errors import MedtuneError
-from core.models import Job, JobStatus, MetricRow
 from core.spec import JobSpec
+from core.store import jobs
+from core.store.models import Job, JobStatus, MetricRow
+from core.submit import submit_job
 from core.training import checkpoints
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["openai-compatible"])

@@ -7,27 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.data.cleaning import clean_text
+from core.data.example import Example
 from core.data.sources import Row
 from core.errors import DatasetError
 
-Message = dict[str, str]
 QUESTION_KEYS = ("question", "query", "prompt_text")
 ANSWER_KEYS = ("answer", "response", "completion")
 # Row columns kept on an example as metadata (MedQuAD's question type and focus, its collection).
 META_KEYS = ("qtype", "focus", "source", "document")
 ROLES = ("system", "user", "assistant")
-
-
-@dataclass
-class Example:
-    """One training example: a conversation, or raw text when the row only had ready text.
-
-    ``meta`` holds the row's index in the loaded dataset (``row``) and metadata columns.
-    """
-
-    messages: list[Message] | None = None
-    text: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

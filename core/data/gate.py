@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from core.data.conversations import Example
+from core.data.example import Example
 from core.data.tokenize import IGNORE_INDEX, Encoded, render
 from core.errors import DatasetError
 

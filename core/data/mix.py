@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.data.cleaning import Seen, dedupe
-from core.data.conversations import Example, to_examples
+from core.data.conversations import to_examples
+from core.data.example import Example
 from core.data.sources import FIELD, load, scoped, source_section
 from core.errors import DatasetError
 from core.spec import DatasetSection

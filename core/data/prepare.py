@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.data.cleaning import Seen, dedupe, validation_split
-from core.data.conversations import Example
+from core.data.example import Example
 from core.data.gate import DatasetGateError, TokenRules, enforce, inspect, token_rules
 from core.data.mix import Collected, by_dataset, collect
 from core.data.stats import dataset_stats

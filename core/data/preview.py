@@ -13,8 +13,6 @@ from core.data.prepare import render_dataset
 from core.data.tokenize import IGNORE_INDEX
 from core.spec import DatasetSection
 
-PREVIEW_TASK = "medtune.preview"
-
 
 def preview(
     section: DatasetSection, tokenizer: Any, *, max_seq_length: int, count: int

@@ -16,11 +16,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from core import files
 from core.data.medquad import is_medquad, read_medquad
 from core.errors import DatasetError, DatasetNotFound, HubUnavailable, MedtuneError, SpecError
+from core.paths import is_inside, link_leads_out, real_path
 from core.settings import Settings, get_settings
 from core.spec import DATA_SUFFIXES, SOURCE_FIELDS, DatasetSection
+from core.store import files
 
 SAMPLES = {"medical_qa": "medical_qa_sample.jsonl"}
 FIELD = "training_dataset"
@@ -60,10 +61,6 @@ def _not_allowed(section: DatasetSection, what: str) -> DatasetPathNotAllowed:
     )
 
 
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
-    return any(path.is_relative_to(root) for root in roots)
-
-
 def resolve_local(
     section: DatasetSection,
     *,
@@ -73,7 +70,7 @@ def resolve_local(
     """The file or folder a spec points at, checked to exist; None for Hub datasets.
 
     An uploaded file (``file-...``) is found by its id under ``uploads`` (default: the
-    settings' uploads_dir); who may use it is the API's check (core.files). A path may not
+    settings' uploads_dir); who may use it is the API's check (core.store.files). A path may not
     lead into the uploads folder: uploaded files are named by id, so ownership holds.
 
     A local path must lead inside ``roots`` (default: :func:`allowed_roots` of the settings)
@@ -94,18 +91,15 @@ def resolve_local(
     uploads = (uploads or get_settings().uploads_dir).expanduser().resolve()
     if section.kind == "file":
         stored = files.resolve(section.name, uploads).resolve()
-        if not (_inside(stored, [uploads]) and _inside(stored, roots)):
+        if not (is_inside(stored, [uploads]) and is_inside(stored, roots)):
             raise _not_allowed(section, "leads outside the uploads folder")
         return stored
-    try:
-        real = Path(section.name).expanduser().resolve()
-    except (OSError, RuntimeError):  # a link loop
-        real = None
+    real = real_path(Path(section.name))
     # Where the path really leads is checked before whether it exists, so that a path outside
     # the roots tells nothing of what exists there.
-    if real is not None and not _inside(real, roots):
+    if real is not None and not is_inside(real, roots):
         raise _not_allowed(section, "is outside the folders datasets may come from")
-    if real is not None and (_inside(real, [uploads]) or uploads.is_relative_to(real)):
+    if real is not None and (is_inside(real, [uploads]) or is_inside(uploads, [real])):
         raise _not_allowed(section, "leads into the uploaded files; name an upload by its id")
     if real is None or not real.exists():
         raise DatasetNotFound(
@@ -113,12 +107,7 @@ def resolve_local(
             "a path the worker can read",
             field="training_dataset.name",
         )
-    # rglob lists linked files but does not enter linked folders: check where each link leads.
-    if real.is_dir() and any(
-        entry.is_symlink()
-        and (not _inside(entry.resolve(), roots) or _inside(entry.resolve(), [uploads]))
-        for entry in real.rglob("*")
-    ):
+    if real.is_dir() and link_leads_out(real, roots, into=[uploads]):
         raise _not_allowed(section, "holds a link leading outside those folders")
     return real
 

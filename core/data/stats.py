@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from core.data.conversations import Example
+from core.data.example import Example
 from core.data.tokenize import IGNORE_INDEX, Encoded
 
 

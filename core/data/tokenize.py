@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.data.conversations import Example, Message
+from core.data.example import Example, Message
 from core.data.templates import CHATML, TEMPLATES
 
 IGNORE_INDEX = -100

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.data.tokenize import IGNORE_INDEX, Encoded
 from core.spec import JobSpec
-from core.training import checkpoints
 from core.training.engines import Loaded
-from core.training.meter import StepMeter, memory_mb
+from core.training.meter import StepMeter
 from core.training.packing import GroupedCollator, PackedCollator, group_by_length, pack
 from core.training.sink import MetricsSink
 
@@ -91,48 +86,15 @@ def _optimizer(spec: JobSpec, notes: list[str]) -> str:
     return optim
 
 
-def train(
-    spec: JobSpec,
-    loaded: Loaded,
-    items: list[Encoded],
-    *,
-    output_dir: Path,
-    sink: MetricsSink,
-    resume_from: Path | None = None,
-    eval_items: list[Encoded] | None = None,
-) -> TrainOutcome:
-    """Train to the spec's end (or a cancel), checkpointing into ``output_dir/checkpoints``.
-
-    ``resume_from`` restores optimizer, scheduler, RNG and data position from a checkpoint.
-    ``eval_items`` (the held-out split) are scored every ``eval_steps`` and at the end; the
-    eval loss goes into the metric row of the step it was measured at. The sink is flushed
-    before every checkpoint and when training stops, however it stops.
-    """
+def training_arguments(spec: JobSpec, loaded: Loaded, *, output_dir: Path, notes: list[str]) -> Any:
+    """transformers' TrainingArguments for the spec on this host (precision and optimizer as the
+    host allows, each fallback noted)."""
     import torch
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
 
-    notes: list[str] = []
     cfg = spec.training
     fp16, bf16 = _precision(spec, notes)
-    tokenizer = loaded.tokenizer
-    # Any id will do for padding (its labels are ignored); Llama 3 ships no pad token.
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    collator: Any
-    capacity = cfg.per_device_train_batch_size * spec.model.max_seq_length
-    if cfg.packing and cfg.packing_mode == "padding_free":
-        collator = PackedCollator()
-    elif cfg.packing:
-        collator = GroupedCollator(pad_id)
-    else:
-        collator = PadCollator(pad_id)
-    dataset = _rows(spec, items, capacity=capacity)
-    # The held-out split is batched and collated exactly as the training data.
-    micro_batch = 1 if cfg.packing else cfg.per_device_train_batch_size
-    eval_rows = _rows(spec, eval_items or [], capacity=capacity)
-    eval_batches = [
-        collator(eval_rows[i : i + micro_batch]) for i in range(0, len(eval_rows), micro_batch)
-    ]
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=1 if cfg.packing else cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -159,124 +121,66 @@ def train(
         disable_tqdm=True,
     )
 
-    class SinkCallback(TrainerCallback):
-        cancelled = False
-        last_loss: float | None = None
-        pending_eval: float | None = None  # measured at on_step_end, sent with that step's log
-        meter = StepMeter()
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-            sink.begin(state.max_steps)
-            self.meter.start(step=state.global_step, tokens=trainer.tokens, samples=trainer.samples)
+def train(
+    spec: JobSpec,
+    loaded: Loaded,
+    items: list[Encoded],
+    *,
+    output_dir: Path,
+    sink: MetricsSink,
+    resume_from: Path | None = None,
+    eval_items: list[Encoded] | None = None,
+) -> TrainOutcome:
+    """Train to the spec's end (or a cancel), checkpointing into ``output_dir/checkpoints``.
 
-        def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-            _maybe_inject_oom(state.global_step + 1)
+    ``resume_from`` restores optimizer, scheduler, RNG and data position from a checkpoint.
+    ``eval_items`` (the held-out split) are scored every ``eval_steps`` and at the end; the
+    eval loss goes into the metric row of the step it was measured at. The sink is flushed
+    before every checkpoint and when training stops, however it stops.
+    """
+    from transformers import PrinterCallback
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-            if eval_batches and _eval_due(spec, state.global_step, state.max_steps):
-                started = time.perf_counter()
-                eval_loss = trainer.held_out_loss(eval_batches)
-                self.meter.pause(time.perf_counter() - started)  # not a training step's time
-                if control.should_log:  # the row this step logs next carries it
-                    self.pending_eval = eval_loss
-                else:
-                    sink.log(state.global_step, {"eval_loss": eval_loss})
-            if sink.should_stop():
-                self.cancelled = True
-                control.should_training_stop = True
-                control.should_save = True  # a cancelled job keeps a usable checkpoint
+    # Imported here: they import transformers, which a caller may not need loaded yet.
+    from core.training.counting_trainer import CountingTrainer
+    from core.training.sink_callback import SinkCallback
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
-            if not logs or "loss" not in logs:
-                return  # the end-of-training summary carries train_loss only
-            allocated, reserved, peak = memory_mb()
-            self.last_loss = float(logs["loss"])
-            values: dict[str, float | None] = {
-                "loss": self.last_loss,
-                "learning_rate": _num(logs.get("learning_rate")),
-                "grad_norm": _num(logs.get("grad_norm")),
-                "epoch": _num(logs.get("epoch")),
-                **self.meter.row(
-                    step=state.global_step,
-                    total_steps=state.max_steps,
-                    tokens=trainer.tokens,
-                    samples=trainer.samples,
-                ),
-                "memory_mb": allocated,
-                "reserved_memory_mb": reserved,
-                "peak_memory_mb": peak,
-            }
-            if self.pending_eval is not None:
-                values["eval_loss"], self.pending_eval = self.pending_eval, None
-            sink.log(state.global_step, values)
-
-    checkpoint_root = checkpoints.checkpoint_dir(output_dir)
-    staging = checkpoint_root / checkpoints.STAGING
-
-    class CountingTrainer(Trainer):
-        """Counts real tokens where they are trained (the data loader prefetches ahead), and
-        writes checkpoints into a staging folder that is renamed into place when complete."""
-
-        tokens = 0
-        samples = 0
-
-        def _get_output_dir(self, trial: Any) -> str:
-            return str(staging)
-
-        def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            started = time.perf_counter()
-            # Metrics first: a checkpoint is never ahead of the stored rows, so a run resumed
-            # from it neither loses nor repeats a step.
-            sink.flush()
-            shutil.rmtree(staging, ignore_errors=True)
-            super()._save_checkpoint(model, trial)
-            checkpoints.publish(staging / f"checkpoint-{self.state.global_step}", checkpoint_root)
-            checkpoints.prune(checkpoint_root, keep=cfg.save_total_limit)
-            callback.meter.pause(time.perf_counter() - started)
-
-        def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            # The collators report real (non-padding) tokens and examples under "_" keys.
-            self.tokens += int(inputs["_real_tokens"])
-            self.samples += int(inputs["_samples"])
-            return super().training_step(model, self.model_inputs(inputs), *args, **kwargs)
-
-        def model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-            drop = {"_real_tokens", "_samples"}
-            if loaded.engine != "unsloth":
-                drop.add("packed_seq_lengths")  # transformers reads boundaries from position_ids
-            return {k: v for k, v in inputs.items() if k not in drop}
-
-        def held_out_loss(self, batches: list[dict[str, Any]]) -> float | None:
-            """Mean loss per trained token of the held-out batches, computed as in training."""
-            model, total, count = self.model, 0.0, 0
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    for batch in batches:
-                        # The loss is a mean over the batch's shifted labels: weight it by them.
-                        tokens = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
-                        if not tokens:
-                            continue
-                        inputs = self._prepare_inputs(self.model_inputs(batch))
-                        with self.compute_loss_context_manager():
-                            loss = self.compute_loss(model, inputs)
-                        total += float(loss.detach()) * tokens
-                        count += tokens
-            finally:
-                model.train(was_training)
-            return _num(total / count) if count else None
+    notes: list[str] = []
+    cfg = spec.training
+    tokenizer = loaded.tokenizer
+    # Any id will do for padding (its labels are ignored); Llama 3 ships no pad token.
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    collator: Any
+    capacity = cfg.per_device_train_batch_size * spec.model.max_seq_length
+    if cfg.packing and cfg.packing_mode == "padding_free":
+        collator = PackedCollator()
+    elif cfg.packing:
+        collator = GroupedCollator(pad_id)
+    else:
+        collator = PadCollator(pad_id)
+    dataset = _rows(spec, items, capacity=capacity)
+    # The held-out split is batched and collated exactly as the training data.
+    micro_batch = 1 if cfg.packing else cfg.per_device_train_batch_size
+    eval_rows = _rows(spec, eval_items or [], capacity=capacity)
+    eval_batches = [
+        collator(eval_rows[i : i + micro_batch]) for i in range(0, len(eval_rows), micro_batch)
+    ]
+    args = training_arguments(spec, loaded, output_dir=output_dir, notes=notes)
 
     # Training needs no KV cache, and with one transformers would not mask packed rows per example.
     loaded.model.config.use_cache = False
-    callback = SinkCallback()
     trainer = CountingTrainer(
         model=loaded.model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=[callback],
+        sink=sink,
+        meter=StepMeter(),
+        engine=loaded.engine,
+        save_total_limit=cfg.save_total_limit,
     )
+    callback = SinkCallback(spec, sink, trainer, eval_batches)
+    trainer.add_callback(callback)
     trainer.remove_callback(PrinterCallback)  # the sink reports; no raw dicts on stdout
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -295,37 +199,3 @@ def train(
         final_loss=callback.last_loss,
         notes=notes,
     )
-
-
-# Fault injection for tests: a CUDA out-of-memory error at this step, once per process.
-FAULT_OOM_ENV = "MEDTUNE_FAULT_OOM_AT_STEP"
-_injected: set[int] = set()
-
-
-def _maybe_inject_oom(step: int) -> None:
-    wanted = os.environ.get(FAULT_OOM_ENV)
-    if wanted and int(wanted) == step and step not in _injected:
-        import torch
-
-        _injected.add(step)
-        raise torch.cuda.OutOfMemoryError(f"injected by {FAULT_OOM_ENV} at step {step}")
-
-
-def _eval_due(spec: JobSpec, step: int, total_steps: int) -> bool:
-    """Whether the held-out loss is measured after this optimizer step."""
-    cfg = spec.training
-    if cfg.eval_strategy == "no":
-        return False
-    if step >= total_steps:
-        return True
-    if cfg.eval_strategy == "end":
-        return False
-    every = cfg.eval_steps or max(1, total_steps // 10)
-    return step % every == 0
-
-
-def _num(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None

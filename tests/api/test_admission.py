@@ -12,9 +12,9 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from api.admission import AdmissionLimit
-from core import jobs
-from core.db import session_scope
 from core.spec import JobSpec
+from core.store import jobs
+from core.store.db import session_scope
 from tests.api.test_auth import bearer, new_key
 from tests.conftest import Stack, free_port, stack_env, start_api, wait_healthy
 

@@ -15,14 +15,14 @@ from sqlalchemy.engine import make_url
 
 from api.deps import get_queue
 from api.main import create_app
-from core import jobs
-from core.client import parse_sse
-from core.db import session_scope
-from core.inference_stream import Channel, channel_for
-from core.models import JobStatus
+from cli.client import parse_sse
+from core.inference.stream import Channel, channel_for
 from core.queue import INFER_QUEUE, INFER_TASK, RUN_JOB_TASK, TRAIN_QUEUE
 from core.settings import Settings, get_settings
 from core.spec import RECIPE_SYSTEM_PROMPT, JobSpec
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import JobStatus
 from tests.helpers import recipe_spec, sse
 
 PROBLEM = "application/problem+json"

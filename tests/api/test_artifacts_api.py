@@ -6,9 +6,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from core import jobs
-from core.db import session_scope
-from core.export import MANIFEST, describe
+from core.export.formats import MANIFEST, describe
+from core.store import jobs
+from core.store.db import session_scope
 from tests.api.test_api import Api, assert_problem
 
 

@@ -16,12 +16,13 @@ from sqlalchemy.engine import make_url
 
 from api.deps import get_queue
 from api.main import create_app
-from core import auth, jobs
-from core.cli import main as medtune
-from core.db import session_scope
-from core.inference_stream import channel_for
-from core.models import ApiKey, JobStatus
+from cli.main import main as medtune
+from core import auth
+from core.inference.stream import channel_for
 from core.settings import Settings, get_settings
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import ApiKey, JobStatus
 from tests.api.test_api import FakeQueue, assert_problem
 from tests.helpers import recipe_spec
 
@@ -374,7 +375,7 @@ def test_up_start_line_names_the_auth_mode(sqlite_url: str, tmp_path: Path) -> N
 
 
 def test_medtune_api_tells_the_app_its_bind_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    import core.cli
+    import cli.main
 
     monkeypatch.setenv("MEDTUNE_API_HOST", "127.0.0.1")  # restored after the test
     seen: dict[str, Any] = {}
@@ -383,7 +384,7 @@ def test_medtune_api_tells_the_app_its_bind_host(monkeypatch: pytest.MonkeyPatch
         seen.update(argv=argv, host=get_settings().api_host)
         return 0
 
-    monkeypatch.setattr(core.cli, "_exec", fake_exec)
+    monkeypatch.setattr(cli.main, "_exec", fake_exec)
     try:
         assert medtune(["api", "--host", "0.0.0.0", "--port", "8123"]) == 0
     finally:

@@ -9,14 +9,13 @@ from typing import Any
 
 import pytest
 
-from core import jobs
-from core.data.preview import PREVIEW_TASK
-from core.db import session_scope
-from core.models import JobStatus
 from core.pipeline import run_job
-from core.queue import INFER_QUEUE
+from core.queue import INFER_QUEUE, PREVIEW_TASK
 from core.settings import Settings, get_settings
 from core.spec import JobSpec
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import JobStatus
 from tests.api.test_api import Api, FakeResult, assert_problem
 from tests.api.test_api import api as api  # the in-process API fixture
 from tests.helpers import recipe_spec

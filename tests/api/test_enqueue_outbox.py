@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from core import jobs
-from core.db import session_scope
-from core.models import Job, utcnow
 from core.queue import RUN_JOB_TASK
 from core.settings import Settings
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import Job, utcnow
 from tests.api.test_api import Api
 from worker.reconciler import reconcile_once
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core import jobs
-from core.db import session_scope
 from core.evaluation import EVALUATION_FILE
+from core.store import jobs
+from core.store.db import session_scope
 from tests.api.test_api import Api, assert_problem
 
 

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from core import jobs
-from core.db import session_scope
-from core.export_job import EXPORT_TASK
-from core.models import JobStatus
-from core.queue import TRAIN_QUEUE
+from core.queue import EXPORT_TASK, TRAIN_QUEUE
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import JobStatus
 from tests.api.test_api import Api, assert_problem
 
 
@@ -125,7 +124,7 @@ def test_export_of_an_unknown_job_is_404(api: Api) -> None:
 
 def _real_adapter(folder: Path, model_dir: Path) -> None:
     from core.pipeline import _save_adapter
-    from tests.core.export_helpers import fresh_lora
+    from tests.core.export.export_helpers import fresh_lora
 
     _save_adapter(fresh_lora(model_dir), folder)
 
@@ -135,7 +134,7 @@ def test_a_queued_export_runs_on_the_worker_and_is_listed(
     api: Api, tmp_path: Path, model_dir: Path, model_cache: Path
 ) -> None:
     pytest.importorskip("llama_cpp")
-    from core.export_job import run_export
+    from core.export.run import run_export
 
     job_id = _succeeded(api, tmp_path)
     _real_adapter(tmp_path / job_id / "adapter", model_dir)
@@ -159,7 +158,7 @@ def test_a_queued_export_runs_on_the_worker_and_is_listed(
 def test_a_bad_adapter_folder_fails_each_format_with_a_code(
     api: Api, tmp_path: Path, model_dir: Path, model_cache: Path
 ) -> None:
-    from core.export_job import run_export
+    from core.export.run import run_export
 
     job_id = _succeeded(api, tmp_path)
     adapter = tmp_path / job_id / "adapter"

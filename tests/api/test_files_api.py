@@ -16,13 +16,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
-from core import files
 from core.data.sources import DatasetPathNotAllowed, load_rows, resolve_local
-from core.db import session_scope
 from core.errors import DatasetNotFound
-from core.models import DataFile, IdempotencyKey
 from core.settings import get_settings
 from core.spec import JobSpec
+from core.store import files
+from core.store.db import session_scope
+from core.store.models import DataFile, IdempotencyKey
 from tests.api.test_api import Api, FakeQueue, assert_problem
 from tests.api.test_auth import ADMIN_KEY, bearer, build, new_key
 from tests.conftest import Stack

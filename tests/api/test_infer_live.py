@@ -17,13 +17,13 @@ import httpx
 import pytest
 import redis
 
-from core import jobs
-from core.client import parse_sse
-from core.db import session_scope
-from core.inference_llamacpp import llama_cpp_available
-from core.models import JobStatus
+from cli.client import parse_sse
+from core.inference.llamacpp import llama_cpp_available
 from core.queue import INFER_QUEUE
 from core.spec import JobSpec
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import JobStatus
 from tests.conftest import (
     Stack,
     claim_redis_db,
@@ -33,7 +33,7 @@ from tests.conftest import (
     start_worker,
     wait_healthy,
 )
-from tests.core.test_inference import make_adapter
+from tests.core.inference.test_inference import make_adapter
 from tests.helpers import recipe_spec
 
 pytestmark = pytest.mark.slow

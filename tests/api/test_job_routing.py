@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from core.db import session_scope
 from core.routing import announce
+from core.store.db import session_scope
 from tests.api.test_api import Api, assert_problem
 from tests.helpers import recipe_spec
 

@@ -14,10 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.deps import get_queue
 from api.main import create_app
-from core.db import session_scope
-from core.models import Job, JobStatus, MetricRow
 from core.queue import INFER_QUEUE, RUN_JOB_TASK, TRAIN_QUEUE, make_celery
 from core.settings import Settings, get_settings
+from core.store.db import session_scope
+from core.store.models import Job, JobStatus, MetricRow
 from tests.conftest import claim_redis_db, free_port
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from core import jobs
 from core import openai_shapes as shapes
-from core.db import session_scope
-from core.models import Job, JobStatus, MetricRow
 from core.queue import RUN_JOB_TASK, TRAIN_QUEUE
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import Job, JobStatus, MetricRow
 from tests.api.test_api import Api, FakeQueue, assert_problem
 from tests.api.test_auth import bearer, build, new_key
 from tests.api.test_files_api import JSONL, ROWS, upload

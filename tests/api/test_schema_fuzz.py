@@ -30,11 +30,10 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from api.problems import _VALIDATION_CODES, DOCS, PROBLEM
-from core import jobs
-from core.data.preview import PREVIEW_TASK
-from core.db import session_scope
-from core.models import JobStatus
-from core.queue import INFER_TASK, RUN_JOB_TASK
+from core.queue import INFER_TASK, PREVIEW_TASK, RUN_JOB_TASK
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import JobStatus
 from tests.api.test_api import FakeQueue, FakeResult
 from tests.api.test_auth import bearer, build, new_key
 from tests.conftest import PG_ADMIN
@@ -112,8 +111,8 @@ def private_pg() -> Iterator[str]:
     """A migrated Postgres database of this test's own, dropped at the end."""
     import psycopg
 
-    from core.db import get_engine
-    from core.migrate import upgrade
+    from core.store.db import get_engine
+    from core.store.migrate import upgrade
 
     name = f"medtune_fuzz_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
@@ -371,7 +370,7 @@ def test_an_open_event_stream_holds_no_pooled_connection(db_url: str, tmp_path: 
     every other request waited 30 s for one and failed with a 500."""
     from fastapi.testclient import TestClient
 
-    from core.db import get_engine
+    from core.store.db import get_engine
 
     app = build(db_url, tmp_path / "home", FuzzQueue())
     _, key = new_key(db_url, name="sse")

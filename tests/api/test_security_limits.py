@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from core import auth, idempotency, jobs
+from core import auth
 from core.data.sources import DatasetPathNotAllowed, load_rows, resolve_local
-from core.db import session_scope
 from core.ratelimit import RateLimited, RateLimiter
 from core.settings import get_settings
 from core.spec import DatasetSection, JobSpec
+from core.store import idempotency, jobs
+from core.store.db import session_scope
 from tests.api.test_api import FakeQueue, assert_problem
 from tests.api.test_auth import bearer, build, new_key
 from tests.helpers import recipe_spec, tiny_dataset

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from core import jobs
-from core.db import session_scope
-from core.models import JobStatus
 from core.pipeline import run_job
 from core.settings import Settings
 from core.spec import JobSpec
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import JobStatus
 from tests.api.test_api import Api, FakeQueue, assert_problem
 from tests.api.test_auth import bearer, build, new_key
 from tests.api.test_files_api import JSONL, upload

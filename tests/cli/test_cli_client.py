@@ -1,4 +1,4 @@
-"""The client subcommands: ``python -m core.cli jobs ... / infer ...`` in a subprocess against the
+"""The client subcommands: ``python -m cli.main jobs ... / infer ...`` in a subprocess against the
 live API + worker on Postgres and Redis, plus the client's parts that need no server."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from core.cli_client import SpecFileError, StepRate, progress_bar, read_spec, table
-from core.client import ApiError, MedtuneClient, ServerUnreachable
+from cli.client import ApiError, MedtuneClient, ServerUnreachable
+from cli.jobs import SpecFileError, StepRate, progress_bar, read_spec, table
 from tests.conftest import ROOT, Stack, free_port
 from tests.helpers import recipe_spec, tiny_dataset
 
@@ -29,7 +29,7 @@ def medtune(
     if url is not None:
         env["MEDTUNE_URL"] = url
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=ROOT,
         env=env,
         input=stdin,

@@ -1,6 +1,6 @@
 """``medtune export``, ``jobs artifacts`` and ``artifacts download`` in a subprocess against a
 live HTTP API (uvicorn in a thread, SQLite store). The queue stands in for the worker's export
-task: it writes the manifest as core.export_job.run_export does (entries ``running``, then real
+task: it writes the manifest as core.export.run.run_export does (entries ``running``, then real
 files with their sha256, then the job's notes), so --wait polls a manifest that really changes.
 """
 
@@ -21,12 +21,12 @@ import uvicorn
 
 from api.deps import get_queue
 from api.main import create_app
-from core import jobs
-from core.db import session_scope
-from core.export import describe, manifest_keys, update_manifest
-from core.export_job import EXPORT_TASK
-from core.models import JobStatus
+from core.export.formats import describe, manifest_keys, update_manifest
+from core.queue import EXPORT_TASK
 from core.settings import Settings, get_settings
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import JobStatus
 from tests.api.test_api import FakeQueue
 from tests.cli.test_cli_client import medtune
 from tests.conftest import free_port

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from core.client import MedtuneClient
+from cli.client import MedtuneClient
 
 
 def _seen(monkeypatch: pytest.MonkeyPatch, key: str | None) -> list[str | None]:

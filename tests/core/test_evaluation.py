@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from core import jobs
-from core.data.conversations import Example
-from core.db import session_scope
+from core.data.example import Example
 from core.evaluation import EVALUATION_FILE, evaluate, score
-from core.models import JobStatus
 from core.pipeline import run_job
 from core.settings import Settings
 from core.spec import JobSpec
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import JobStatus
 from tests.helpers import recipe_spec, tiny_dataset
 
 REFS = ["High blood pressure damages arteries over time.", "Drink water and rest."]

@@ -12,18 +12,18 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from core import jobs
 from core.base_models import (
     ModelPathNotAllowed,
     allowed_model_roots,
     check_base_model,
-    local_model_dir,
+    confined_model_dir,
     resolve,
 )
-from core.db import session_scope
 from core.errors import ModelNotAvailable
 from core.settings import Settings, get_settings
 from core.spec import JobSpec, ModelSection, TrainingSection
+from core.store import jobs
+from core.store.db import session_scope
 from tests.api.test_api import FakeQueue, assert_problem
 from tests.api.test_auth import build
 from tests.helpers import recipe_spec
@@ -104,9 +104,11 @@ def test_folders_inside_the_roots_resolve_to_their_real_path(dirs: Dirs) -> None
     # A link that stays inside the roots is fine, and so is a '..' that comes back in.
     (dirs.extra / "alias").symlink_to(cached, target_is_directory=True)
     (extra / "shared-config.json").symlink_to(cached / "config.json")
-    assert local_model_dir(str(cached), roots=dirs.roots) == cached.resolve()
-    assert local_model_dir(f"{dirs.extra}/org/../org/mistral", roots=dirs.roots) == extra.resolve()
-    assert local_model_dir(str(dirs.extra / "alias"), roots=dirs.roots) == cached.resolve()
+    assert confined_model_dir(str(cached), roots=dirs.roots) == cached.resolve()
+    assert (
+        confined_model_dir(f"{dirs.extra}/org/../org/mistral", roots=dirs.roots) == extra.resolve()
+    )
+    assert confined_model_dir(str(dirs.extra / "alias"), roots=dirs.roots) == cached.resolve()
     assert resolve(str(dirs.extra / "alias"), models_dir=dirs.cache, roots=dirs.roots) == str(
         cached.resolve()
     )
@@ -114,7 +116,7 @@ def test_folders_inside_the_roots_resolve_to_their_real_path(dirs: Dirs) -> None
 
 def test_the_embedded_model_and_hub_ids_are_not_local(dirs: Dirs) -> None:
     for name in ("smollm2-135m-instruct", "unsloth/llama-3-8b-Instruct-bnb-4bit", "gpt2"):
-        assert local_model_dir(name, roots=dirs.roots) is None
+        assert confined_model_dir(name, roots=dirs.roots) is None
     assert resolve("someone/model", models_dir=dirs.cache, roots=dirs.roots) == "someone/model"
 
 
@@ -164,7 +166,7 @@ def test_a_hub_shaped_name_that_exists_on_disk_is_confined(
         check_base_model("org/model", roots=dirs.roots)
     monkeypatch.chdir(dirs.cache)
     fake_model(dirs.cache / "org" / "model")
-    assert local_model_dir("org/model", roots=dirs.roots) == (dirs.cache / "org/model").resolve()
+    assert confined_model_dir("org/model", roots=dirs.roots) == (dirs.cache / "org/model").resolve()
 
 
 def test_the_roots_come_from_the_settings(dirs: Dirs, monkeypatch: pytest.MonkeyPatch) -> None:

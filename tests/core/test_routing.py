@@ -6,10 +6,10 @@ from datetime import timedelta
 
 import pytest
 
-from core.db import session_scope
-from core.models import Worker, utcnow
 from core.routing import GpuMemoryExceeded, announce, gpu_queue, live_workers, route
 from core.spec import JobSpec
+from core.store.db import session_scope
+from core.store.models import Worker, utcnow
 
 LLAMA3 = JobSpec.model_validate({"model_config": {"max_seq_length": 2048}})  # recipe, 8B
 

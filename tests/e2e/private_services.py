@@ -156,7 +156,7 @@ class PrivatePostgres:
 @contextmanager
 def fresh_database(admin_url: str = PG_ADMIN) -> Iterator[str]:
     """A new, migrated database on a running server (the shared one by default), dropped after."""
-    from core.migrate import upgrade
+    from core.store.migrate import upgrade
 
     name = f"medtune_fault_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from alembic.script import ScriptDirectory
 
-from core.migrate import alembic_config
+from core.store.migrate import alembic_config
 from tests.conftest import Stack, free_port, stack_env, start, wait_healthy
 from tests.helpers import recipe_spec, tiny_dataset, wait_status
 
@@ -22,7 +22,7 @@ def test_up_runs_a_job_and_answers_on_embedded_defaults(tmp_path: Path, model_ca
     start(
         stack,
         "up",
-        [sys.executable, "-m", "core.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "up", "--port", str(port)],
         stack_env(tmp_path, model_cache),
     )
     try:

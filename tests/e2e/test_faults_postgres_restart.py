@@ -4,7 +4,7 @@ The job store is a private PostgreSQL cluster, stopped (fast shutdown: every ope
 cut) while the worker is mid-training and started again a few seconds later. The API answers
 503 problem+json (code database_unavailable) meanwhile and serves again afterwards by itself
 (its pool pings connections before use); the worker's writes wait for the database
-(core.db.connect_retry, MEDTUNE_DB_RETRY_S), so the job finishes with every step's metric
+(core.store.db.connect_retry, MEDTUNE_DB_RETRY_S), so the job finishes with every step's metric
 stored once.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.migrate import upgrade
+from core.store.migrate import upgrade
 from tests.conftest import Stack, free_port, start_api, start_worker, wait_healthy
 from tests.e2e.private_services import (
     WAIT_S,

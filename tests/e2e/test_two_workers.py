@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from core import jobs
-from core.db import session_scope
-from core.models import JobStatus
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import JobStatus
 from tests.conftest import ROOT, claim_redis_db, free_port, stack_env
 
 pytestmark = pytest.mark.slow

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from core import jobs
-from core.db import session_scope
-from core.models import JobStatus
 from core.pipeline import run_job
 from core.settings import Settings
 from core.spec import JobSpec
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import JobStatus
 from core.training.checkpoints import for_job
 from tests.helpers import recipe_spec, tiny_dataset
 

@@ -1,0 +1,1 @@
+"""The terminal adapter: the `medtune` command, its typed HTTP client and the demo."""

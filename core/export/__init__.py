@@ -1,0 +1,1 @@
+"""Turning a trained adapter into artifacts: LoRA, merged, GGUF, and the Hub push."""

@@ -1,0 +1,403 @@
+"""Answer questions with a base model and, optionally, a job's LoRA adapter.
+
+One long-lived engine per inference process keeps each base model loaded once and an LRU of
+adapters attached to it (peft multi-adapter), so a second question to a job reloads nothing
+(``loads`` counts every load). Requests from any thread go through a ``Batcher``: those that
+arrive within a few milliseconds for the same base model and sampling settings are answered by
+one left-padded ``generate`` call, adapters mixed per row.
+
+Backends, chosen per request (``backend``) or automatically:
+- ``transformers``: the base model in float32 on the CPU; on CUDA through ``core.inference.cuda``
+  (Unsloth ``for_inference`` for adapters).
+- ``llama_cpp``: a GGUF file through llama.cpp: a job's ``gguf/model-q4_k_m.gguf`` export, or the
+  embedded model's shipped GGUF for its base. ``auto`` picks it on a CPU when the file exists.
+- ``cuda_static``: a job's ``merged_16bit`` export on CUDA, static KV cache + compiled decode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from core.base_models import hub_call, resolve
+from core.data.tokenize import ensure_chat_template, saved_chat_template
+from core.errors import MedtuneError
+from core.inference.batching import Batcher, Pending
+from core.inference.generate import GenerationRequest, generate_batch
+from core.inference.llamacpp import LlamaCppBackend, LlamaCppUnavailable, llama_cpp_available
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "transformers", "llama_cpp"]
+BACKENDS: tuple[str, ...] = ("auto", "transformers", "llama_cpp")
+# Where core/export/gguf.py writes a job's GGUF exports (its ``file_name``), under artifacts_dir.
+GGUF_FOLDER = "gguf"
+GGUF_FAST_QUANT = "q4_k_m"
+MERGED_FOLDER = "merged_16bit"  # core/export/formats.py's merged export, under artifacts_dir
+
+
+class AdapterMissing(MedtuneError):
+    """The job had an adapter folder and it is gone (deleted from the server)."""
+
+    code = "adapter_missing"
+    status = 409
+
+
+class AdapterInvalid(MedtuneError):
+    """The adapter folder is there but is not a loadable peft LoRA adapter."""
+
+    code = "adapter_invalid"
+    status = 409
+
+
+class NoAdapter(MedtuneError):
+    """The job finished without an adapter to answer with."""
+
+    code = "no_adapter"
+    status = 409
+
+
+def job_gguf(artifacts_dir: str | None) -> str | None:
+    """A job's q4_k_m GGUF export, if it was written."""
+    if not artifacts_dir:
+        return None
+    path = Path(artifacts_dir) / GGUF_FOLDER / f"model-{GGUF_FAST_QUANT}.gguf"
+    return str(path) if path.is_file() else None
+
+
+def job_merged(artifacts_dir: str | None) -> str | None:
+    if not artifacts_dir:
+        return None
+    path = Path(artifacts_dir) / MERGED_FOLDER
+    return str(path) if (path / "config.json").is_file() else None
+
+
+@dataclass
+class InferenceRequest:
+    base_model: str
+    messages: list[dict[str, str]]
+    adapter_dir: str | None = None  # None: the base model answers
+    adapter_name: str | None = None
+    gguf_path: str | None = None  # a GGUF with the same weights (the llama.cpp backend)
+    merged_dir: str | None = None  # merged weights (the CUDA static-cache backend)
+    backend: str = "auto"
+    load_in_4bit: bool = True  # CUDA only: load the base for adapters in 4-bit
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    on_delta: Callable[[str], None] | None = field(default=None, repr=False)
+
+    def generation(self, adapter: str | None) -> GenerationRequest:
+        return GenerationRequest(
+            messages=self.messages,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=tuple(self.stop),
+            adapter=adapter,
+            on_delta=self.on_delta,
+        )
+
+
+@dataclass
+class _Base:
+    model: Any  # a PeftModel once an adapter is attached
+    tokenizer: Any
+    adapters: OrderedDict[str, str]  # adapter name -> its folder, least recently used first
+
+
+def check_adapter_folder(adapter_dir: str, name: str) -> None:
+    """Refuse a deleted or broken adapter before peft touches the base model."""
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise AdapterMissing(
+            f"the adapter of {name} was deleted from the server; train the job again",
+            field="job_id",
+        )
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterInvalid(
+            f"the adapter folder of {name} has no readable adapter_config.json",
+            field="job_id",
+        ) from exc
+    weights = folder / "adapter_model.safetensors"
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or not weights.is_file():
+        raise AdapterInvalid(
+            f"the adapter folder of {name} is not a LoRA adapter (adapter_config.json and "
+            "adapter_model.safetensors are needed)",
+            field="job_id",
+        )
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as fh:
+            if not any("lora_" in key for key in fh.keys()):  # noqa: SIM118 (no __iter__)
+                raise AdapterInvalid(f"the adapter of {name} holds no LoRA weights", field="job_id")
+    except AdapterInvalid:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise AdapterInvalid(
+            f"the adapter weights of {name} cannot be read (damaged file)", field="job_id"
+        ) from exc
+
+
+class InferenceEngine:
+    def __init__(
+        self,
+        *,
+        models_dir: Path,
+        max_adapters: int = 8,
+        max_batch: int = 8,
+        batch_wait_s: float = 0.005,
+        default_backend: str = "auto",
+        llama_threads: int | None = None,
+    ) -> None:
+        self.models_dir = models_dir
+        self.max_adapters = max(max_adapters, max_batch)  # a batch's adapters fit at once
+        self.default_backend = default_backend
+        self.loads: Counter[str] = Counter()  # how often a base, adapter or GGUF was loaded
+        self._bases: dict[tuple[str, bool], _Base] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self._static: OrderedDict[str, Any] = OrderedDict()
+        self.llama = LlamaCppBackend(loads=self.loads, n_threads=llama_threads)
+        self._cuda: bool | None = None
+        self.batcher = Batcher(
+            self._run_group,
+            self._group_key,
+            max_batch=max_batch,
+            wait_s=batch_wait_s,
+            batchable=lambda request: request.backend == "transformers",
+        )
+
+    # --- public -------------------------------------------------------------------------------
+
+    def submit(self, request: InferenceRequest) -> Future[dict[str, Any]]:
+        """Queue a request; the Future holds the answer dict or raises a MedtuneError."""
+        request.backend = self.choose_backend(request)
+        return self.batcher.submit(request)
+
+    def answer(self, **kwargs: Any) -> dict[str, Any]:
+        return self.submit(InferenceRequest(**kwargs)).result()
+
+    @property
+    def _unsloth(self) -> bool:
+        if not self.cuda:
+            return False
+        from core.inference.cuda import unsloth_available
+
+        return unsloth_available()
+
+    @property
+    def cuda(self) -> bool:
+        if self._cuda is None:
+            import torch
+
+            self._cuda = bool(torch.cuda.is_available())
+        return self._cuda
+
+    def choose_backend(self, request: InferenceRequest) -> str:
+        wanted = request.backend if request.backend != "auto" else self.default_backend
+        if wanted not in BACKENDS:
+            raise MedtuneError(
+                f"backend must be one of {', '.join(BACKENDS)}", field="backend", code="bad_backend"
+            )
+        if wanted == "llama_cpp":
+            if not request.gguf_path:
+                raise LlamaCppUnavailable(
+                    "no q4_k_m GGUF export for this model: export the job with format 'gguf' "
+                    "(quantization q4_k_m), or ask with backend 'transformers'",
+                    field="backend",
+                )
+            if not llama_cpp_available():
+                raise LlamaCppUnavailable(
+                    "llama-cpp-python is not installed on the inference worker; ask with "
+                    "backend 'transformers'",
+                    field="backend",
+                )
+            return "llama_cpp"
+        if wanted == "auto":
+            if self.cuda and request.merged_dir:
+                return "cuda_static"
+            if not self.cuda and request.gguf_path and llama_cpp_available():
+                return "llama_cpp"
+        return "transformers"
+
+    # --- batching -----------------------------------------------------------------------------
+
+    def _group_key(self, request: InferenceRequest) -> Hashable:
+        if request.backend == "transformers":
+            sampling = request.generation(None).sampling_key()
+            # Unsloth's fast LoRA kernels serve one adapter at a time: no mixed batches there.
+            adapter = request.adapter_dir if self._unsloth else None
+            return ("transformers", request.base_model, request.load_in_4bit, sampling, adapter)
+        return (request.backend, id(request))  # llama.cpp and static graphs: one at a time
+
+    def _run_group(self, group: Sequence[Pending]) -> None:
+        first: InferenceRequest = group[0].request
+        if first.backend == "llama_cpp":
+            self._run_llama(group[0])
+        elif first.backend == "cuda_static":
+            self._run_static(group[0])
+        else:
+            self._run_transformers(group)
+
+    def _run_transformers(self, group: Sequence[Pending]) -> None:
+        first: InferenceRequest = group[0].request
+        try:
+            base = self._base(first.base_model, load_in_4bit=first.load_in_4bit)
+        except MedtuneError as exc:
+            for pending in group:
+                pending.future.set_exception(exc)
+            return
+        in_use = {p.request.adapter_name or p.request.adapter_dir for p in group}
+        ready: list[tuple[Pending, str | None]] = []
+        for pending in group:
+            req: InferenceRequest = pending.request
+            try:
+                name = None
+                if req.adapter_dir:
+                    name = req.adapter_name or req.adapter_dir
+                    self._activate(base, req.adapter_dir, name, in_use=in_use)
+                ready.append((pending, name))
+            except MedtuneError as exc:
+                pending.future.set_exception(exc)
+        if not ready:
+            return
+        gens = generate_batch(
+            base.model,
+            base.tokenizer,
+            [self._generation(p.request, name, base.tokenizer) for p, name in ready],
+        )
+        for (pending, _), gen in zip(ready, gens, strict=True):
+            pending.future.set_result(gen.as_result(backend="transformers", batch_size=len(ready)))
+
+    def _run_llama(self, pending: Pending) -> None:
+        req: InferenceRequest = pending.request
+        try:
+            assert req.gguf_path
+            tokenizer = self._tokenizer(req.adapter_dir or resolve_base(req, self.models_dir))
+            gen = self.llama.generate(req.gguf_path, tokenizer, req.generation(None))
+        except MedtuneError as exc:
+            pending.future.set_exception(exc)
+            return
+        pending.future.set_result(gen.as_result(backend="llama_cpp", batch_size=1))
+
+    def _run_static(self, pending: Pending) -> None:
+        from core.inference.cuda import StaticCompiled
+
+        req: InferenceRequest = pending.request
+        assert req.merged_dir
+        if req.merged_dir not in self._static:
+            compiled = StaticCompiled(req.merged_dir)
+            compiled.warm_up()
+            self.loads["merged"] += 1
+            self._static[req.merged_dir] = compiled
+            if len(self._static) > 1:  # each holds a whole bf16 model and its graphs
+                self._static.popitem(last=False)
+        try:
+            gen = self._static[req.merged_dir].generate(req.generation(None))
+        except MedtuneError as exc:  # a prompt too long for the static cache
+            pending.future.set_exception(exc)
+            return
+        pending.future.set_result(gen.as_result(backend="cuda_static", batch_size=1))
+
+    def _generation(
+        self, req: InferenceRequest, adapter: str | None, base: Any
+    ) -> GenerationRequest:
+        """The request as generate_batch takes it, in the chat template its adapter trained on."""
+        gen = req.generation(adapter)
+        if req.adapter_dir:
+            template = saved_chat_template(Path(req.adapter_dir))
+            if template and template != base.chat_template:
+                gen.chat_template = template
+        return gen
+
+    # --- models -------------------------------------------------------------------------------
+
+    def _tokenizer(self, path: str) -> Any:
+        if path not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            tokenizer = hub_call(path, AutoTokenizer.from_pretrained, path)
+            ensure_chat_template(tokenizer)
+            self._tokenizers[path] = tokenizer
+        return self._tokenizers[path]
+
+    def _base(self, name: str, *, load_in_4bit: bool) -> _Base:
+        path = resolve(name, models_dir=self.models_dir)
+        key = (path, load_in_4bit and self.cuda)
+        if key not in self._bases:
+            if self.cuda:
+                from core.inference.cuda import load_base
+
+                model, tokenizer = hub_call(name, load_base, path, load_in_4bit=key[1])
+            else:
+                import torch
+                from transformers import AutoModelForCausalLM
+
+                tokenizer = self._tokenizer(path)
+                model = hub_call(
+                    name, AutoModelForCausalLM.from_pretrained, path, dtype=torch.float32
+                ).eval()
+            ensure_chat_template(tokenizer)
+            self._bases[key] = _Base(model, tokenizer, OrderedDict())
+            self.loads["base"] += 1
+        return self._bases[key]
+
+    def _activate(self, base: _Base, adapter_dir: str, name: str, *, in_use: set[Any]) -> None:
+        if not Path(adapter_dir).is_dir():
+            if name in base.adapters:  # deleted after it was loaded: forget it too
+                base.adapters.pop(name)
+                base.model.delete_adapter(name)
+            raise AdapterMissing(
+                f"the adapter of {name} was deleted from the server; train the job again",
+                field="job_id",
+            )
+        if name in base.adapters:
+            base.adapters.move_to_end(name)
+            return
+        check_adapter_folder(adapter_dir, name)
+        try:
+            if self.cuda:
+                from core.inference.cuda import attach_adapter
+
+                base.model = attach_adapter(base.model, adapter_dir, name)
+            else:
+                from peft import PeftModel
+
+                if isinstance(base.model, PeftModel):
+                    base.model.load_adapter(adapter_dir, adapter_name=name)
+                else:
+                    base.model = PeftModel.from_pretrained(
+                        base.model, adapter_dir, adapter_name=name
+                    )
+                base.model.eval()
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            if name in getattr(base.model, "peft_config", {}):
+                base.model.delete_adapter(name)
+            raise AdapterInvalid(
+                f"the adapter of {name} does not fit its base model: {str(exc)[:200]}",
+                field="job_id",
+            ) from exc
+        base.adapters[name] = adapter_dir
+        self.loads["adapter"] += 1
+        log.info("loaded adapter %s (%d cached)", name, len(base.adapters))
+        while len(base.adapters) > self.max_adapters:
+            oldest = next(n for n in base.adapters if n not in in_use)
+            base.adapters.pop(oldest)
+            if base.model.active_adapter == oldest:
+                base.model.set_adapter(name)
+            base.model.delete_adapter(oldest)
+            self.loads["evicted"] += 1
+
+
+def resolve_base(request: InferenceRequest, models_dir: Path) -> str:
+    return resolve(request.base_model, models_dir=models_dir)

@@ -1,0 +1,266 @@
+"""The job spec: the recipe's own config layout, validated, with the recipe's values as defaults.
+
+A spec is what a user POSTs to ``/jobs``. It keeps the four sections of the recipe this project
+grew from (``model_config``, ``lora_config``, ``training_dataset``, ``training_config``) verbatim,
+so an existing config file is accepted unchanged. Unknown keys are rejected, never ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from core.spec.base import Section as _Section
+from core.spec.dataset import (
+    DatasetSection,
+    ValidationDataset,
+    looks_like_path,
+)
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Hub model ids: "name" (legacy) or "owner/name"; ".." is refused separately.
+_HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+class ModelSection(_Section):
+    base_model: str = Field(
+        default="unsloth/llama-3-8b-Instruct-bnb-4bit",
+        min_length=1,
+        max_length=300,
+        description="Hub id or local folder of the base model; 'smollm2-135m-instruct' is the "
+        "embedded default that works offline.",
+    )
+    finetuned_model: str = Field(
+        default="llama-3-8b-Instruct-bnb-4bit-medical",
+        description="Name of the tuned model (artifact and Hub repository name).",
+    )
+    max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Tokens per example.")
+    dtype: Literal["float16", "bfloat16"] | None = Field(
+        default=None,
+        description="Compute dtype; null picks bfloat16 where supported, else float16.",
+    )
+    load_in_4bit: bool = Field(default=True, description="Quantise the base to 4-bit NF4 (QLoRA).")
+
+    @field_validator("base_model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        return check_model_name(value)
+
+    @field_validator("finetuned_model")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _SAFE_NAME.fullmatch(value):
+            raise ValueError(
+                "use 1-96 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return value
+
+
+class LoraSection(_Section):
+    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=lambda: list(ALL_PROJECTIONS),
+        min_length=1,
+        description="Module names that get adapters; the recipe targets every attention and MLP "
+        "projection.",
+    )
+    lora_alpha: float = Field(default=16, gt=0, le=4096, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_gradient_checkpointing: bool | Literal["unsloth"] = Field(
+        default=True, description="true, false, or 'unsloth' for Unsloth's offloaded variant."
+    )
+    use_rslora: bool = False
+    use_dora: bool = False
+    loftq_config: dict[str, Any] | None = None
+
+
+def check_model_name(name: str) -> str:
+    """A base model is a server folder (path-shaped) or a Hub model id ('owner/name', 'name').
+
+    Anything else is refused here: ``from_pretrained`` reads a relative folder such as
+    'jobs/../../x' from the worker's disk when it exists. Local folders (path-shaped names, and
+    Hub-shaped names that exist on disk) are confined to the model roots in core.base_models.
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("control characters are not allowed in a model name or path")
+    if looks_like_path(name):
+        return name
+    if ".." in name or not _HUB_MODEL_ID.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is neither a Hub model id like 'owner/name' nor a server folder (start a "
+            "folder with '/', './' or '~'); 'smollm2-135m-instruct' is the embedded model"
+        )
+    return name
+
+
+Optimizer = Literal[
+    "adamw_8bit",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
+]
+Scheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+]
+
+
+class TrainingSection(_Section):
+    per_device_train_batch_size: int = Field(default=2, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(default=4, ge=1, le=4096)
+    warmup_steps: int = Field(default=5, ge=0, le=1_000_000)
+    max_steps: int = Field(
+        default=0, ge=-1, le=10_000_000, description="Steps to train; 0 or -1 trains for epochs."
+    )
+    num_train_epochs: float = Field(default=1, gt=0, le=1000)
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
+    fp16: bool | None = Field(default=None, description="null: on where bf16 is unsupported.")
+    bf16: bool | None = Field(default=None, description="null: on where the GPU supports it.")
+    logging_steps: int = Field(default=1, ge=1, le=100_000)
+    optim: Optimizer = "adamw_8bit"
+    weight_decay: float = Field(default=0.01, ge=0.0, le=10.0)
+    lr_scheduler_type: Scheduler = "linear"
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    output_dir: str = Field(default="outputs", description="Folder name under the job's artifacts.")
+    save_steps: int = Field(
+        default=50,
+        ge=0,
+        le=10_000_000,
+        description="Checkpoint every N steps (and at cancel); 0 saves only at cancel.",
+    )
+    save_total_limit: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept.")
+    packing: bool = Field(
+        default=False,
+        description="Fill each micro-batch with up to per_device_train_batch_size x "
+        "max_seq_length tokens of short examples, attention kept inside each example.",
+    )
+    packing_mode: Literal["padding_free", "length_grouped"] = Field(
+        default="length_grouped",
+        description="padding_free: examples concatenated in one row (needs a varlen attention "
+        "kernel to be fast); length_grouped: similar lengths in a dense, right-padded batch.",
+    )
+    engine: Literal["auto", "unsloth", "transformers"] = Field(
+        default="auto",
+        description="auto: Unsloth on CUDA, transformers + peft elsewhere.",
+    )
+    eval_strategy: Literal["steps", "end", "no"] = Field(
+        default="steps",
+        description="When a job with a validation split (validation_dataset, or "
+        "training_dataset.validation_share > 0) measures its eval loss on the held-out "
+        "tokens: every eval_steps and at the end, only at the end, or never.",
+    )
+    eval_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Eval loss every N optimizer steps; null: ten times per run (every "
+        "max(1, total_steps // 10) steps).",
+    )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _relative_name(cls, value: str) -> str:
+        if not _SAFE_NAME.fullmatch(value):
+            raise ValueError("use a plain folder name (letters, digits, '.', '_', '-')")
+        return value
+
+    @model_validator(mode="after")
+    def _one_half_precision(self) -> TrainingSection:
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 cannot both be true; set one, or leave both null")
+        return self
+
+
+class EvaluationSection(_Section):
+    enabled: bool = Field(
+        default=False,
+        description="After training, answer the held-out validation questions with the base "
+        "model and the tuned adapter, and score both against the reference answers.",
+    )
+    max_examples: int = Field(default=32, ge=1, le=10_000)
+    max_new_tokens: int = Field(default=128, ge=1, le=4096)
+
+
+ExportFormat = Literal["lora", "merged_16bit", "merged_4bit", "gguf"]
+GgufQuantization = Literal["f16", "q8_0", "q4_k_m"]
+
+
+class ExportSection(_Section):
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["lora"],
+        min_length=1,
+        description="What to write after training; each is smoke-tested by loading it back "
+        "(gguf: through llama.cpp, one file per gguf_quantizations entry).",
+    )
+    gguf_quantizations: list[GgufQuantization] = Field(
+        default_factory=lambda: ["q4_k_m"],
+        min_length=1,
+        description="GGUF files written when formats has 'gguf': f16, q8_0, q4_k_m.",
+    )
+    push_to_hub: bool = Field(
+        default=False,
+        description="Push the exported artifacts to <hugging_face_username>/<finetuned_model> "
+        "with the worker's HF_TOKEN; a failed push leaves the artifacts in place.",
+    )
+
+
+class JobSpec(_Section):
+    """A fine-tuning job, in the recipe's layout."""
+
+    model: ModelSection = Field(default_factory=ModelSection, alias="model_config")
+    lora: LoraSection = Field(default_factory=LoraSection, alias="lora_config")
+    dataset: DatasetSection = Field(default_factory=DatasetSection, alias="training_dataset")
+    validation_dataset: ValidationDataset | None = Field(
+        default=None,
+        description="A separate validation set (name, split, input_field, max_samples, format, "
+        "columns, rename_columns, remove_columns, as a training source takes), prepared like "
+        "the training set and used for eval loss and the evaluation stage instead of a "
+        "validation_share split. Examples that are also in the training set are dropped "
+        "(dedupe permitting). null: the validation split, if any, comes from validation_share.",
+    )
+    training: TrainingSection = Field(default_factory=TrainingSection, alias="training_config")
+    evaluation: EvaluationSection = Field(
+        default_factory=EvaluationSection, alias="evaluation_config"
+    )
+    export: ExportSection = Field(default_factory=ExportSection, alias="export_config")
+    hugging_face_username: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.-]{0,95}$")
+
+    model_config = ConfigDict(extra="forbid", validate_by_alias=True, validate_by_name=False)
+
+    @field_validator("validation_dataset")
+    @classmethod
+    def _one_validation_split(
+        cls, value: ValidationDataset | None, info: ValidationInfo
+    ) -> ValidationDataset | None:
+        # Declared after `dataset`, so info.data holds it (absent if it failed validation).
+        dataset = info.data.get("dataset")
+        if value is not None and dataset is not None and dataset.validation_share > 0:
+            raise ValueError(
+                "validation_dataset and training_dataset.validation_share both give a "
+                "validation split: set validation_share to 0 (or remove it) to validate on "
+                "validation_dataset, or remove validation_dataset to hold out a share of the "
+                "training data"
+            )
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)

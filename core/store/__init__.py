@@ -1,0 +1,1 @@
+"""What the service persists: the database, its tables and the stores built on them."""

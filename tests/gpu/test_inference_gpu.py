@@ -1,0 +1,201 @@
+"""GPU paths of the inference engine (skipped without CUDA; run on the GPU machine).
+
+A small random Llama with its own byte-level BPE tokenizer and ChatML template is built in the
+test (no hub, nothing to carry): weights do not matter for what is checked here, that the CUDA
+code paths run and keep the engine's promises (adapters loaded once, batching, stops, the
+static-cache compiled path).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+if not _cuda():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = [
+        "patient",
+        "symptom",
+        "fever",
+        "anemia",
+        "treatment",
+        "blood",
+        "heart",
+        "pain",
+        "dose",
+        "risk",
+        "the",
+        "of",
+        "and",
+        "is",
+    ]
+    corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(20)) for i in range(500)]
+    special = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token=None
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        vocab_size=len(fast),
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("gpu-adapters")
+    made = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+        config = LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
+        get_peft_model(model, config).save_pretrained(root / f"job_{seed}")
+        made.append(root / f"job_{seed}")
+    return made
+
+
+def ask(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+@pytest.fixture(autouse=True)
+def models_allowed(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny model lives in a pytest folder: make it a model root, as an operator would."""
+    monkeypatch.setenv("MEDTUNE_MODEL_ROOTS", json.dumps([str(tiny_model.parent)]))
+
+
+def test_adapters_on_cuda_load_once_and_batch(
+    tiny_model: Path, adapters: list[Path], tmp_path: Path
+) -> None:
+    from core.inference.engine import InferenceEngine, InferenceRequest
+
+    engine = InferenceEngine(models_dir=tmp_path, max_batch=4, batch_wait_s=0.3)
+
+    def request(adapter: Path | None, question: str) -> InferenceRequest:
+        return InferenceRequest(
+            base_model=str(tiny_model),
+            messages=ask(question),
+            adapter_dir=str(adapter) if adapter else None,
+            adapter_name=adapter.name if adapter else None,
+            load_in_4bit=False,
+            max_new_tokens=12,
+        )
+
+    first = engine.submit(request(adapters[0], "fever?")).result()
+    engine.submit(request(adapters[0], "anemia?")).result()
+    assert engine.loads["base"] == 1 and engine.loads["adapter"] == 1
+    assert first["backend"] == "transformers" and first["usage"]["completion_tokens"] <= 12
+    # Two questions to one adapter batch together (with Unsloth, whose LoRA kernels serve one
+    # adapter at a time, requests to other adapters wait for their own batch).
+    futures = [
+        engine.submit(request(a, q))
+        for a, q in [(adapters[0], "pain?"), (adapters[0], "dose?"), (adapters[1], "risk?")]
+    ]
+    results = [f.result() for f in futures]
+    assert engine.loads["adapter"] == 2
+    assert results[0]["batch_size"] == results[1]["batch_size"] == 2
+    assert all(0 < r["usage"]["completion_tokens"] <= 12 for r in results)
+
+
+def test_unsloth_for_inference_is_used_when_installed(tiny_model: Path) -> None:
+    pytest.importorskip("unsloth")
+    from core.inference.cuda import load_base
+
+    model, tokenizer = load_base(str(tiny_model), load_in_4bit=True, max_seq_length=1024)
+    # for_inference switches the model out of training mode and marks it for Unsloth's kernels.
+    assert not model.training
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def _eager(tiny_model: Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        tiny_model, dtype=torch.bfloat16, device_map={"": 0}
+    ).eval()
+
+
+def test_static_cache_compiled_path_answers_like_eager(tiny_model: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from core.inference.engine import InferenceEngine
+    from core.inference.generate import GenerationRequest, generate_one
+
+    engine = InferenceEngine(models_dir=tmp_path)
+    common = {"base_model": str(tiny_model), "messages": ask("fever?"), "max_new_tokens": 16}
+    fast = engine.answer(**common, merged_dir=str(tiny_model))
+    again = engine.answer(**common, merged_dir=str(tiny_model))
+    assert fast["backend"] == again["backend"] == "cuda_static"
+    assert engine.loads["merged"] == 1  # compiled once, reused
+    # The tests above loaded Unsloth in this process, which swaps transformers' rotary class;
+    # the static path must have put the stock one back to capture its step in one graph.
+    (compiled,) = engine._static.values()
+    rotary = compiled.model.model.rotary_emb
+    assert type(rotary).__module__ == type(compiled.model).__module__
+    eager = generate_one(
+        _eager(tiny_model),
+        AutoTokenizer.from_pretrained(tiny_model),
+        GenerationRequest(messages=ask("fever?"), max_new_tokens=16),
+    )
+    assert fast["usage"]["prompt_tokens"] == eager.prompt_tokens
+    assert fast["answer"] == again["answer"]
+    # Same greedy tokens at the start (bf16 kernels may differ by rounding further on).
+    assert fast["answer"][:8] == eager.text[:8]
