@@ -11,12 +11,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlmodel import Session
 
-from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
+from api.deps import (
+    IdempotencyKeyHeader,
+    LimiterDep,
+    PrincipalDep,
+    QueueDep,
+    SessionDep,
+    SettingsDep,
+)
 from api.problems import field_path
 from api.schemas import (
     FineTuningCheckpoint,
@@ -30,7 +37,7 @@ from api.schemas import (
 from core import openai_shapes as shapes
 from core.errors import MedtuneError
 from core.spec import JobSpec
-from core.store import jobs
+from core.store import idempotency, jobs
 from core.store.models import Job, JobStatus, MetricRow
 from core.submit import submit_job
 from core.training import checkpoints
@@ -89,8 +96,12 @@ def _as_request_fields(body: FineTuningJobCreate) -> Iterator[None]:
             ]
         ) from exc
     except MedtuneError as exc:
-        # ConflictingFields already names the medtune field at fault.
-        if exc.field and not isinstance(exc, shapes.ConflictingFields):
+        # ConflictingFields already names the medtune field at fault; a header is no spec field.
+        if (
+            exc.field
+            and exc.field != idempotency.HEADER
+            and not isinstance(exc, shapes.ConflictingFields)
+        ):
             exc.field = request_field(exc.field)
         raise
 
@@ -103,6 +114,8 @@ def create_fine_tuning_job(
     queue: QueueDep,
     principal: PrincipalDep,
     limiter: LimiterDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> FineTuningJob:
     """Create a medtune job from an OpenAI fine-tuning request."""
     with _as_request_fields(body):
@@ -118,9 +131,17 @@ def create_fine_tuning_job(
             )
         )
         # The same checks, routing and queueing as POST /jobs: one way in for every job.
-        created, _ = submit_job(
-            session, settings, queue, spec, principal=principal, limiter=limiter
+        created, replayed = submit_job(
+            session,
+            settings,
+            queue,
+            spec,
+            principal=principal,
+            limiter=limiter,
+            idempotency_key=idempotency_key,
         )
+    if replayed:  # as POST /jobs: the first answer again, marked as a replay
+        response.headers["Idempotent-Replayed"] = "true"
     return _job(session, jobs.get_job(session, created.id))
 
 

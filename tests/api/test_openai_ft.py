@@ -105,6 +105,21 @@ def test_create_with_auto_hyperparameters_is_a_medtune_job_with_recipe_defaults(
     ]
 
 
+def test_idempotency_key_replays_the_first_job_and_refuses_another_body(api: Api) -> None:
+    body = {"model": SMOL, "training_file": "sample:medical_qa", "suffix": "once"}
+    headers = {"Idempotency-Key": "v1-create-1"}
+    first = api.client.post(V1, json=body, headers=headers)
+    again = api.client.post(V1, json=body, headers=headers)
+    assert first.status_code == again.status_code == 200, again.text
+    assert "Idempotent-Replayed" not in first.headers
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert len(api.queue.calls) == 1  # the replay queued nothing
+    other = api.client.post(V1, json={**body, "suffix": "twice"}, headers=headers)
+    assert_problem(other, 409, "idempotency_key_reused", "Idempotency-Key")
+    assert len(api.queue.calls) == 1
+
+
 def test_create_with_numbers_suffix_seed_and_medtune_sections(api: Api) -> None:
     job = create_v1(
         api,
