@@ -30,6 +30,8 @@ _VALIDATION_CODES = {
     "too_long": "out_of_range",
     "string_too_short": "out_of_range",
     "string_too_long": "out_of_range",
+    "int_type": "invalid_type",
+    "float_type": "invalid_type",
     "literal_error": "invalid_choice",
     "enum": "invalid_choice",
 }
@@ -82,6 +84,9 @@ def _fix(err: dict[str, Any]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return "remove this key; see the JobSpec schema at /docs for the accepted keys"
+    if kind in ("int_type", "float_type"):
+        what = "an integer" if kind == "int_type" else "a number"
+        return f"{err['msg']}: send {what} as a JSON number, not a string or true/false"
     if kind == "json_invalid":
         offset = next((p for p in err["loc"] if isinstance(p, int)), None)
         where = f" (error at character {offset})" if offset is not None else ""

@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from core.spec.base import Float, Int
 from core.spec.base import Section as _Section
 
 RECIPE_SYSTEM_PROMPT = "Answer the question truthfully, you are a medical professional."
@@ -97,7 +98,7 @@ class _SourceFields(_Section):
         description="The Hub split to read (e.g. 'validation' or 'test'); files have none.",
     )
     input_field: str = Field(default="prompt", min_length=1, max_length=100)
-    max_samples: int | None = Field(
+    max_samples: Int | None = Field(
         default=None, ge=1, description="Read only the first N rows of this dataset."
     )
     format: Literal["auto", "medquad", "records"] = "auto"
@@ -119,7 +120,7 @@ class _SourceFields(_Section):
 class DatasetSource(_SourceFields):
     """One dataset of a mix: where its rows come from, how its columns map, and its weight."""
 
-    weight: float = Field(
+    weight: Float = Field(
         default=1.0,
         gt=0,
         le=1_000_000,
@@ -147,7 +148,7 @@ class DatasetSection(_Section):
         description="Column holding ready prompt text, used when a row has no question/answer "
         "columns to render through the chat template.",
     )
-    max_samples: int | None = Field(default=None, ge=1, description="Keep the first N rows.")
+    max_samples: Int | None = Field(default=None, ge=1, description="Keep the first N rows.")
     system_prompt: str = Field(default=RECIPE_SYSTEM_PROMPT, max_length=4000)
     format: Literal["auto", "medquad", "records"] = Field(
         default="auto",
@@ -174,23 +175,23 @@ class DatasetSection(_Section):
         description="Drop duplicate conversations: exact text, or after case, punctuation and "
         "whitespace are normalised.",
     )
-    min_tokens: int | None = Field(
+    min_tokens: Int | None = Field(
         default=None, ge=1, le=1_000_000, description="Drop examples shorter than this (tokens)."
     )
-    max_tokens: int | None = Field(
+    max_tokens: Int | None = Field(
         default=None,
         ge=1,
         le=1_000_000,
         description="Drop examples longer than this (tokens) instead of truncating them.",
     )
-    validation_share: float = Field(
+    validation_share: Float = Field(
         default=0.0,
         ge=0.0,
         le=0.5,
         description="Share of examples held out for validation; leave 0 when the job has a "
         "validation_dataset.",
     )
-    validation_seed: int = Field(
+    validation_seed: Int = Field(
         default=42, ge=0, le=2**32 - 1, description="Seed of the validation split (stable)."
     )
     chat_template: Literal["auto", "llama3", "mistral_v2", "gemma", "llama2", "chatml"] = Field(
@@ -203,7 +204,7 @@ class DatasetSection(_Section):
         description="Train on the whole text; false trains on the answers only (end-of-turn "
         "token included).",
     )
-    max_truncated_share: float = Field(
+    max_truncated_share: Float = Field(
         default=0.05,
         ge=0.0,
         le=1.0,
@@ -224,7 +225,7 @@ class DatasetSection(_Section):
         "examples than its share fails the job (code dataset_mix_too_small) unless "
         "mix_oversample is true. null: one source, given by name.",
     )
-    mix_size: int | None = Field(
+    mix_size: Int | None = Field(
         default=None,
         ge=1,
         le=10_000_000,
@@ -238,7 +239,7 @@ class DatasetSection(_Section):
         "repeat it (every example once per whole pass, then a seeded draw without replacement "
         "for the remainder) instead of failing.",
     )
-    mix_seed: int = Field(
+    mix_seed: Int = Field(
         default=42, ge=0, le=2**32 - 1, description="Seed of the draw and order of a mix."
     )
 

@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from core.spec.base import Float, Int
 from core.spec.base import Section as _Section
 from core.spec.dataset import (
     DatasetSection,
@@ -44,10 +45,11 @@ class ModelSection(_Section):
         default="llama-3-8b-Instruct-bnb-4bit-medical",
         description="Name of the tuned model (artifact and Hub repository name).",
     )
-    max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Tokens per example.")
+    max_seq_length: Int = Field(default=2048, ge=16, le=131072, description="Tokens per example.")
     dtype: Literal["float16", "bfloat16"] | None = Field(
         default=None,
-        description="Compute dtype; null picks bfloat16 where supported, else float16.",
+        description="Compute dtype: 'float16' or 'bfloat16' (also written as the recipe's "
+        "'torch.float16' / 'torch.bfloat16'); null picks bfloat16 where supported, else float16.",
     )
     load_in_4bit: bool = Field(default=True, description="Quantise the base to 4-bit NF4 (QLoRA).")
 
@@ -55,6 +57,14 @@ class ModelSection(_Section):
     @classmethod
     def _model_name(cls, value: str) -> str:
         return check_model_name(value)
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _torch_dtype_name(cls, value: Any) -> Any:
+        # The recipe's Python value (torch.float16) arrives in JSON as the string of its name.
+        if isinstance(value, str) and value.startswith("torch."):
+            return value.removeprefix("torch.")
+        return value
 
     @field_validator("finetuned_model")
     @classmethod
@@ -67,15 +77,15 @@ class ModelSection(_Section):
 
 
 class LoraSection(_Section):
-    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    r: Int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
         default_factory=lambda: list(ALL_PROJECTIONS),
         min_length=1,
         description="Module names that get adapters; the recipe targets every attention and MLP "
         "projection.",
     )
-    lora_alpha: float = Field(default=16, gt=0, le=4096, description="LoRA scaling numerator.")
-    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on LoRA input.")
+    lora_alpha: Float = Field(default=16, gt=0, le=4096, description="LoRA scaling numerator.")
+    lora_dropout: Float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on LoRA input.")
     bias: Literal["none", "all", "lora_only"] = "none"
     use_gradient_checkpointing: bool | Literal["unsloth"] = Field(
         default=True, description="true, false, or 'unsloth' for Unsloth's offloaded variant."
@@ -125,29 +135,34 @@ Scheduler = Literal[
 
 
 class TrainingSection(_Section):
-    per_device_train_batch_size: int = Field(default=2, ge=1, le=1024)
-    gradient_accumulation_steps: int = Field(default=4, ge=1, le=4096)
-    warmup_steps: int = Field(default=5, ge=0, le=1_000_000)
-    max_steps: int = Field(
+    per_device_train_batch_size: Int = Field(default=2, ge=1, le=1024)
+    gradient_accumulation_steps: Int = Field(default=4, ge=1, le=4096)
+    warmup_steps: Int = Field(default=5, ge=0, le=1_000_000)
+    max_steps: Int = Field(
         default=0, ge=-1, le=10_000_000, description="Steps to train; 0 or -1 trains for epochs."
     )
-    num_train_epochs: float = Field(default=1, gt=0, le=1000)
-    learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
+    num_train_epochs: Float = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Passes over the data; 0 is allowed when max_steps > 0 says how long to train.",
+    )
+    learning_rate: Float = Field(default=2e-4, gt=0, le=1.0)
     fp16: bool | None = Field(default=None, description="null: on where bf16 is unsupported.")
     bf16: bool | None = Field(default=None, description="null: on where the GPU supports it.")
-    logging_steps: int = Field(default=1, ge=1, le=100_000)
+    logging_steps: Int = Field(default=1, ge=1, le=100_000)
     optim: Optimizer = "adamw_8bit"
-    weight_decay: float = Field(default=0.01, ge=0.0, le=10.0)
+    weight_decay: Float = Field(default=0.01, ge=0.0, le=10.0)
     lr_scheduler_type: Scheduler = "linear"
-    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    seed: Int = Field(default=42, ge=0, le=2**32 - 1)
     output_dir: str = Field(default="outputs", description="Folder name under the job's artifacts.")
-    save_steps: int = Field(
+    save_steps: Int = Field(
         default=50,
         ge=0,
         le=10_000_000,
         description="Checkpoint every N steps (and at cancel); 0 saves only at cancel.",
     )
-    save_total_limit: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept.")
+    save_total_limit: Int = Field(default=2, ge=1, le=1000, description="Checkpoints kept.")
     packing: bool = Field(
         default=False,
         description="Fill each micro-batch with up to per_device_train_batch_size x "
@@ -168,7 +183,7 @@ class TrainingSection(_Section):
         "training_dataset.validation_share > 0) measures its eval loss on the held-out "
         "tokens: every eval_steps and at the end, only at the end, or never.",
     )
-    eval_steps: int | None = Field(
+    eval_steps: Int | None = Field(
         default=None,
         ge=1,
         le=10_000_000,
@@ -181,6 +196,17 @@ class TrainingSection(_Section):
     def _relative_name(cls, value: str) -> str:
         if not _SAFE_NAME.fullmatch(value):
             raise ValueError("use a plain folder name (letters, digits, '.', '_', '-')")
+        return value
+
+    @field_validator("num_train_epochs")
+    @classmethod
+    def _some_length(cls, value: float, info: ValidationInfo) -> float:
+        # Declared after max_steps, so info.data holds it (absent if it failed validation).
+        if value == 0 and info.data.get("max_steps", 1) <= 0:
+            raise ValueError(
+                "num_train_epochs is 0 and max_steps is not above 0, so nothing would train: set "
+                "max_steps > 0, or num_train_epochs > 0"
+            )
         return value
 
     @model_validator(mode="after")
@@ -196,8 +222,8 @@ class EvaluationSection(_Section):
         description="After training, answer the held-out validation questions with the base "
         "model and the tuned adapter, and score both against the reference answers.",
     )
-    max_examples: int = Field(default=32, ge=1, le=10_000)
-    max_new_tokens: int = Field(default=128, ge=1, le=4096)
+    max_examples: Int = Field(default=32, ge=1, le=10_000)
+    max_new_tokens: Int = Field(default=128, ge=1, le=4096)
 
 
 ExportFormat = Literal["lora", "merged_16bit", "merged_4bit", "gguf"]

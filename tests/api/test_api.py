@@ -237,6 +237,22 @@ BAD_INPUT = [
         422, "out_of_range", "training_config.learning_rate", id="negative-learning-rate",
     ),
     pytest.param(
+        "post", "/jobs", {"json": recipe_spec("sample:medical_qa", max_steps=True)},
+        422, "invalid_type", "training_config.max_steps", id="bool-for-an-integer",
+    ),
+    pytest.param(
+        "post", "/jobs", {"json": recipe_spec("sample:medical_qa", max_steps="5")},
+        422, "invalid_type", "training_config.max_steps", id="string-for-an-integer",
+    ),
+    pytest.param(
+        "post", "/jobs", {"json": recipe_spec("sample:medical_qa", learning_rate="2e-4")},
+        422, "invalid_type", "training_config.learning_rate", id="string-for-a-float",
+    ),
+    pytest.param(
+        "post", "/jobs", {"json": recipe_spec("sample:medical_qa", num_train_epochs=0, max_steps=0)},
+        422, "invalid_value", "training_config.num_train_epochs", id="zero-epochs-and-no-steps",
+    ),
+    pytest.param(
         "post", "/jobs", {"json": recipe_spec("sample:medical_qa", optim="adam_9bit")},
         422, "invalid_choice", "training_config.optim", id="unknown-optimizer",
     ),
