@@ -31,8 +31,10 @@ class CountingTrainer(Trainer):
         meter: StepMeter,
         engine: str,
         save_total_limit: int | None,
+        sampler: Any | None = None,
         **kwargs: Any,
     ) -> None:
+        self.step_sampler = sampler
         super().__init__(*args, **kwargs)
         self.sink = sink
         self.meter = meter
@@ -42,6 +44,12 @@ class CountingTrainer(Trainer):
         self.samples = 0
         self.checkpoint_root = checkpoints.checkpoint_dir(Path(self.args.output_dir))
         self.staging = self.checkpoint_root / checkpoints.STAGING
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        # step_rows' rows must stay grouped by step; the stock sampler shuffles rows one by one.
+        if self.step_sampler is not None:
+            return self.step_sampler
+        return super()._get_train_sampler(train_dataset)
 
     def _get_output_dir(self, trial: Any) -> str:
         return str(self.staging)

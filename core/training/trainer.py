@@ -5,13 +5,20 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from core.data.tokenize import IGNORE_INDEX, Encoded
 from core.spec import JobSpec
 from core.training.engines import Loaded
 from core.training.meter import StepMeter
-from core.training.packing import GroupedCollator, PackedCollator, group_by_length, pack
+from core.training.packing import (
+    GroupedCollator,
+    PackedCollator,
+    StepSampler,
+    group_by_length,
+    pack,
+    step_rows,
+)
 from core.training.sink import MetricsSink
 
 # 8-bit and paged optimizers live in bitsandbytes' CUDA kernels.
@@ -62,6 +69,52 @@ def _rows(spec: JobSpec, items: list[Encoded], *, capacity: int) -> list[dict[st
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in items]
 
 
+@dataclass
+class DataLayout:
+    rows: list[Any]
+    collator: Any
+    eval_batches: list[dict[str, Any]]
+    rows_per_step: int | None = None  # set for step_rows: accumulation counts rows
+    sampler: StepSampler | None = None
+
+
+def _layout(
+    spec: JobSpec,
+    items: list[Encoded],
+    eval_items: list[Encoded],
+    *,
+    layout: Literal["steps", "padded"],
+    pad_id: int,
+) -> DataLayout:
+    """The training rows, their collator and the held-out batches (collated as in training)."""
+    cfg = spec.training
+    capacity = cfg.per_device_train_batch_size * spec.model.max_seq_length
+    if not cfg.packing and layout == "steps":
+        # A row holds at most the recipe's micro-batch of tokens: no more memory than its layout.
+        rows, per_step = step_rows(
+            items,
+            examples_per_step=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+            capacity=capacity,
+            seed=cfg.seed,
+        )
+        collator: Any = PackedCollator()
+        evals = [collator([r]) for r in pack(eval_items, capacity=capacity, seed=cfg.seed)]
+        sampler = StepSampler(len(rows), rows_per_step=per_step, seed=cfg.seed)
+        return DataLayout(rows, collator, evals, per_step, sampler)
+    if cfg.packing and cfg.packing_mode == "padding_free":
+        collator = PackedCollator()
+    elif cfg.packing:
+        collator = GroupedCollator(pad_id)
+    else:
+        collator = PadCollator(pad_id)
+    micro_batch = 1 if cfg.packing else cfg.per_device_train_batch_size
+    eval_rows = _rows(spec, eval_items, capacity=capacity)
+    evals = [
+        collator(eval_rows[i : i + micro_batch]) for i in range(0, len(eval_rows), micro_batch)
+    ]
+    return DataLayout(_rows(spec, items, capacity=capacity), collator, evals)
+
+
 def _precision(spec: JobSpec, notes: list[str]) -> tuple[bool, bool]:
     import torch
 
@@ -86,18 +139,27 @@ def _optimizer(spec: JobSpec, notes: list[str]) -> str:
     return optim
 
 
-def training_arguments(spec: JobSpec, loaded: Loaded, *, output_dir: Path, notes: list[str]) -> Any:
+def training_arguments(
+    spec: JobSpec,
+    loaded: Loaded,
+    *,
+    output_dir: Path,
+    notes: list[str],
+    rows_per_step: int | None = None,
+) -> Any:
     """transformers' TrainingArguments for the spec on this host (precision and optimizer as the
-    host allows, each fallback noted)."""
+    host allows, each fallback noted). ``rows_per_step``: each optimizer step accumulates that
+    many padding-free rows (``step_rows``) instead of the spec's padded micro-batches."""
     import torch
     from transformers import TrainingArguments
 
     cfg = spec.training
     fp16, bf16 = _precision(spec, notes)
+    micro_batch = 1 if cfg.packing or rows_per_step else cfg.per_device_train_batch_size
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=1 if cfg.packing else cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=rows_per_step or cfg.gradient_accumulation_steps,
         warmup_steps=cfg.warmup_steps,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         num_train_epochs=cfg.num_train_epochs,
@@ -131,6 +193,7 @@ def train(
     sink: MetricsSink,
     resume_from: Path | None = None,
     eval_items: list[Encoded] | None = None,
+    layout: Literal["steps", "padded"] = "steps",
 ) -> TrainOutcome:
     """Train to the spec's end (or a cancel), checkpointing into ``output_dir/checkpoints``.
 
@@ -138,6 +201,9 @@ def train(
     ``eval_items`` (the held-out split) are scored every ``eval_steps`` and at the end; the
     eval loss goes into the metric row of the step it was measured at. The sink is flushed
     before every checkpoint and when training stops, however it stops.
+    ``layout`` (unpacked jobs): ``steps`` lays each optimizer step out as padding-free rows
+    (``step_rows``); ``padded`` runs the spec's padded micro-batches as given, the recipe's own
+    layout, kept to check that both compute the same step.
     """
     from transformers import PrinterCallback
 
@@ -150,36 +216,25 @@ def train(
     tokenizer = loaded.tokenizer
     # Any id will do for padding (its labels are ignored); Llama 3 ships no pad token.
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    collator: Any
-    capacity = cfg.per_device_train_batch_size * spec.model.max_seq_length
-    if cfg.packing and cfg.packing_mode == "padding_free":
-        collator = PackedCollator()
-    elif cfg.packing:
-        collator = GroupedCollator(pad_id)
-    else:
-        collator = PadCollator(pad_id)
-    dataset = _rows(spec, items, capacity=capacity)
-    # The held-out split is batched and collated exactly as the training data.
-    micro_batch = 1 if cfg.packing else cfg.per_device_train_batch_size
-    eval_rows = _rows(spec, eval_items or [], capacity=capacity)
-    eval_batches = [
-        collator(eval_rows[i : i + micro_batch]) for i in range(0, len(eval_rows), micro_batch)
-    ]
-    args = training_arguments(spec, loaded, output_dir=output_dir, notes=notes)
+    data = _layout(spec, items, eval_items or [], layout=layout, pad_id=pad_id)
+    args = training_arguments(
+        spec, loaded, output_dir=output_dir, notes=notes, rows_per_step=data.rows_per_step
+    )
 
     # Training needs no KV cache, and with one transformers would not mask packed rows per example.
     loaded.model.config.use_cache = False
     trainer = CountingTrainer(
         model=loaded.model,
         args=args,
-        train_dataset=dataset,
-        data_collator=collator,
+        train_dataset=data.rows,
+        data_collator=data.collator,
         sink=sink,
         meter=StepMeter(),
         engine=loaded.engine,
         save_total_limit=cfg.save_total_limit,
+        sampler=data.sampler,
     )
-    callback = SinkCallback(spec, sink, trainer, eval_batches)
+    callback = SinkCallback(spec, sink, trainer, data.eval_batches)
     trainer.add_callback(callback)
     trainer.remove_callback(PrinterCallback)  # the sink reports; no raw dicts on stdout
     try:
