@@ -1,54 +1,24 @@
-"""Does the tuning help? Base model vs tuned adapter on held-out questions, scored by overlap.
-
-ROUGE-1/2/L (F1, `rouge-score` with stemming) and corpus BLEU (`sacrebleu`) against the
-reference answers; METEOR only where NLTK's WordNet data is installed (it is not downloaded:
-the result says when it is missing). Greedy decoding, so a fixed seed reproduces the numbers.
+"""The evaluation a job runs after training: held-out questions asked of the base model and the
+tuned adapter (the same in-memory model, adapter off and on, so both are on one backend), their
+answers scored, each difference with a paired bootstrap interval and a verdict, how the answers
+end, and any multiple-choice benchmarks. Greedy decoding, seeded sampling: a rerun reproduces it.
 """
 
 from __future__ import annotations
 
-import statistics
+import random
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from core.data.cleaning import normalized_key
 from core.data.example import Example
+from core.evaluation import choice
+from core.evaluation.intervals import mean_of, paired_bootstrap
+from core.evaluation.sanity import generation_stats
+from core.evaluation.scores import meteor_available, score_answers
 
 EVALUATION_FILE = "evaluation.json"  # in the job's artifacts folder
-
-
-def _meteor() -> Any | None:
-    try:
-        from nltk.corpus import wordnet
-        from nltk.translate.meteor_score import meteor_score
-
-        wordnet.synsets("test")  # raises LookupError when the data is not installed
-    except (ImportError, LookupError):
-        return None
-    return meteor_score
-
-
-def score(predictions: list[str], references: list[str]) -> dict[str, float | None]:
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    rows = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
-    result: dict[str, float | None] = {
-        name: round(statistics.fmean(r[name].fmeasure for r in rows), 4)
-        for name in ("rouge1", "rouge2", "rougeL")
-    }
-    result["bleu"] = round(sacrebleu.corpus_bleu(predictions, [references]).score, 2)
-    meteor = _meteor()
-    result["meteor"] = (
-        round(
-            statistics.fmean(
-                meteor([r.split()], p.split()) for p, r in zip(predictions, references, strict=True)
-            ),
-            4,
-        )
-        if meteor
-        else None
-    )
-    return result
 
 
 def generate(
@@ -90,34 +60,142 @@ def generate_with_stop(
     }
 
 
-def evaluate(
-    model: Any, tokenizer: Any, examples: list[Example], *, max_examples: int, max_new_tokens: int
+def sample_questions(examples: Sequence[Example], limit: int, *, seed: int) -> list[Example]:
+    """Up to ``limit`` examples with distinct questions, drawn in a seeded random order from the
+    whole set (not its first rows: a file in document order holds a few documents' questions)."""
+    answerable = [
+        e
+        for e in examples
+        if e.messages and len(e.messages) >= 2 and e.messages[-1]["role"] == "assistant"
+    ]
+    order = list(range(len(answerable)))
+    random.Random(seed).shuffle(order)
+    seen: set[str] = set()
+    chosen = []
+    for i in order:
+        example = answerable[i]
+        assert example.messages is not None
+        key = normalized_key(example.messages[-2]["content"])
+        if key in seen:
+            continue
+        seen.add(key)
+        chosen.append(example)
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
+def compare(base: list[str], tuned: list[str], references: list[str], *, seed: int) -> dict:
+    """Both models' mean scores and, per metric, the paired interval of tuned - base."""
+    scored_base = score_answers(base, references)
+    scored_tuned = score_answers(tuned, references)
+    n = len(references)
+    difference: dict[str, Any] = {
+        name: paired_bootstrap(
+            n, mean_of(scored_base.per_question[name]), mean_of(values), seed=seed
+        )
+        for name, values in scored_tuned.per_question.items()
+    }
+    difference["bleu"] = paired_bootstrap(
+        n, scored_base.bleu, scored_tuned.bleu, seed=seed, digits=2
+    )
+    return {"base": scored_base.means(), "tuned": scored_tuned.means(), "difference": difference}
+
+
+def run_benchmark(
+    model: Any, tokenizer: Any, bench: choice.Benchmark, *, system_prompt: str | None, seed: int
 ) -> dict[str, Any]:
-    """Answers side by side and the scores of each model; ``model`` is the trained PeftModel."""
-    chosen = [e for e in examples if e.messages][:max_examples]
+    base = choice.correct(model, tokenizer, bench, adapter=False, system_prompt=system_prompt)
+    tuned = choice.correct(model, tokenizer, bench, adapter=True, system_prompt=system_prompt)
+    n = len(bench.questions)
+    return {
+        "name": bench.name,
+        "questions": n,
+        "dropped": dict(bench.dropped),
+        "base_accuracy": round(sum(base) / n, 4) if n else None,
+        "tuned_accuracy": round(sum(tuned) / n, 4) if n else None,
+        "difference": paired_bootstrap(n, mean_of(base), mean_of(tuned), seed=seed),
+    }
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    *,
+    max_examples: int,
+    max_new_tokens: int,
+    seed: int = 0,
+    benchmarks: Sequence[tuple[str, Path]] = (),
+    max_benchmark_questions: int = 200,
+    system_prompt: str | None = None,
+    dropped: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Answers side by side, scores with intervals, how answers end, benchmark accuracies.
+
+    ``model`` is the trained PeftModel; ``dropped`` counts held-out examples the dataset filters
+    removed before evaluation (they are reported, not hidden).
+    """
+    chosen = sample_questions(examples, max_examples, seed=seed)
     model.eval()
     answers = []
     for example in chosen:
         assert example.messages is not None
         prompt, reference = example.messages[:-1], example.messages[-1]["content"]
+        base = generate_with_stop(
+            model, tokenizer, prompt, max_new_tokens=max_new_tokens, adapter=False
+        )
+        tuned = generate_with_stop(
+            model, tokenizer, prompt, max_new_tokens=max_new_tokens, adapter=True
+        )
         answers.append(
             {
                 "question": prompt[-1]["content"],
                 "reference": reference,
-                "base": generate(
-                    model, tokenizer, prompt, max_new_tokens=max_new_tokens, adapter=False
-                ),
-                "tuned": generate(
-                    model, tokenizer, prompt, max_new_tokens=max_new_tokens, adapter=True
-                ),
+                "base": base["answer"],
+                "tuned": tuned["answer"],
+                "base_stopped": base["stopped"],
+                "tuned_stopped": tuned["stopped"],
+                "base_tokens": base["tokens"],
+                "tuned_tokens": tuned["tokens"],
             }
         )
-    references = [a["reference"] for a in answers]
+    compared = compare(
+        [a["base"] for a in answers],
+        [a["tuned"] for a in answers],
+        [a["reference"] for a in answers],
+        seed=seed,
+    )
     return {
         "examples": len(answers),
+        "held_out_examples": len(examples),
+        "dropped_before_evaluation": dict(dropped or {}),
         "decoding": {"greedy": True, "max_new_tokens": max_new_tokens},
-        "base": score([a["base"] for a in answers], references),
-        "tuned": score([a["tuned"] for a in answers], references),
-        "meteor_note": None if _meteor() else "METEOR skipped: NLTK WordNet data not installed",
+        "sampling": {"seed": seed, "distinct_questions": True},
+        **compared,
+        "generation": {
+            model_name: generation_stats(
+                [
+                    {
+                        "answer": a[model_name],
+                        "stopped": a[f"{model_name}_stopped"],
+                        "tokens": a[f"{model_name}_tokens"],
+                    }
+                    for a in answers
+                ]
+            )
+            for model_name in ("base", "tuned")
+        },
+        "benchmarks": [
+            run_benchmark(
+                model,
+                tokenizer,
+                choice.load(name, path, limit=max_benchmark_questions),
+                system_prompt=system_prompt,
+                seed=seed,
+            )
+            for name, path in benchmarks
+        ],
+        "meteor_note": None if meteor_available() else "METEOR skipped: WordNet not installed",
         "answers": answers,
     }
