@@ -1,6 +1,5 @@
-"""Client subcommands of ``medtune``: ``jobs create|list|show|watch|cancel|metrics``, ``infer``
-``files upload|list|delete`` (cli.files), and ``export``, ``jobs artifacts``,
-``artifacts download`` (cli.export).
+"""Client subcommands of ``medtune``: ``jobs create|list|show|watch|cancel|metrics`` and ``infer``
+(``files`` is in cli.files, ``export`` and ``artifacts`` in cli.export; cli.main registers them).
 
 They talk to any medtune server over HTTP (``--url``, else ``MEDTUNE_URL``, else
 http://127.0.0.1:8000) through :class:`cli.client.MedtuneClient`. ``--json`` prints the API's
