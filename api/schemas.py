@@ -55,6 +55,13 @@ class JobPublic(_Out):
     error: dict[str, str | None] | None
     artifacts: dict[str, str | None]
     dataset_stats: dict[str, Any] | None
+    stage_seconds: dict[str, float] | None = Field(
+        default=None,
+        description="Wall seconds each stage of the job's last attempt took, in order: "
+        "preparing_data, loading_model, training, evaluating (when enabled), exporting "
+        "(adapter, export formats and their smoke answers). A running job shows the stages "
+        "it has finished.",
+    )
     notes: list[str]
     spec: dict[str, Any]
 
@@ -82,6 +89,7 @@ class JobPublic(_Out):
             else None,
             artifacts={"dir": job.artifacts_dir, "adapter": job.adapter_dir},
             dataset_stats=job.dataset_stats,
+            stage_seconds=job.stage_seconds,
             notes=job.notes,
             spec=job.spec,
         )

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +124,35 @@ def _note(url: str, job_id: str, *notes: str) -> None:
             jobs.add_note(s, job_id, note)
 
 
+class StageClock:
+    """Wall seconds of each stage of this attempt, written to the job row (``stage_seconds``)
+    whenever a stage starts, so GET /jobs/{id} shows where a running job's time went."""
+
+    def __init__(self, url: str, job_id: str) -> None:
+        self.url, self.job_id = url, job_id
+        self.seconds: dict[str, float] = {}
+        self._current: str | None = None
+        self._mark = time.perf_counter()
+
+    def start(self, name: str | None, **fields: Any) -> None:
+        """End the current stage, begin ``name`` (None: just end), and store both."""
+        now = time.perf_counter()
+        if self._current is not None:
+            spent = self.seconds.get(self._current, 0.0) + now - self._mark
+            self.seconds[self._current] = round(spent, 3)
+        self._current, self._mark = name, now
+        with session_scope(self.url) as s:
+            jobs.set_fields(s, self.job_id, stage_seconds=dict(self.seconds), **fields)
+
+
 def _run_stages(
     job_id: str, spec: JobSpec, job_dir: Path, settings: Settings, *, lease: LeaseKeeper
 ) -> str:
     from core.training import engines
 
     url = settings.db_url
-    with session_scope(url) as s:
-        jobs.set_fields(s, job_id, stage=JobStage.preparing_data, artifacts_dir=str(job_dir))
+    clock = StageClock(url, job_id)
+    clock.start("preparing_data", stage=JobStage.preparing_data, artifacts_dir=str(job_dir))
     model_path = resolve(
         spec.model.base_model, models_dir=settings.models_dir, roots=allowed_model_roots(settings)
     )
@@ -142,12 +164,10 @@ def _run_stages(
             with session_scope(url) as s:
                 jobs.set_fields(s, job_id, dataset_stats=stats)
         raise
-    with session_scope(url) as s:
-        jobs.set_fields(s, job_id, dataset_stats=prepared.stats, stage=JobStage.training)
+    clock.start("loading_model", dataset_stats=prepared.stats, stage=JobStage.training)
     loaded = engines.load(spec, model_path)
     ensure_chat_template(loaded.tokenizer, spec.dataset.chat_template)
-    with session_scope(url) as s:
-        jobs.set_fields(s, job_id, engine=loaded.engine)
+    clock.start("training", engine=loaded.engine)
     _note(url, job_id, *loaded.notes)
     outcome = _train_with_recovery(
         job_id,
@@ -162,15 +182,16 @@ def _run_stages(
     lease.check()
     _note(url, job_id, *outcome.notes)
     if spec.evaluation.enabled and not outcome.cancelled:
+        clock.start("evaluating")
         _evaluate(job_id, spec, loaded, prepared, job_dir, url)
-    with session_scope(url) as s:
-        jobs.set_fields(s, job_id, stage=JobStage.exporting)
+    clock.start("exporting", stage=JobStage.exporting)
     adapter_dir = job_dir / "adapter"
     lease.check()
     _save_adapter(loaded, adapter_dir)
     if not outcome.cancelled:
         _export(job_id, spec, loaded, job_dir, adapter_dir, model_path, url)
     (job_dir / "spec.json").write_text(json.dumps(spec.to_json(), indent=2))
+    clock.start(None)
     status = JobStatus.cancelled if outcome.cancelled else JobStatus.succeeded
     _finish(
         url,

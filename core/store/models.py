@@ -92,6 +92,8 @@ class Job(SQLModel, table=True):
     enqueued_at: datetime | None = _ts()
     estimated_gpu_memory_gib: float | None = None
     dataset_stats: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # Wall seconds per stage of the last attempt (preparing_data, loading_model, training, ...).
+    stage_seconds: dict[str, float] | None = Field(default=None, sa_column=Column(JSON))
     notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     # The API key that created the job; null for jobs created with authentication disabled.
     owner_key_id: str | None = Field(
