@@ -50,7 +50,14 @@ def recipe_spec(dataset: Path | str, **training: Any) -> dict[str, Any]:
             "use_dora": False,
             "loftq_config": None,
         },
-        "training_dataset": {"name": str(dataset), "split": "train", "input_field": "prompt"},
+        "training_dataset": {
+            "name": str(dataset),
+            "split": "train",
+            "input_field": "prompt",
+            # The tests' datasets are a few rows; the default of 16 is tested on its own
+            # (tests/core/data/test_bad_rows.py).
+            "min_examples": 1,
+        },
         "training_config": {
             "per_device_train_batch_size": 2,
             "gradient_accumulation_steps": 1,

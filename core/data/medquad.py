@@ -8,10 +8,16 @@
       </QAPair></QAPairs>
     </Document>
 
-A few NINDS files use a lower-case variant (<doc corpus=...>, <doctitle-focus>, <pair>,
-<question>, <answer>); both are read. Three of the twelve collections had their answers removed
-for copyright, so about two thirds of the pairs have an empty <Answer>; they are skipped and
-counted, never trained on.
+A few NINDS files use a lower-case variant (<doc corpus=...>, <doctitle-focus>, <qaPairs>,
+<pair>, <question>, <answer>). Tags are matched without case or namespace and the root's name is
+not checked: any root holding the Focus / QAPairs children is read. Three of the twelve
+collections had their answers removed for copyright, so about two thirds of the pairs have an
+empty <Answer>; they are skipped and counted, never trained on.
+
+A file that cannot be read (not XML, a foreign root, an encoding that cannot be decoded, a zip
+member that cannot be unpacked) fails the read with its own error when ``skip_bad`` is false;
+otherwise it is counted under ``bad`` as ``medquad_file_<reason>`` and the caller decides
+(core.data.sources.check_bad_share) whether enough is left.
 """
 
 from __future__ import annotations
@@ -30,23 +36,10 @@ from core.errors import DatasetError
 FIELD = "training_dataset.name"
 # The published documents are under 1 MB; a larger member is a zip bomb or not MedQuAD.
 MAX_DOCUMENT_BYTES = 64 * 2**20
-# The published corpus has two layouts: most files use <Document>, a few NINDS files <doc>.
-_LAYOUTS = {
-    "Document": {
-        "source": "source",
-        "focus": "Focus",
-        "pair": "QAPair",
-        "question": "Question",
-        "answer": "Answer",
-    },
-    "doc": {
-        "source": "corpus",
-        "focus": "doctitle-focus",
-        "pair": "pair",
-        "question": "question",
-        "answer": "answer",
-    },
-}
+# Tags (lower-cased, namespace stripped) by role, in the published corpus's two layouts.
+_FOCUS = ("focus", "doctitle-focus")
+_PAIR = ("qapair", "pair")
+_DOCUMENT_CHILDREN = {*_FOCUS, "qapairs"}
 
 
 @dataclass
@@ -54,6 +47,8 @@ class MedQuadRows:
     rows: list[dict[str, Any]] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=Counter)
     files: int = 0
+    bad: Counter[str] = field(default_factory=Counter)  # files that could not be read, by reason
+    first_bad: DatasetError | None = None
 
 
 def is_medquad(path: Path) -> bool:
@@ -63,12 +58,20 @@ def is_medquad(path: Path) -> bool:
     return path.is_dir() and next(path.rglob("*.xml"), None) is not None
 
 
-def read_medquad(path: Path) -> MedQuadRows:
+def read_medquad(path: Path, *, skip_bad: bool = False) -> MedQuadRows:
     out = MedQuadRows()
     try:
         for name, data in _documents(path):
             out.files += 1
-            _parse_document(name, data, out)
+            try:
+                if isinstance(data, DatasetError):
+                    raise data
+                _parse_document(name, data, out)
+            except DatasetError as exc:
+                if not skip_bad:
+                    raise
+                out.bad[f"medquad_file_{exc.code.removeprefix('dataset_')}"] += 1
+                out.first_bad = out.first_bad or exc
     except OSError as exc:
         raise DatasetError(
             f"{path.name!r} cannot be read: {exc.strerror or type(exc).__name__}",
@@ -84,7 +87,8 @@ def read_medquad(path: Path) -> MedQuadRows:
     return out
 
 
-def _documents(path: Path) -> Iterator[tuple[str, bytes]]:
+def _documents(path: Path) -> Iterator[tuple[str, bytes | DatasetError]]:
+    """Each document's name and bytes, or the error that one member of a zip raised."""
     if path.is_dir():
         for file in sorted(path.rglob("*.xml")):
             yield str(file.relative_to(path)), file.read_bytes()
@@ -103,7 +107,10 @@ def _documents(path: Path) -> Iterator[tuple[str, bytes]]:
                 if n.lower().endswith(".xml") and not n.startswith("__MACOSX/")
             )
             for name in names:
-                yield name, _member(path, archive, name)
+                try:
+                    yield name, _member(path, archive, name)
+                except DatasetError as exc:
+                    yield name, exc
     else:
         yield path.name, path.read_bytes()
 
@@ -174,18 +181,26 @@ def _parse_document(name: str, data: bytes, out: MedQuadRows) -> None:
             field=FIELD,
             code="dataset_format",
         ) from exc
-    tags = _LAYOUTS.get(root.tag)
-    if tags is None:
+    root_tag = root.tag
+    for element in root.iter():
+        if isinstance(element.tag, str):  # comments and processing instructions have none
+            element.tag = element.tag.rsplit("}", 1)[-1].lower()
+    if not {child.tag for child in root} & _DOCUMENT_CHILDREN:
         raise DatasetError(
-            f"MedQuAD file {name}: the root element is <{root.tag}>, expected <Document>",
+            f"MedQuAD file {name}: the root element <{root_tag}> holds no <Focus> or <QAPairs>, "
+            "so it is not a MedQuAD document",
             field=FIELD,
             code="dataset_format",
         )
-    source = root.get(tags["source"]) or Path(name).parent.name or "medquad"
-    focus = (root.findtext(tags["focus"]) or "").strip()
-    for pair in root.iter(tags["pair"]):
-        question = pair.find(tags["question"])
-        answer = pair.findtext(tags["answer"]) or ""
+    source = root.get("source") or root.get("corpus") or Path(name).parent.name or "medquad"
+    focus = next(
+        ((root.findtext(tag) or "").strip() for tag in _FOCUS if root.find(tag) is not None), ""
+    )
+    for pair in root.iter():
+        if pair.tag not in _PAIR:
+            continue
+        question = pair.find("question")
+        answer = pair.findtext("answer") or ""
         if question is None or not (question.text or "").strip():
             out.dropped["medquad_no_question"] += 1
             continue

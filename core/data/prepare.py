@@ -182,6 +182,7 @@ def prepare(
         val_ex, val_items = held.examples, held.items
         stats["validation_examples"] = len(val_ex)
         stats["validation"] = held.stats
+    _check_enough(section, len(train), stats)
     return Prepared(
         train=train,
         validation=val_items,
@@ -189,6 +190,23 @@ def prepare(
         validation_examples=val_ex,
         stats=stats,
     )
+
+
+def _check_enough(section: DatasetSection, count: int, stats: dict[str, Any]) -> None:
+    """Refuse before the model is loaded a job left with too few examples to learn from."""
+    if count >= section.min_examples:
+        return
+    dropped = stats.get("dropped") or {}
+    error = DatasetGateError(
+        f"{count} training example(s) left after cleaning, filters and the validation split "
+        f"(of {stats['rows']} rows; dropped: {dropped or 'none'}), fewer than "
+        f"training_dataset.min_examples ({section.min_examples}); give more rows, or lower "
+        "min_examples",
+        code="dataset_too_small",
+        field="training_dataset.min_examples",
+    )
+    error.dataset_stats = stats  # GET /jobs/{id}/dataset shows what was left and why
+    raise error
 
 
 def _share_stats(

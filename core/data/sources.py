@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from core.data.bad_rows import BadRow, check_bad_share, good_rows
 from core.data.medquad import is_medquad, read_medquad
 from core.errors import DatasetError, DatasetNotFound, HubUnavailable, MedtuneError, SpecError
 from core.paths import is_inside, link_leads_out, real_path
@@ -26,6 +27,7 @@ from core.store import files
 SAMPLES = {"medical_qa": "medical_qa_sample.jsonl"}
 FIELD = "training_dataset"
 CSV_FIELD_LIMIT = 64 * 2**20  # characters in one CSV cell
+_EXTRA_CELLS = "_extra_cells"  # DictReader's key for cells past the header's width
 Row = dict[str, Any]
 
 
@@ -162,10 +164,20 @@ def load(section: DatasetSection) -> Loaded:
         and section.format != "records"
         and (section.format == "medquad" or is_medquad(path))
     ):
-        medquad = read_medquad(path)
-        rows, dropped, fmt = medquad.rows, medquad.dropped, "medquad"
+        medquad = read_medquad(path, skip_bad=section.on_bad_rows == "skip")
+        check_bad_share(
+            medquad.bad,
+            good=medquad.files - sum(medquad.bad.values()),
+            first=medquad.first_bad,
+            section=section,
+            unit="MedQuAD files",
+        )
+        rows, dropped, fmt = medquad.rows, medquad.dropped + medquad.bad, "medquad"
+    elif path is not None:
+        rows, dropped, first = good_rows(_read_path(path), section)
+        check_bad_share(dropped, good=len(rows), first=first, section=section)
     else:
-        rows = list(_read_path(path)) if path is not None else _read_hub(section)
+        rows = _read_hub(section)
     if section.max_samples is not None:
         rows = rows[: section.max_samples]
     if not rows:
@@ -239,7 +251,7 @@ def _missing_column(column: str, where: str, columns: set[str]) -> DatasetError:
     )
 
 
-def _read_path(path: Path) -> Iterator[Row]:
+def _read_path(path: Path) -> Iterator[Row | BadRow]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in DATA_SUFFIXES)
         if not files:
@@ -282,7 +294,7 @@ def _text_lines(path: Path, fh: Iterator[str]) -> Iterator[str]:
         yield line
 
 
-def _read_file(path: Path) -> Iterator[Row]:
+def _read_file(path: Path) -> Iterator[Row | BadRow]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
@@ -318,26 +330,44 @@ def _parse_json(path: Path, text: str, where: str = "") -> Any:
         raise _bad(path, f"{where}is not JSON medtune can read: {str(exc)[:120]}") from exc
 
 
-def _read_json(path: Path) -> Iterator[Row]:
+def _read_json(path: Path) -> Iterator[Row | BadRow]:
     with path.open(encoding=_encoding(path)) as fh:
         raw = "".join(_text_lines(path, fh))
     if not raw.strip():
         raise _bad(path, "is empty", "dataset_empty")
     data = _parse_json(path, raw)
     rows = data.get("data") if isinstance(data, dict) else data
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+    if not isinstance(rows, list):
         raise _bad(path, "holds no JSON list of objects (or {'data': [...]})")
-    yield from rows
+    for index, row in enumerate(rows):
+        if isinstance(row, dict):
+            yield row
+        else:
+            yield BadRow("bad_row_not_an_object", _bad(path, f"item {index} is not a JSON object"))
 
 
-def _read_csv(path: Path) -> Iterator[Row]:
+def _read_csv(path: Path) -> Iterator[Row | BadRow]:
     # Long answers exceed the csv module's default 128 KiB field limit.
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     with path.open(encoding=_encoding(path), newline="") as fh:
-        # Cells past the header's width land in one visible column instead of a None key.
-        reader = csv.DictReader(_text_lines(path, fh), restkey="_extra_cells")
+        reader = csv.DictReader(_text_lines(path, fh), restkey=_EXTRA_CELLS)
         try:
-            yield from reader
+            for row in reader:
+                # More cells than the header (an unquoted comma) or fewer (a cut line): the
+                # cells no longer line up with their columns, so no cell of the row is trusted.
+                if _EXTRA_CELLS in row or None in row.values():
+                    width = len(reader.fieldnames or ())
+                    cells = width + len(row.get(_EXTRA_CELLS, ())) - list(row.values()).count(None)
+                    yield BadRow(
+                        "bad_row_cell_count",
+                        _bad(
+                            path,
+                            f"line {reader.line_num} has {cells} cells where the header has "
+                            f"{width}; quote cells that hold commas",
+                        ),
+                    )
+                else:
+                    yield row
         except csv.Error as exc:
             raise _bad(
                 path, f"is not a CSV file medtune can read (line {reader.line_num}): {exc}"
@@ -357,15 +387,22 @@ def _read_parquet(path: Path) -> Iterator[Row]:
     yield from table.to_pylist()
 
 
-def _read_jsonl(path: Path) -> Iterator[Row]:
+def _read_jsonl(path: Path) -> Iterator[Row | BadRow]:
     with path.open(encoding=_encoding(path)) as fh:
         for lineno, line in enumerate(_text_lines(path, fh), 1):
             if not line.strip():
                 continue
-            row = _parse_json(path, line, f"line {lineno} ")
-            if not isinstance(row, dict):
-                raise _bad(path, f"line {lineno} is not a JSON object")
-            yield row
+            try:
+                row = _parse_json(path, line, f"line {lineno} ")
+            except DatasetError as exc:
+                yield BadRow("bad_row_invalid_json", exc)
+                continue
+            if isinstance(row, dict):
+                yield row
+            else:
+                yield BadRow(
+                    "bad_row_not_an_object", _bad(path, f"line {lineno} is not a JSON object")
+                )
 
 
 def _read_hub(section: DatasetSection) -> list[Row]:

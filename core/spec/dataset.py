@@ -211,6 +211,28 @@ class DatasetSection(_Section):
         description="Fail before training when more than this share of examples is cut by "
         "max_seq_length.",
     )
+    on_bad_rows: Literal["fail", "skip"] = Field(
+        default="skip",
+        description="A row that cannot be read (a JSONL line that is not a JSON object, a CSV "
+        "row with more or fewer cells than its header, a MedQuAD file that is not a MedQuAD "
+        "document): skip: drop and count it in the dataset stats (dropped, by reason), failing "
+        "only above max_bad_row_share or when nothing is readable; fail: fail the job at the "
+        "first one.",
+    )
+    max_bad_row_share: Float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="With on_bad_rows 'skip', the largest share of a dataset's rows (MedQuAD: "
+        "files) that may be unreadable; above it the job fails (code dataset_bad_rows).",
+    )
+    min_examples: Int = Field(
+        default=16,
+        ge=1,
+        le=10_000_000,
+        description="Fail before the model is loaded (code dataset_too_small) when fewer "
+        "training examples than this are left after cleaning, filters and the validation split.",
+    )
 
     sources: list[DatasetSource] | None = Field(
         default=None,

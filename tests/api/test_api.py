@@ -249,7 +249,8 @@ BAD_INPUT = [
         422, "invalid_type", "training_config.learning_rate", id="string-for-a-float",
     ),
     pytest.param(
-        "post", "/jobs", {"json": recipe_spec("sample:medical_qa", num_train_epochs=0, max_steps=0)},
+        "post", "/jobs",
+        {"json": recipe_spec("sample:medical_qa", num_train_epochs=0, max_steps=0)},
         422, "invalid_value", "training_config.num_train_epochs", id="zero-epochs-and-no-steps",
     ),
     pytest.param(

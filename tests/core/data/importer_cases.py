@@ -23,7 +23,14 @@ from core.errors import MedtuneError
 from core.spec import DatasetSection
 
 STABLE_CODES = frozenset(
-    {"dataset_format", "dataset_encoding", "dataset_empty", "dataset_columns", "dataset_unreadable"}
+    {
+        "dataset_format",
+        "dataset_encoding",
+        "dataset_empty",
+        "dataset_columns",
+        "dataset_unreadable",
+        "dataset_bad_rows",
+    }
 )
 KINDS = ("jsonl", "json", "csv", "parquet", "xml", "zip", "folder")
 KEYS = ("question", "answer", "instruction", "input", "output", "prompt", "system", "q", "a")

@@ -38,7 +38,9 @@ def gate_error(section: DatasetSection, tokenizer: Any, max_seq_length: int = 51
 def test_text_carrying_the_bos_string_is_bos_repeated(tmp_path: Path, real: Any) -> None:
     rows = copy.deepcopy(QA)
     rows[2]["question"] = "<|begin_of_text|>Is a fever dangerous?"
-    err = gate_error(DatasetSection(name=str(jsonl(tmp_path, rows))), real["llama3"])
+    err = gate_error(
+        DatasetSection(min_examples=1, name=str(jsonl(tmp_path, rows))), real["llama3"]
+    )
     assert err.code == "bos_repeated"
     assert err.example_index == 2
     assert "example 2 (row 2)" in err.detail and "2 BOS" in err.detail
@@ -47,7 +49,7 @@ def test_text_carrying_the_bos_string_is_bos_repeated(tmp_path: Path, real: Any)
 
 def test_template_without_bos_for_a_bos_model_is_bos_missing(tmp_path: Path, real: Any) -> None:
     tok = copy.deepcopy(real["mistral_v2"])  # adds <s> by default; ChatML never writes it
-    section = DatasetSection(name=str(jsonl(tmp_path, QA)), chat_template="chatml")
+    section = DatasetSection(min_examples=1, name=str(jsonl(tmp_path, QA)), chat_template="chatml")
     err = gate_error(section, tok)
     assert err.code == "bos_missing" and err.example_index == 0
     assert "chat_template" in err.detail
@@ -69,7 +71,7 @@ CLOSES_LATE = (
 def test_template_without_end_of_turn_is_eot_missing(tmp_path: Path, tokenizer: Any) -> None:
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = PLAIN
-    err = gate_error(DatasetSection(name=str(jsonl(tmp_path, QA))), tok)
+    err = gate_error(DatasetSection(min_examples=1, name=str(jsonl(tmp_path, QA))), tok)
     assert err.code == "eot_missing" and err.example_index == 0
     assert err.field == "training_dataset.chat_template"
     assert "<|im_end|>" in err.detail
@@ -87,13 +89,13 @@ def test_end_of_turn_outside_the_answer_span_is_eot_not_trained(
         {"role": "assistant", "content": "Above 40 C."},
     ]
     path = jsonl(tmp_path, [{"messages": chat}])
-    err = gate_error(DatasetSection(name=str(path), system_prompt=""), tok)
+    err = gate_error(DatasetSection(min_examples=1, name=str(path), system_prompt=""), tok)
     assert err.code == "eot_not_trained" and err.example_index == 0
     assert "answer 0" in err.detail
 
 
 def test_nothing_trained_is_no_trained_tokens(tmp_path: Path, tokenizer: Any) -> None:
-    section = DatasetSection(name=str(jsonl(tmp_path, QA)), max_truncated_share=1.0)
+    section = DatasetSection(min_examples=1, name=str(jsonl(tmp_path, QA)), max_truncated_share=1.0)
     err = gate_error(section, tokenizer, max_seq_length=16)  # the system turn alone fills it
     assert err.code == "no_trained_tokens"
 
@@ -102,7 +104,7 @@ def test_too_many_truncated_names_the_first(tmp_path: Path, tokenizer: Any) -> N
     rows = copy.deepcopy(QA)
     rows[1]["answer"] = "Paracetamol. " * 200
     rows[3]["answer"] = "Red cells. " * 200
-    section = DatasetSection(name=str(jsonl(tmp_path, rows)))
+    section = DatasetSection(min_examples=1, name=str(jsonl(tmp_path, rows)))
     err = gate_error(section, tokenizer, max_seq_length=128)
     assert err.code == "too_many_truncated" and err.example_index == 1
     assert "2 of 4" in err.detail and "max_seq_length 128" in err.detail
@@ -135,7 +137,7 @@ def test_a_job_fails_with_the_gate_code(tmp_path: Path, model_dir: Path) -> None
 def test_good_dataset_stats(tmp_path: Path, tokenizer: Any) -> None:
     rows = [*QA, QA[0], {"question": "What is anemia ", "answer": "too few red blood cells"}]
     rows.append({"question": "Empty?", "answer": "  "})
-    section = DatasetSection(name=str(jsonl(tmp_path, rows)), validation_share=0.25)
+    section = DatasetSection(min_examples=1, name=str(jsonl(tmp_path, rows)), validation_share=0.25)
     prepared = prepare(section, tokenizer, max_seq_length=512)
     stats = prepared.stats
     assert stats["rows"] == 7
@@ -158,7 +160,9 @@ def test_medquad_stats_count_sources_and_question_types(tmp_path: Path, tokenize
     from tests.core.data.test_data_sources import DOC, medquad_folder
 
     folder = medquad_folder(tmp_path, {"A/1.xml": DOC})
-    prepared = prepare(DatasetSection(name=f"{folder}/"), tokenizer, max_seq_length=512)
+    prepared = prepare(
+        DatasetSection(min_examples=1, name=f"{folder}/"), tokenizer, max_seq_length=512
+    )
     assert prepared.stats["format"] == "medquad"
     assert prepared.stats["by_source"] == {"TEST": 2}
     assert prepared.stats["by_qtype"] == {"information": 1, "causes": 1}
@@ -167,6 +171,9 @@ def test_medquad_stats_count_sources_and_question_types(tmp_path: Path, tokenize
 
 def test_render_dataset_limit_renders_only_the_first(tmp_path: Path, tokenizer: Any) -> None:
     rendered = render_dataset(
-        DatasetSection(name=str(jsonl(tmp_path, QA))), tokenizer, max_seq_length=512, limit=2
+        DatasetSection(min_examples=1, name=str(jsonl(tmp_path, QA))),
+        tokenizer,
+        max_seq_length=512,
+        limit=2,
     )
     assert len(rendered.items) == len(rendered.examples) == 2

@@ -240,7 +240,9 @@ def test_mix_statistics_count_by_source(tmp_path: Path, tokenizer: Any) -> None:
 
 def test_single_source_statistics_list_the_one_source(tmp_path: Path, tokenizer: Any) -> None:
     a = qa_file(tmp_path / "a.jsonl", "alpha", 5)
-    stats = prepare(DatasetSection(name=str(a)), tokenizer, max_seq_length=256).stats
+    stats = prepare(
+        DatasetSection(name=str(a), min_examples=1), tokenizer, max_seq_length=256
+    ).stats
     assert stats["source"] == str(a)
     assert [
         (s["name"], s["rows"], s["cleaned"], s["taken"], s["examples"]) for s in stats["sources"]

@@ -139,9 +139,14 @@ def test_malformed_medquad_xml_names_the_file_and_line(tmp_path: Path) -> None:
     bad = DOC.replace("</QAPairs>", "</QAPair>")
     folder = medquad_folder(tmp_path, {"A/1.xml": DOC, "A/2.xml": bad})
     with pytest.raises(DatasetError) as info:
-        load(DatasetSection(name=f"{folder}/"))
+        load(DatasetSection(name=f"{folder}/", on_bad_rows="fail"))
     assert info.value.code == "dataset_format"
     assert info.value.field == "training_dataset.name"
+    assert "A/2.xml" in info.value.detail and "line 13" in info.value.detail
+    # Skipped by default, but 1 of 2 files is more than max_bad_row_share: the same message.
+    with pytest.raises(DatasetError) as info:
+        load(DatasetSection(name=f"{folder}/"))
+    assert info.value.code == "dataset_bad_rows"
     assert "A/2.xml" in info.value.detail and "line 13" in info.value.detail
 
 

@@ -95,6 +95,7 @@ def test_validation_dataset_and_validation_share_together_are_refused() -> None:
 
 def test_the_validation_section_keeps_the_training_settings() -> None:
     training = DatasetSection(
+        min_examples=1,
         name="sample:medical_qa",
         system_prompt="Be brief.",
         dedupe="exact",
@@ -161,7 +162,7 @@ def test_the_validation_set_is_the_validation_split(tmp_path: Path, tokenizer: A
     train = qa_file(tmp_path / "train.jsonl", "train", 12)
     held = qa_file(tmp_path / "val.jsonl", "held", 5)
     spec = spec_with({"name": str(held)})
-    section = spec.dataset.model_copy(update={"name": str(train)})
+    section = spec.dataset.model_copy(update={"name": str(train), "min_examples": 1})
     prepared = prepare(section, tokenizer, max_seq_length=256, validation=spec.validation_dataset)
     assert len(prepared.train) == len(prepared.examples) == 12  # nothing held out of training
     assert questions(prepared.validation_examples) == [
@@ -200,7 +201,9 @@ def test_the_same_cleaning_and_filters_apply(tmp_path: Path, tokenizer: Any) -> 
         "Second?,Another answer.,x\n",
         encoding="utf-8",
     )
-    section = DatasetSection(name=str(train), max_tokens=120, system_prompt="Be brief.")
+    section = DatasetSection(
+        min_examples=1, name=str(train), max_tokens=120, system_prompt="Be brief."
+    )
     validation = ValidationDataset(
         name=str(held), columns={"question": "Q", "answer": "A"}, remove_columns=["junk"]
     )
@@ -222,7 +225,10 @@ def test_examples_also_in_the_training_set_are_dropped(tmp_path: Path, tokenizer
     held = qa_file(tmp_path / "val.jsonl", "shared", 6, start=5)  # 5, 6, 7 are in training
     validation = ValidationDataset(name=str(held))
     prepared = prepare(
-        DatasetSection(name=str(train)), tokenizer, max_seq_length=256, validation=validation
+        DatasetSection(min_examples=1, name=str(train)),
+        tokenizer,
+        max_seq_length=256,
+        validation=validation,
     )
     assert questions(prepared.validation_examples) == [
         f"shared question number {i}?" for i in (8, 9, 10)
@@ -230,7 +236,7 @@ def test_examples_also_in_the_training_set_are_dropped(tmp_path: Path, tokenizer
     assert prepared.stats["validation"]["dropped"] == {"in_training_set": 3}
     # dedupe "none" keeps them: the user asked for no duplicate checks at all.
     kept = prepare(
-        DatasetSection(name=str(train), dedupe="none"),
+        DatasetSection(min_examples=1, name=str(train), dedupe="none"),
         tokenizer,
         max_seq_length=256,
         validation=validation,
@@ -239,7 +245,7 @@ def test_examples_also_in_the_training_set_are_dropped(tmp_path: Path, tokenizer
     # Every example repeated: an empty validation set is an error naming the field and the fix.
     with pytest.raises(DatasetError) as info:
         prepare(
-            DatasetSection(name=str(train)),
+            DatasetSection(min_examples=1, name=str(train)),
             tokenizer,
             max_seq_length=256,
             validation=ValidationDataset(name=str(train)),
@@ -254,7 +260,10 @@ def test_a_mix_with_a_validation_set(tmp_path: Path, tokenizer: Any) -> None:
     held = qa_file(tmp_path / "v.jsonl", "gamma", 4)
     spec = JobSpec.model_validate(
         {
-            "training_dataset": {"sources": [{"name": str(a), "weight": 3}, {"name": str(b)}]},
+            "training_dataset": {
+                "sources": [{"name": str(a), "weight": 3}, {"name": str(b)}],
+                "min_examples": 1,
+            },
             "validation_dataset": {"name": str(held), "max_samples": 2},
         }
     )
@@ -267,7 +276,7 @@ def test_a_mix_with_a_validation_set(tmp_path: Path, tokenizer: Any) -> None:
 
 
 def test_errors_reading_the_validation_set_name_it(tmp_path: Path, tokenizer: Any) -> None:
-    train = DatasetSection(name=str(qa_file(tmp_path / "train.jsonl", "train", 4)))
+    train = DatasetSection(min_examples=1, name=str(qa_file(tmp_path / "train.jsonl", "train", 4)))
     held = tmp_path / "v.csv"
     held.write_text("Q,A\nq?,a.\n", encoding="utf-8")
     with pytest.raises(DatasetError) as columns:
@@ -291,7 +300,9 @@ def test_a_validation_set_the_gate_refuses_keeps_both_statistics(
     tmp_path: Path, tokenizer: Any
 ) -> None:
     train = DatasetSection(
-        name=str(qa_file(tmp_path / "train.jsonl", "train", 4)), max_truncated_share=0.5
+        min_examples=1,
+        name=str(qa_file(tmp_path / "train.jsonl", "train", 4)),
+        max_truncated_share=0.5,
     )
     held = tmp_path / "v.jsonl"
     long_rows = [{"question": f"long {i}?", "answer": "word " * 300} for i in range(3)]
@@ -316,7 +327,9 @@ def test_a_validation_set_the_gate_refuses_keeps_both_statistics(
 def test_a_share_split_is_reported_as_such(tmp_path: Path, tokenizer: Any) -> None:
     train = qa_file(tmp_path / "train.jsonl", "train", 10)
     shared = prepare(
-        DatasetSection(name=str(train), validation_share=0.2), tokenizer, max_seq_length=256
+        DatasetSection(min_examples=1, name=str(train), validation_share=0.2),
+        tokenizer,
+        max_seq_length=256,
     )
     assert shared.stats["validation"] == {
         "kind": "validation_share",
@@ -325,7 +338,7 @@ def test_a_share_split_is_reported_as_such(tmp_path: Path, tokenizer: Any) -> No
         "seed": 42,
         "examples": 2,
     }
-    alone = prepare(DatasetSection(name=str(train)), tokenizer, max_seq_length=256)
+    alone = prepare(DatasetSection(min_examples=1, name=str(train)), tokenizer, max_seq_length=256)
     assert alone.stats["validation"] is None and alone.validation == []
 
 
