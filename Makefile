@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint services model browser clean
+.PHONY: setup demo test test-fast lint services model browser wordnet clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,11 @@ demo: model
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
-test: setup services model browser
+# Debian's WordNet 3.0 for METEOR; the evaluation copies it into NLTK's layout on first use.
+wordnet:
+	test -f /usr/share/wordnet/index.sense || (apt-get update -qq && apt-get install -y -qq wordnet-base wordnet-sense-index)
+
+test: setup services model browser wordnet
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not gpu"
 

@@ -17,7 +17,6 @@ from core.base_models import allowed_model_roots, hub_call, resolve
 from core.data.prepare import Prepared, prepare
 from core.data.tokenize import ensure_chat_template
 from core.errors import LeaseLost, MedtuneError, OutOfMemory
-from core.evaluation import EVALUATION_FILE
 from core.job_metrics import job_sink
 from core.settings import Settings
 from core.spec import JobSpec
@@ -227,7 +226,7 @@ def _export(
 def _evaluate(
     job_id: str, spec: JobSpec, loaded: Any, prepared: Prepared, job_dir: Path, url: str
 ) -> None:
-    from core.evaluation import evaluate  # scoring libraries load only when evaluating
+    from core.evaluation.job import evaluate_job  # scoring libraries load only when evaluating
 
     if not prepared.validation_examples:
         _note(
@@ -239,23 +238,7 @@ def _evaluate(
         return
     with session_scope(url) as s:
         jobs.set_fields(s, job_id, stage=JobStage.evaluating)
-    result = evaluate(
-        loaded.model,
-        loaded.tokenizer,
-        prepared.validation_examples,
-        max_examples=spec.evaluation.max_examples,
-        max_new_tokens=spec.evaluation.max_new_tokens,
-    )
-    tmp = job_dir / "evaluation.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, job_dir / EVALUATION_FILE)
-    base, tuned = result["base"]["rougeL"], result["tuned"]["rougeL"]
-    _note(
-        url,
-        job_id,
-        f"evaluated on {result['examples']} held-out examples: ROUGE-L "
-        f"base {base:.4f}, tuned {tuned:.4f}",
-    )
+    _note(url, job_id, evaluate_job(spec, loaded, prepared, job_dir))
 
 
 def _train_with_recovery(

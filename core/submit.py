@@ -15,6 +15,7 @@ from core import auth, routing
 from core.base_models import allowed_model_roots, check_base_model
 from core.data.sources import allowed_roots, resolve_local
 from core.data.validation import resolve_validation
+from core.evaluation.job import benchmark_files
 from core.queue import RUN_JOB_TASK
 from core.ratelimit import RateLimiter
 from core.settings import Settings
@@ -53,6 +54,7 @@ def submit_job(
     files.check_spec_files(session, spec.to_json(), owner=principal.job_owner)
     resolve_local(spec.dataset, roots=allowed_roots(settings), uploads=settings.uploads_dir)
     resolve_validation(spec, roots=allowed_roots(settings), uploads=settings.uploads_dir)
+    benchmark_files(spec, settings)
     local_dir = routing.config_dir(spec.model.base_model, settings.models_dir)
     target, needed = routing.route(spec, routing.live_workers(session), local_dir=local_dir)
     options: dict[str, Any] = {

@@ -216,14 +216,37 @@ class TrainingSection(_Section):
         return self
 
 
+class BenchmarkFile(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    file: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="'sample:medical_mcq', an uploaded file id (file-...), or a server path.",
+    )
+
+
 class EvaluationSection(_Section):
     enabled: bool = Field(
         default=False,
         description="After training, answer the held-out validation questions with the base "
         "model and the tuned adapter, and score both against the reference answers.",
     )
-    max_examples: Int = Field(default=32, ge=1, le=10_000)
+    max_examples: Int = Field(
+        default=32,
+        ge=1,
+        le=10_000,
+        description="Held-out questions asked of both models, distinct, drawn in a seeded random "
+        "order from the whole validation set.",
+    )
     max_new_tokens: Int = Field(default=128, ge=1, le=4096)
+    seed: Int = Field(default=0, ge=0, description="Seeds the question sample and the bootstrap.")
+    benchmarks: list[BenchmarkFile] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Multiple-choice sets (JSONL rows {question, options, answer}) scored for "
+        "base and tuned by each option's log-likelihood; 'sample:medical_mcq' ships.",
+    )
+    max_benchmark_questions: Int = Field(default=200, ge=1, le=10_000)
 
 
 ExportFormat = Literal["lora", "merged_16bit", "merged_4bit", "gguf"]

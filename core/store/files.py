@@ -415,7 +415,7 @@ def content_path(row: DataFile, uploads_dir: Path) -> Path:
 
 
 def file_refs(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(field, file id) for every uploaded file a job spec's datasets name, in spec order."""
+    """(field, file id) for every uploaded file a job spec's datasets and benchmarks name."""
     found: list[tuple[str, str]] = []
 
     def walk(node: Any, where: str) -> None:
@@ -434,6 +434,12 @@ def file_refs(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
 
     walk(spec.get("training_dataset"), "training_dataset")
     walk(spec.get("validation_dataset"), "validation_dataset")
+    evaluation = spec.get("evaluation_config")
+    benchmarks = evaluation.get("benchmarks") if isinstance(evaluation, Mapping) else None
+    for i, bench in enumerate(benchmarks or []):
+        name = bench.get("file") if isinstance(bench, Mapping) else None
+        if isinstance(name, str) and (match := FILE_REF.fullmatch(name)):
+            found.append((f"evaluation_config.benchmarks[{i}].file", match.group(1)))
     return found
 
 

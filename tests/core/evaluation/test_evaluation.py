@@ -75,7 +75,14 @@ def test_pipeline_evaluates_the_held_out_split(
     data = tiny_dataset(tmp_path / "tiny.jsonl", rows=12)
     raw = recipe_spec(data, max_steps=2)
     raw["training_dataset"]["validation_share"] = 0.25
-    raw["evaluation_config"] = {"enabled": True, "max_examples": 2, "max_new_tokens": 12}
+    raw["training_dataset"]["min_examples"] = 1
+    raw["evaluation_config"] = {
+        "enabled": True,
+        "max_examples": 2,
+        "max_new_tokens": 12,
+        "benchmarks": [{"name": "mcq", "file": "sample:medical_mcq"}],
+        "max_benchmark_questions": 3,
+    }
     spec = JobSpec.model_validate(raw)
     with session_scope(sqlite_url) as s:
         job_id = jobs.create_job(s, spec).id
@@ -92,3 +99,19 @@ def test_pipeline_evaluates_the_held_out_split(
         job = jobs.get_job(s, job_id)
     assert job.dataset_stats and job.dataset_stats["validation_examples"] == 3
     assert any(n.startswith("evaluated on 2 held-out examples") for n in job.notes)
+    # Every score has its interval and verdict; how answers end; the benchmark's accuracy.
+    assert set(result["difference"]) == {"rouge1", "rouge2", "rougeL", "bleu", "meteor"}
+    assert result["difference"]["rougeL"]["verdict"] in {
+        "better",
+        "worse",
+        "no measurable difference",
+    }
+    assert set(result["generation"]["tuned"]) == {
+        "stop_rate",
+        "mean_tokens",
+        "loop_rate",
+        "repeated_4gram",
+    }
+    (bench,) = result["benchmarks"]
+    assert bench["name"] == "mcq" and bench["questions"] == 3
+    assert 0 <= bench["base_accuracy"] <= 1 and bench["difference"] is not None

@@ -1,0 +1,73 @@
+"""A job's evaluation stage: runs evaluate() with the spec's settings and stores the result."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from core.data.sources import allowed_roots
+from core.evaluation import choice
+from core.evaluation.run import EVALUATION_FILE, evaluate
+from core.settings import Settings, get_settings
+from core.spec import JobSpec
+
+
+def benchmark_files(spec: JobSpec, settings: Settings) -> list[tuple[str, Path]]:
+    """Each benchmark's name and file, checked (also at submit time, by core/submit.py)."""
+    roots = allowed_roots(settings)
+    return [
+        (b.name, choice.resolve_file(b.file, roots=roots, uploads=settings.uploads_dir))
+        for b in spec.evaluation.benchmarks
+    ]
+
+
+def dropped_held_out(stats: dict[str, Any]) -> tuple[dict[str, int], str]:
+    """What the dataset filters dropped that could have been evaluated, and of what."""
+    validation = stats.get("validation") or {}
+    if validation.get("kind") == "validation_dataset":
+        return dict(validation.get("dropped") or {}), "validation_dataset"
+    return dict(stats.get("dropped") or {}), "the whole dataset, before the validation split"
+
+
+def evaluate_job(
+    spec: JobSpec,
+    loaded: Any,
+    prepared: Any,
+    job_dir: Path,
+    settings: Settings | None = None,
+) -> str:
+    """Evaluate, write evaluation.json atomically, and return the job's note."""
+    settings = settings or get_settings()
+    cfg = spec.evaluation
+    dropped, scope = dropped_held_out(prepared.stats)
+    result = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        prepared.validation_examples,
+        max_examples=cfg.max_examples,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        benchmarks=benchmark_files(spec, settings),
+        max_benchmark_questions=cfg.max_benchmark_questions,
+        system_prompt=spec.dataset.system_prompt,
+        dropped=dropped,
+    )
+    result["dropped_scope"] = scope
+    tmp = job_dir / f"{EVALUATION_FILE}.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, job_dir / EVALUATION_FILE)
+    return note(result)
+
+
+def note(result: dict[str, Any]) -> str:
+    if not result["examples"]:
+        return "evaluation: no held-out question/answer pairs to score (rows are ready-made texts)"
+    base, tuned = result["base"]["rougeL"], result["tuned"]["rougeL"]
+    diff = result["difference"]["rougeL"]
+    return (
+        f"evaluated on {result['examples']} held-out examples: ROUGE-L base {base:.4f}, tuned "
+        f"{tuned:.4f} ({diff['verdict']}: {diff['difference']:+.4f}, 95% CI "
+        f"{diff['low']:+.4f} to {diff['high']:+.4f})"
+    )
