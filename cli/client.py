@@ -204,6 +204,10 @@ class MedtuneClient:
         result: dict[str, Any] = self._request("GET", f"/jobs/{job_id}")
         return result
 
+    def get_evaluation(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"/jobs/{job_id}/evaluation")
+        return result
+
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._request("POST", f"/jobs/{job_id}/cancel")
         return result

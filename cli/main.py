@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from cli import export, files, jobs, keys
+from cli import evaluation, export, files, jobs, keys
 from cli.output import common_parser
 from core.auth import describe as describe_auth
 from core.settings import Settings, get_settings
@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_sub = jobs.register(sub, common)
     files.register(sub, common)
     export.register(sub, common, jobs_sub)
+    evaluation.register(jobs_sub, common)
     keys.register(sub)
     return parser
 
