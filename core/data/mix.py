@@ -34,6 +34,7 @@ class Part:
     rows: int  # rows read, skipped MedQuAD pairs included
     examples: list[Example]
     dropped: Counter[str]
+    system_from: Counter[str]
     taken: int = 0
 
     def summary(self, share: float) -> dict[str, Any]:
@@ -73,6 +74,14 @@ class Collected:
     def rows(self) -> int:
         return sum(p.rows for p in self.parts)
 
+    def system_prompt(self, source: str) -> dict[str, Any]:
+        """Which system text the cleaned examples got (before the mix's draw): the setting, and
+        how many took the row's own, the job's system_prompt, or none."""
+        counts: Counter[str] = Counter()
+        for part in self.parts:
+            counts += part.system_from
+        return {"source": source, **{k: counts[k] for k in ("row", "job", "none")}}
+
     def summaries(self) -> list[dict[str, Any]]:
         total = sum(p.weight for p in self.parts)
         return [p.summary(p.weight / total) for p in self.parts]
@@ -85,7 +94,10 @@ def _joined(values: Any) -> str:
 def _read(section: DatasetSection, *, index: int, weight: float, seen: Seen) -> Part:
     loaded = load(section)
     conv = to_examples(
-        loaded.rows, system_prompt=section.system_prompt, input_field=section.input_field
+        loaded.rows,
+        system_prompt=section.system_prompt,
+        input_field=section.input_field,
+        system_prompt_source=section.system_prompt_source,
     )
     examples, duplicates = dedupe(conv.examples, section.dedupe, seen=seen)
     return Part(
@@ -97,6 +109,7 @@ def _read(section: DatasetSection, *, index: int, weight: float, seen: Seen) -> 
         rows=len(loaded.rows) + sum(loaded.dropped.values()),
         examples=examples,
         dropped=loaded.dropped + conv.dropped + duplicates,
+        system_from=conv.system_from,
     )
 
 

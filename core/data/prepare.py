@@ -351,6 +351,7 @@ def _stats(
         "format": collected.format,
         "layout": rendered.layout,
         "chat_template": rendered.template,
+        "system_prompt": collected.system_prompt(section.system_prompt_source),
         "max_seq_length": max_seq_length,
         **dataset_stats(
             items=items,

@@ -150,6 +150,13 @@ class DatasetSection(_Section):
     )
     max_samples: Int | None = Field(default=None, ge=1, description="Keep the first N rows.")
     system_prompt: str = Field(default=RECIPE_SYSTEM_PROMPT, max_length=4000)
+    system_prompt_source: Literal["row", "job"] = Field(
+        default="row",
+        description="row: a row's own system text wins where it has one (Alpaca: 'instruction' "
+        "when 'input' is set; a 'system' column; a messages list's system turn) and "
+        "system_prompt fills in elsewhere. job: system_prompt is every example's system turn, "
+        "an Alpaca instruction joins the user turn. The dataset stats count which applied.",
+    )
     format: Literal["auto", "medquad", "records"] = Field(
         default="auto",
         description="auto: MedQuAD XML when the folder or zip holds .xml files, else records "
