@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from core.embedded_model import is_embedded, prepare_embedded_model
-from core.errors import HubUnavailable, ModelNotAvailable, SpecError
+from core.errors import ModelNotAvailable, SpecError
+from core.hub_errors import hub_error
 from core.paths import is_inside, link_leads_out, real_path
 from core.settings import Settings, get_settings
 from core.spec import looks_like_path
@@ -91,14 +92,21 @@ def resolve(name: str, *, models_dir: Path, roots: Sequence[Path] | None = None)
 
 
 def hub_call(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a ``from_pretrained``-style call, turning Hub failures into one clear error."""
+    """Run a ``from_pretrained``-style call, turning Hub failures into errors with a code per
+    cause (core.hub_errors)."""
     try:
         return fn(*args, **kwargs)
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise HubUnavailable(
-            f"could not load {name!r} from the Hugging Face Hub"
-            + (" (HF_HUB_OFFLINE=1)" if offline else "")
-            + f": {str(exc).splitlines()[0][:300]}. Use a local folder or 'smollm2-135m-instruct'",
-            field="model_config.base_model",
-        ) from exc
+        error = hub_error(
+            exc,
+            what="model",
+            name=name,
+            revision=kwargs.get("revision"),
+            field=FIELD,
+            revision_field="model_config.revision",
+            instead="use a local folder or 'smollm2-135m-instruct'",
+        )
+        if os.environ.get("HF_HUB_OFFLINE") == "1" and "HF_HUB_OFFLINE" not in error.detail:
+            error.detail += " (HF_HUB_OFFLINE=1)"
+            error.args = (error.detail,)
+        raise error from exc

@@ -33,7 +33,12 @@ def _prepare_data(spec: JobSpec, model_path: str) -> Prepared:
     """Load, clean, render and tokenize; the gate fails the job on the first bad example."""
     from transformers import AutoTokenizer
 
-    tokenizer = hub_call(spec.model.base_model, AutoTokenizer.from_pretrained, model_path)
+    tokenizer = hub_call(
+        spec.model.base_model,
+        AutoTokenizer.from_pretrained,
+        model_path,
+        revision=spec.model.revision,
+    )
     return prepare(
         spec.dataset,
         tokenizer,

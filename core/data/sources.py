@@ -19,6 +19,7 @@ from typing import Any
 from core.data.bad_rows import BadRow, check_bad_share, good_rows
 from core.data.medquad import is_medquad, read_medquad
 from core.errors import DatasetError, DatasetNotFound, HubUnavailable, MedtuneError, SpecError
+from core.hub_errors import hub_error
 from core.paths import is_inside, link_leads_out, real_path
 from core.settings import Settings, get_settings
 from core.spec import DATA_SUFFIXES, SOURCE_FIELDS, DatasetSection
@@ -411,12 +412,16 @@ def _read_hub(section: DatasetSection) -> list[Row]:
     except ImportError as exc:  # pragma: no cover - datasets is a core dependency
         raise HubUnavailable("the 'datasets' package is not installed") from exc
     try:
-        loaded = datasets.load_dataset(section.name, split=section.split)
+        loaded = datasets.load_dataset(section.name, split=section.split, revision=section.revision)
     except Exception as exc:
-        # The Hub raises many types (connection, offline mode, gated repo); the client needs one.
-        raise HubUnavailable(
-            f"could not load {section.name!r} (split {section.split!r}) from the Hugging Face "
-            f"Hub: {type(exc).__name__}: {str(exc)[:300]}. Use a local file or 'sample:medical_qa'",
+        # The Hub raises many types (connection, offline mode, gated repo): one code per cause.
+        raise hub_error(
+            exc,
+            what=f"dataset (split {section.split!r})",
+            name=section.name,
+            revision=section.revision,
             field="training_dataset.name",
+            revision_field="training_dataset.revision",
+            instead="use a local file, an uploaded file or 'sample:medical_qa'",
         ) from exc
     return [dict(r) for r in loaded]

@@ -78,7 +78,10 @@ SOURCE_FIELDS = (
     "rename_columns",
     "remove_columns",
     "columns",
+    "revision",
 )
+# A Hub revision: a branch, a tag or a commit hash ("refs/pr/1" included).
+REVISION = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_/-]){0,199}$"  # no ".."
 
 
 class _SourceFields(_Section):
@@ -105,6 +108,11 @@ class _SourceFields(_Section):
     rename_columns: dict[str, str] = Field(default_factory=dict, max_length=100)
     remove_columns: list[str] = Field(default_factory=list, max_length=100)
     columns: ColumnMap | None = None
+    revision: str | None = Field(
+        default=None,
+        pattern=REVISION,
+        description="The Hub dataset's branch, tag or commit; null: its default branch.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -141,6 +149,12 @@ class DatasetSection(_Section):
         "Hugging Face Hub dataset id.",
     )
     split: str = Field(default="train", min_length=1, max_length=100)
+    revision: str | None = Field(
+        default=None,
+        pattern=REVISION,
+        description="Pin a Hub dataset to a branch, tag or commit hash; null: its default branch "
+        "(ignored for files).",
+    )
     input_field: str = Field(
         default="prompt",
         min_length=1,

@@ -21,6 +21,7 @@ from pydantic import (
 from core.spec.base import Float, Int
 from core.spec.base import Section as _Section
 from core.spec.dataset import (
+    REVISION,
     DatasetSection,
     ValidationDataset,
     looks_like_path,
@@ -44,6 +45,12 @@ class ModelSection(_Section):
     finetuned_model: str = Field(
         default="llama-3-8b-Instruct-bnb-4bit-medical",
         description="Name of the tuned model (artifact and Hub repository name).",
+    )
+    revision: str | None = Field(
+        default=None,
+        pattern=REVISION,
+        description="Pin a Hub base model to a branch, tag or commit hash; null: its default "
+        "branch (ignored for local folders and the embedded model).",
     )
     max_seq_length: Int = Field(default=2048, ge=16, le=131072, description="Tokens per example.")
     dtype: Literal["float16", "bfloat16"] | None = Field(

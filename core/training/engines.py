@@ -89,9 +89,16 @@ def _load_transformers(spec: JobSpec, model_path: str) -> Loaded:
         kwargs["device_map"] = {"": 0}
     elif spec.model.load_in_4bit:
         notes.append("load_in_4bit needs CUDA (bitsandbytes): the base was loaded in float32")
-    tokenizer = hub_call(spec.model.base_model, AutoTokenizer.from_pretrained, model_path)
+    revision = spec.model.revision  # from_pretrained ignores it for a local folder
+    tokenizer = hub_call(
+        spec.model.base_model, AutoTokenizer.from_pretrained, model_path, revision=revision
+    )
     model = hub_call(
-        spec.model.base_model, AutoModelForCausalLM.from_pretrained, model_path, **kwargs
+        spec.model.base_model,
+        AutoModelForCausalLM.from_pretrained,
+        model_path,
+        revision=revision,
+        **kwargs,
     )
     if cuda and not quantized:
         model = model.to("cuda")
@@ -129,6 +136,7 @@ def _load_unsloth(spec: JobSpec, model_path: str) -> Loaded:
         max_seq_length=spec.model.max_seq_length,
         dtype=getattr(torch, spec.model.dtype) if spec.model.dtype else None,
         load_in_4bit=spec.model.load_in_4bit,
+        **({"revision": spec.model.revision} if spec.model.revision else {}),
     )
     lora = spec.lora
     try:

@@ -211,7 +211,7 @@ def test_hub_dataset_offline_is_hub_unavailable(monkeypatch: pytest.MonkeyPatch)
     started = time.monotonic()
     err = raises(HubUnavailable, section(name))
     elapsed = time.monotonic() - started
-    assert err.code == "hub_unreachable"
+    assert err.code == "hub_offline"
     assert err.status == 424
     assert err.field == "training_dataset.name"
     assert name in err.detail and "sample:medical_qa" in err.detail
