@@ -15,7 +15,9 @@ from core import auth, routing
 from core.base_models import allowed_model_roots, check_base_model
 from core.data.sources import allowed_roots, resolve_local
 from core.data.validation import resolve_validation
+from core.embedded_model import is_embedded
 from core.evaluation.job import benchmark_files
+from core.lora_targets import check_target_modules
 from core.queue import RUN_JOB_TASK
 from core.ratelimit import RateLimiter
 from core.settings import Settings
@@ -56,6 +58,10 @@ def submit_job(
     resolve_validation(spec, roots=allowed_roots(settings), uploads=settings.uploads_dir)
     benchmark_files(spec, settings)
     local_dir = routing.config_dir(spec.model.base_model, settings.models_dir)
+    embedded = is_embedded(spec.model.base_model)
+    check_target_modules(
+        spec.lora.target_modules, local_dir, model_type="llama" if embedded else None
+    )
     target, needed = routing.route(spec, routing.live_workers(session), local_dir=local_dir)
     options: dict[str, Any] = {
         "queue": target,

@@ -27,6 +27,7 @@ from core.spec.dataset import (
     looks_like_path,
 )
 
+MAX_TARGET_MODULES = 64
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Hub model ids: "name" (legacy) or "owner/name"; ".." is refused separately.
@@ -88,8 +89,9 @@ class LoraSection(_Section):
     target_modules: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
         default_factory=lambda: list(ALL_PROJECTIONS),
         min_length=1,
-        description="Module names that get adapters; the recipe targets every attention and MLP "
-        "projection.",
+        description="Module names that get adapters (repeats dropped, at most "
+        f"{MAX_TARGET_MODULES}); the recipe targets every attention and MLP projection. Checked "
+        "against the base model's modules at submit when its config is on the server.",
     )
     lora_alpha: Float = Field(default=16, gt=0, le=4096, description="LoRA scaling numerator.")
     lora_dropout: Float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on LoRA input.")
@@ -100,6 +102,19 @@ class LoraSection(_Section):
     use_rslora: bool = False
     use_dora: bool = False
     loftq_config: dict[str, Any] | None = None
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _distinct_and_few(cls, value: Any) -> Any:
+        # Stored as given, a list of 100,000 names would sit in every job row and response.
+        if isinstance(value, list):
+            value = list(dict.fromkeys(value)) if all(isinstance(v, str) for v in value) else value
+            if len(value) > MAX_TARGET_MODULES:
+                raise ValueError(
+                    f"{len(value)} distinct module names; give at most {MAX_TARGET_MODULES} "
+                    "(or 'all-linear')"
+                )
+        return value
 
 
 def check_model_name(name: str) -> str:

@@ -272,6 +272,13 @@ BAD_INPUT = [
         422, "model_path_not_allowed", "model_config.base_model",
         id="base-model-folder-outside-model-roots",
     ),
+    pytest.param(
+        "post", "/jobs",
+        {"json": {**recipe_spec("sample:medical_qa"),
+                  "lora_config": {"target_modules": ["q_proj", "c_attn"]}}},
+        422, "unknown_target_module", "lora_config.target_modules",
+        id="target-module-the-embedded-llama-lacks",
+    ),
     pytest.param("get", "/jobs/job_missing", {}, 404, "job_not_found", "job_id", id="get-404"),
     pytest.param(
         "post", "/jobs/job_missing/cancel", {}, 404, "job_not_found", "job_id", id="cancel-404"
