@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import core.evaluation.choice as choice
 from core.data.sources import allowed_roots
-from core.evaluation import choice
 from core.evaluation.run import EVALUATION_FILE, evaluate
 from core.settings import Settings, get_settings
 from core.spec import JobSpec

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import core.evaluation.choice as choice
 from core.data.cleaning import normalized_key
 from core.data.example import Example
-from core.evaluation import choice
 from core.evaluation.intervals import mean_of, paired_bootstrap
 from core.evaluation.sanity import generation_stats
 from core.evaluation.scores import meteor_available, score_answers

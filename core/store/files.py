@@ -17,14 +17,10 @@ nothing more from it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import shutil
 import time
-import unicodedata
 import uuid
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -34,17 +30,22 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from core.errors import ConflictError, DatasetNotFound, MedtuneError, NotFoundError
-from core.spec import ARCHIVE_SUFFIXES, DATA_SUFFIXES, FILE_REF
+from core.spec import FILE_REF
 from core.store import idempotency
+from core.store.file_types import (
+    HEAD_BYTES,
+    WHAT,
+    UnsupportedFileType,
+    kinds,
+    looks_like,
+    sanitize_filename,
+    upload_suffix,
+)
 from core.store.models import DataFile, IdempotencyKey, Job, JobStatus, new_file_id
 
-UPLOAD_SUFFIXES = DATA_SUFFIXES + ARCHIVE_SUFFIXES
 PURPOSES = ("fine-tune",)
-HEAD_BYTES = 64 * 1024  # enough of the start of a file to tell what it is
 STAGING_PREFIX = ".staging-"
 STALE_STAGING_S = 24 * 3600  # a staging folder this old belongs to an upload that died
-_MAX_NAME_BYTES = 200  # well under the 255 bytes a file name may take on disk
-_WINDOWS_UNSAFE = re.compile(r'[<>:"|?*]')
 ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
 
 
@@ -55,11 +56,6 @@ class FileNotFound(NotFoundError):
 class FileTooLarge(MedtuneError):
     code = "file_too_large"
     status = 413
-
-
-class UnsupportedFileType(MedtuneError):
-    code = "unsupported_file_type"
-    status = 415
 
 
 class FileEmpty(MedtuneError):
@@ -85,98 +81,6 @@ def too_large(max_bytes: int) -> FileTooLarge:
         "server reads (MEDTUNE_DATA_ROOTS) and name its path",
         field="file",
     )
-
-
-def _kinds() -> str:
-    return ", ".join(UPLOAD_SUFFIXES[:-2]) + " or a MedQuAD " + " / ".join(ARCHIVE_SUFFIXES)
-
-
-# --- names --------------------------------------------------------------------------------------
-
-
-def sanitize_filename(raw: str) -> str:
-    """The client's file name made safe to store and show: its last path part, no control or
-    format characters, no leading dots, at most 200 bytes (the suffix kept)."""
-    name = unicodedata.normalize("NFC", raw or "")
-    name = re.split(r"[/\\]", name)[-1]  # a browser may send C:\\Users\\x\\data.jsonl
-    name = "".join(c for c in name if unicodedata.category(c)[0] != "C")
-    name = _WINDOWS_UNSAFE.sub("_", name).strip().lstrip(".").strip()
-    if len(name.encode()) > _MAX_NAME_BYTES:
-        stem, suffix = os.path.splitext(name)
-        suffix = suffix[:16]
-        budget = _MAX_NAME_BYTES - len(suffix.encode())
-        stem = stem.encode()[:budget].decode(errors="ignore")
-        name = stem + suffix
-    return name
-
-
-def upload_suffix(filename: str) -> str:
-    """The type an upload claims by its (sanitised) name; refused unless medtune reads it."""
-    suffix = Path(filename).suffix.lower() if filename else ""
-    if suffix not in UPLOAD_SUFFIXES:
-        shown = repr(filename) if filename else "the file (it has no name)"
-        raise UnsupportedFileType(
-            f"{shown} is not a dataset type this server reads; upload {_kinds()} file "
-            "(the type is taken from the name's suffix)",
-            field="file",
-        )
-    return suffix
-
-
-# --- content checks -----------------------------------------------------------------------------
-
-
-def _text(head: bytes, *, complete: bool) -> str | None:
-    """The head as UTF-8 text (a character cut at the end of a partial head is allowed)."""
-    if b"\x00" in head:
-        return None
-    try:
-        return head.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        if not complete and exc.start >= len(head) - 3:
-            return head[: exc.start].decode("utf-8-sig", errors="strict")
-        return None
-
-
-def _looks_like(suffix: str, path: Path, head: bytes, tail: bytes, *, complete: bool) -> bool:
-    if suffix == ".parquet":
-        return head[:4] == b"PAR1" and tail[-4:] == b"PAR1"
-    if suffix == ".zip":
-        if not zipfile.is_zipfile(path):
-            return False
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return any(n.lower().endswith(".xml") for n in archive.namelist())
-        except (zipfile.BadZipFile, OSError):
-            return False
-    text = _text(head, complete=complete)
-    if text is None:
-        return False
-    body = text.lstrip()
-    if suffix == ".json":
-        return body[:1] in ("[", "{")
-    if suffix == ".xml":
-        return body[:1] == "<"
-    if suffix == ".csv":
-        return bool(body.splitlines()[0].strip()) if body else False
-    # .jsonl: the first line is a JSON object (or, cut off by the head, starts like one).
-    first, newline, _ = body.partition("\n")
-    if not newline and not complete:
-        return first.startswith("{")
-    try:
-        return isinstance(json.loads(first), dict)
-    except json.JSONDecodeError:
-        return False
-
-
-_WHAT = {
-    ".jsonl": "JSON Lines (one JSON object per line)",
-    ".json": "JSON (a list of objects, or {'data': [...]})",
-    ".csv": "UTF-8 CSV text with a header row",
-    ".parquet": "a Parquet file",
-    ".zip": "a zip archive holding MedQuAD .xml documents",
-    ".xml": "an XML document",
-}
 
 
 # --- streaming to disk --------------------------------------------------------------------------
@@ -234,11 +138,11 @@ class Upload:
             self.discard()
             raise FileEmpty(f"{self.filename!r} is empty; upload a file with rows", field="file")
         head, complete = bytes(self._head), self.size <= HEAD_BYTES
-        if not _looks_like(self.suffix, self.path, head, self._tail, complete=complete):
+        if not looks_like(self.suffix, self.path, head, self._tail, complete=complete):
             self.discard()
             raise UnsupportedFileType(
                 f"{self.filename!r} does not hold what its name says: expected "
-                f"{_WHAT[self.suffix]}; fix the file or its name ({_kinds()})",
+                f"{WHAT[self.suffix]}; fix the file or its name ({kinds()})",
                 field="file",
             )
 
