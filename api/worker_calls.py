@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 
+from api.deps import SSE_HEADERS
 from core.errors import InferenceTimeout, MedtuneError
 from core.queue import INFER_QUEUE
 
@@ -31,3 +35,21 @@ def call_inference_worker(
     if "error" in result:
         raise MedtuneError.from_dict(result["error"])
     return result
+
+
+def relay_sse(chunks: Iterator[str], *, on_disconnect: Callable[[], None]) -> StreamingResponse:
+    """Server-Sent Events from a blocking iterator; ``on_disconnect`` runs as soon as the client
+    leaves before the end. Starlette abandons a blocking iterator then without closing it, so
+    the worker would go on generating an answer nobody reads."""
+
+    async def relay() -> AsyncIterator[str]:
+        finished = False
+        try:
+            async for chunk in iterate_in_threadpool(chunks):
+                yield chunk
+            finished = True
+        finally:
+            if not finished:
+                on_disconnect()
+
+    return StreamingResponse(relay(), media_type="text/event-stream", headers=SSE_HEADERS)

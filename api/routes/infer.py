@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from api.deps import SSE_HEADERS, LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
+from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import InferRequest, InferResponse
+from api.worker_calls import relay_sse
 from core.errors import JobNotReady, MedtuneError
 from core.inference.remote import ask, job_target, stream_answer
 from core.inference.stream import channel_for
@@ -106,22 +106,33 @@ def infer(
     args = [job.id, messages_for(body, spec)]
     model = job.finetuned_model if body.use_adapter else job.base_model
     started = time.perf_counter()
+    try:
+        if body.stream:
+            events = stream_answer(
+                queue,
+                channel_for(settings),
+                args=args,
+                kwargs=kwargs,
+                timeout_s=settings.infer_timeout_s,
+            )
+        else:
+            result = ask(
+                queue,
+                channel_for(settings),
+                args=args,
+                kwargs=kwargs,
+                timeout_s=settings.infer_timeout_s,
+            )
+    except MedtuneError as exc:
+        # The worker names the prompt "messages"; this client may have sent a question.
+        if exc.field == "messages" and body.question is not None:
+            exc.field = "question"
+        raise
     if body.stream:
-        events = stream_answer(
-            queue,
-            channel_for(settings),
-            args=args,
-            kwargs=kwargs,
-            timeout_s=settings.infer_timeout_s,
+        return relay_sse(
+            _relay(iter(events), job_id=job.id, model=model, adapter=body.use_adapter),
+            on_disconnect=events.cancel,
         )
-        return StreamingResponse(
-            _relay(events, job_id=job.id, model=model, adapter=body.use_adapter),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
-    result = ask(
-        queue, channel_for(settings), args=args, kwargs=kwargs, timeout_s=settings.infer_timeout_s
-    )
     return InferAnswer(
         job_id=job.id,
         model=model,

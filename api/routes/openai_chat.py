@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.deps import SSE_HEADERS, LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
+from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
+from api.worker_calls import relay_sse
 from core.errors import MedtuneError
 from core.inference.catalog import list_models, resolve_model
 from core.inference.remote import ask, job_target, stream_answer
@@ -152,10 +152,11 @@ def create_chat_completion(
                 timeout_s=settings.infer_timeout_s,
             )
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(
-                _chunks(events, {**base, "object": "chat.completion.chunk"}, include_usage=usage),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
+            return relay_sse(
+                _chunks(
+                    iter(events), {**base, "object": "chat.completion.chunk"}, include_usage=usage
+                ),
+                on_disconnect=events.cancel,
             )
         result = ask(
             queue,

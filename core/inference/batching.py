@@ -6,6 +6,9 @@ queued with a Future; the thread takes the first, waits up to ``wait_s`` for mor
 backend and sampling settings) and runs each group. A request's failure fails its Future only.
 A request that can never share a batch (``batchable`` false: llama.cpp, the CUDA-graph path)
 does not wait out the window: it runs with whatever was already queued.
+
+``waiting`` tells a long generation that a request from outside waits, so it can end its turn
+and ``requeue`` itself behind that request (core/inference/engine.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 class Pending:
     request: Any
     future: Future[Any] = field(default_factory=Future)
+    fresh: bool = True  # submitted from outside (not a requeued turn)
 
 
 RunGroup = Callable[[Sequence[Pending]], None]  # sets every Pending's future
@@ -48,26 +52,43 @@ class Batcher:
         self.max_batch = max_batch
         self.wait_s = wait_s
         self._queue: queue.Queue[Pending] = queue.Queue()
+        self._fresh = 0  # fresh requests in the queue
+        self._fresh_lock = threading.Lock()
         self.batch_sizes: list[int] = []  # sizes of the groups run, for tests and benchmarks
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, request: Any) -> Future[Any]:
         pending = Pending(request)
+        with self._fresh_lock:
+            self._fresh += 1
         self._queue.put(pending)
         return pending.future
 
+    def requeue(self, request: Any) -> None:
+        """Run ``request`` again after what waits now (a paused generation's next turn)."""
+        self._queue.put(Pending(request, fresh=False))
+
+    def waiting(self) -> bool:
+        """Whether a request from outside waits for this thread."""
+        return self._fresh > 0
+
+    def _take(self, *, block: bool = True, timeout: float | None = None) -> Pending:
+        pending = self._queue.get(block=block, timeout=timeout)
+        if pending.fresh:
+            with self._fresh_lock:
+                self._fresh -= 1
+        return pending
+
     def _collect(self) -> list[Pending]:
-        batch = [self._queue.get()]
+        batch = [self._take()]
         wait_s = self.wait_s if self._batchable(batch[0].request) else 0.0
         deadline = time.monotonic() + wait_s
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
             try:
                 batch.append(
-                    self._queue.get(timeout=remaining)
-                    if remaining > 0
-                    else self._queue.get_nowait()
+                    self._take(timeout=remaining) if remaining > 0 else self._take(block=False)
                 )
             except queue.Empty:
                 break

@@ -12,11 +12,18 @@ Backends, chosen per request (``backend``) or automatically:
 - ``llama_cpp``: a GGUF file through llama.cpp: a job's ``gguf/model-q4_k_m.gguf`` export, or the
   embedded model's shipped GGUF for its base. ``auto`` picks it on a CPU when the file exists.
 - ``cuda_static``: a job's ``merged_16bit`` export on CUDA, static KV cache + compiled decode.
+
+Two lanes, so one slow request cannot hold the others: llama.cpp has a thread of its own (its
+models and KV caches share nothing with the torch ones), and the model thread answers in turns.
+A transformers batch that has made ``TURN_TOKENS`` tokens while a new request waits ends its
+turn and is requeued behind that request, keeping its tokens and KV cache; its next turn
+recomputes nothing. A short question thus waits at most one turn (plus the prefill of the
+batch in progress) for a long generation, whichever arrived first. Turns are CPU-only: on CUDA
+generation is fast and Unsloth's generate is not known to resume from a cache.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -28,8 +35,17 @@ from typing import Any, Literal
 from core.base_models import hub_call, resolve
 from core.data.tokenize import ensure_chat_template, saved_chat_template
 from core.errors import MedtuneError
+from core.inference.adapters import AdapterInvalid, AdapterMissing, check_adapter_folder
 from core.inference.batching import Batcher, Pending
-from core.inference.generate import GenerationRequest, generate_batch
+from core.inference.context import PromptCounter, check_fits
+from core.inference.generate import (
+    Batch,
+    Generation,
+    GenerationRequest,
+    batch_results,
+    run_turn,
+    start_batch,
+)
 from core.inference.llamacpp import LlamaCppBackend, LlamaCppUnavailable, llama_cpp_available
 
 log = logging.getLogger(__name__)
@@ -40,27 +56,14 @@ BACKENDS: tuple[str, ...] = ("auto", "transformers", "llama_cpp")
 GGUF_FOLDER = "gguf"
 GGUF_FAST_QUANT = "q4_k_m"
 MERGED_FOLDER = "merged_16bit"  # core/export/formats.py's merged export, under artifacts_dir
+TURN_TOKENS = 16  # tokens a batch makes before it may yield the model to a waiting request
 
 
-class AdapterMissing(MedtuneError):
-    """The job had an adapter folder and it is gone (deleted from the server)."""
+class InferenceCancelled(MedtuneError):
+    """Nobody waits for the answer any more (the API timed out, the client went away)."""
 
-    code = "adapter_missing"
-    status = 409
-
-
-class AdapterInvalid(MedtuneError):
-    """The adapter folder is there but is not a loadable peft LoRA adapter."""
-
-    code = "adapter_invalid"
-    status = 409
-
-
-class NoAdapter(MedtuneError):
-    """The job finished without an adapter to answer with."""
-
-    code = "no_adapter"
-    status = 409
+    code = "inference_cancelled"
+    status = 499
 
 
 def job_gguf(artifacts_dir: str | None) -> str | None:
@@ -93,6 +96,8 @@ class InferenceRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     on_delta: Callable[[str], None] | None = field(default=None, repr=False)
+    on_start: Callable[[], None] | None = field(default=None, repr=False)  # the model began
+    should_stop: Callable[[], bool] | None = field(default=None, repr=False)  # asked per token
 
     def generation(self, adapter: str | None) -> GenerationRequest:
         return GenerationRequest(
@@ -103,7 +108,11 @@ class InferenceRequest:
             stop=tuple(self.stop),
             adapter=adapter,
             on_delta=self.on_delta,
+            should_stop=self.should_stop,
         )
+
+    def cancelled(self) -> bool:
+        return self.should_stop is not None and self.should_stop()
 
 
 @dataclass
@@ -113,40 +122,14 @@ class _Base:
     adapters: OrderedDict[str, str]  # adapter name -> its folder, least recently used first
 
 
-def check_adapter_folder(adapter_dir: str, name: str) -> None:
-    """Refuse a deleted or broken adapter before peft touches the base model."""
-    folder = Path(adapter_dir)
-    if not folder.is_dir():
-        raise AdapterMissing(
-            f"the adapter of {name} was deleted from the server; train the job again",
-            field="job_id",
-        )
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterInvalid(
-            f"the adapter folder of {name} has no readable adapter_config.json",
-            field="job_id",
-        ) from exc
-    weights = folder / "adapter_model.safetensors"
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or not weights.is_file():
-        raise AdapterInvalid(
-            f"the adapter folder of {name} is not a LoRA adapter (adapter_config.json and "
-            "adapter_model.safetensors are needed)",
-            field="job_id",
-        )
-    try:
-        from safetensors import safe_open
+@dataclass(eq=False)
+class _Paused:
+    """A transformers batch between two turns: its requests, their adapters, and its state."""
 
-        with safe_open(str(weights), framework="pt") as fh:
-            if not any("lora_" in key for key in fh.keys()):  # noqa: SIM118 (no __iter__)
-                raise AdapterInvalid(f"the adapter of {name} holds no LoRA weights", field="job_id")
-    except AdapterInvalid:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for a damaged header
-        raise AdapterInvalid(
-            f"the adapter weights of {name} cannot be read (damaged file)", field="job_id"
-        ) from exc
+    base: _Base
+    batch: Batch
+    pending: list[Pending]
+    adapters: set[str | None]
 
 
 class InferenceEngine:
@@ -166,8 +149,11 @@ class InferenceEngine:
         self.loads: Counter[str] = Counter()  # how often a base, adapter or GGUF was loaded
         self._bases: dict[tuple[str, bool], _Base] = {}
         self._tokenizers: dict[str, Any] = {}
+        self._llama_tokenizers: dict[str, Any] = {}  # the llama.cpp lane's own
+        self._paused: set[_Paused] = set()
         self._static: OrderedDict[str, Any] = OrderedDict()
         self.llama = LlamaCppBackend(loads=self.loads, n_threads=llama_threads)
+        self.counter = PromptCounter()
         self._cuda: bool | None = None
         self.batcher = Batcher(
             self._run_group,
@@ -176,13 +162,23 @@ class InferenceEngine:
             wait_s=batch_wait_s,
             batchable=lambda request: request.backend == "transformers",
         )
+        self.llama_lane = Batcher(
+            self._run_group,
+            self._group_key,
+            max_batch=1,
+            wait_s=0.0,
+            name="medtune-llama-cpp",
+            batchable=lambda request: False,
+        )
 
     # --- public -------------------------------------------------------------------------------
 
     def submit(self, request: InferenceRequest) -> Future[dict[str, Any]]:
         """Queue a request; the Future holds the answer dict or raises a MedtuneError."""
         request.backend = self.choose_backend(request)
-        return self.batcher.submit(request)
+        self.check_context(request)
+        lane = self.llama_lane if request.backend == "llama_cpp" else self.batcher
+        return lane.submit(request)
 
     def answer(self, **kwargs: Any) -> dict[str, Any]:
         return self.submit(InferenceRequest(**kwargs)).result()
@@ -230,9 +226,32 @@ class InferenceEngine:
                 return "llama_cpp"
         return "transformers"
 
+    def check_context(self, request: InferenceRequest) -> None:
+        """Refuse, in the caller's thread, a request longer than its backend's context."""
+        base = resolve_base(request, self.models_dir)
+        # The template the backend renders with: the adapter's own when it saved one.
+        template = saved_chat_template(Path(request.adapter_dir)) if request.adapter_dir else None
+        prompt = self.counter.count(base, request.messages, template)
+        if request.backend == "llama_cpp":
+            assert request.gguf_path
+            context, what = self.llama.context_length(request.gguf_path), "the llama.cpp context"
+        else:
+            model = request.merged_dir if request.backend == "cuda_static" else base
+            assert model
+            context, what = self.counter.model_context(model), "the model's context"
+        if context is not None:  # a config that declares none: generate() is the judge
+            check_fits(
+                prompt_tokens=prompt,
+                max_new_tokens=request.max_new_tokens,
+                context=context,
+                what=what,
+            )
+
     # --- batching -----------------------------------------------------------------------------
 
-    def _group_key(self, request: InferenceRequest) -> Hashable:
+    def _group_key(self, request: InferenceRequest | _Paused) -> Hashable:
+        if isinstance(request, _Paused):
+            return ("turn", id(request))
         if request.backend == "transformers":
             sampling = request.generation(None).sampling_key()
             # Unsloth's fast LoRA kernels serve one adapter at a time: no mixed batches there.
@@ -241,6 +260,20 @@ class InferenceEngine:
         return (request.backend, id(request))  # llama.cpp and static graphs: one at a time
 
     def _run_group(self, group: Sequence[Pending]) -> None:
+        if isinstance(group[0].request, _Paused):
+            self._turn(group[0].request)
+            return
+        live = []
+        for pending in group:
+            if pending.request.cancelled():  # the API gave up while it waited here
+                pending.future.set_exception(InferenceCancelled("dropped before it started"))
+                continue
+            if pending.request.on_start is not None:
+                pending.request.on_start()
+            live.append(pending)
+        if not live:
+            return
+        group = live
         first: InferenceRequest = group[0].request
         if first.backend == "llama_cpp":
             self._run_llama(group[0])
@@ -258,6 +291,8 @@ class InferenceEngine:
                 pending.future.set_exception(exc)
             return
         in_use = {p.request.adapter_name or p.request.adapter_dir for p in group}
+        for paused in self._paused:  # a paused batch's adapters stay until it ends
+            in_use |= paused.adapters
         ready: list[tuple[Pending, str | None]] = []
         for pending in group:
             req: InferenceRequest = pending.request
@@ -271,24 +306,47 @@ class InferenceEngine:
                 pending.future.set_exception(exc)
         if not ready:
             return
-        gens = generate_batch(
+        batch = start_batch(
             base.model,
             base.tokenizer,
             [self._generation(p.request, name, base.tokenizer) for p, name in ready],
         )
-        for (pending, _), gen in zip(ready, gens, strict=True):
-            pending.future.set_result(gen.as_result(backend="transformers", batch_size=len(ready)))
+        self._turn(_Paused(base, batch, [p for p, _ in ready], {name for _, name in ready}))
+
+    def _turn(self, paused: _Paused) -> None:
+        """One turn of a batch: to its end, or until a new request waits (CPU only)."""
+        self._paused.discard(paused)
+        paused.batch.model = paused.base.model  # peft may have wrapped it since the last turn
+        try:
+            done = run_turn(
+                paused.batch,
+                pause=None if self.cuda else self.batcher.waiting,
+                turn_tokens=TURN_TOKENS,
+            )
+        except BaseException as exc:
+            for pending in paused.pending:
+                pending.future.set_exception(exc)
+            raise
+        if not done:
+            self._paused.add(paused)
+            self.batcher.requeue(paused)
+            return
+        gens = batch_results(paused.batch)
+        for pending, gen in zip(paused.pending, gens, strict=True):
+            _settle(pending, gen, backend="transformers", batch_size=len(gens))
 
     def _run_llama(self, pending: Pending) -> None:
         req: InferenceRequest = pending.request
         try:
             assert req.gguf_path
-            tokenizer = self._tokenizer(req.adapter_dir or resolve_base(req, self.models_dir))
+            tokenizer = self._tokenizer(
+                req.adapter_dir or resolve_base(req, self.models_dir), self._llama_tokenizers
+            )
             gen = self.llama.generate(req.gguf_path, tokenizer, req.generation(None))
         except MedtuneError as exc:
             pending.future.set_exception(exc)
             return
-        pending.future.set_result(gen.as_result(backend="llama_cpp", batch_size=1))
+        _settle(pending, gen, backend="llama_cpp", batch_size=1)
 
     def _run_static(self, pending: Pending) -> None:
         from core.inference.cuda import StaticCompiled
@@ -307,7 +365,7 @@ class InferenceEngine:
         except MedtuneError as exc:  # a prompt too long for the static cache
             pending.future.set_exception(exc)
             return
-        pending.future.set_result(gen.as_result(backend="cuda_static", batch_size=1))
+        _settle(pending, gen, backend="cuda_static", batch_size=1)
 
     def _generation(
         self, req: InferenceRequest, adapter: str | None, base: Any
@@ -322,14 +380,16 @@ class InferenceEngine:
 
     # --- models -------------------------------------------------------------------------------
 
-    def _tokenizer(self, path: str) -> Any:
-        if path not in self._tokenizers:
+    def _tokenizer(self, path: str, cache: dict[str, Any] | None = None) -> Any:
+        """A tokenizer from ``cache`` (each lane has its own: one thread uses each)."""
+        cache = self._tokenizers if cache is None else cache
+        if path not in cache:
             from transformers import AutoTokenizer
 
             tokenizer = hub_call(path, AutoTokenizer.from_pretrained, path)
             ensure_chat_template(tokenizer)
-            self._tokenizers[path] = tokenizer
-        return self._tokenizers[path]
+            cache[path] = tokenizer
+        return cache[path]
 
     def _base(self, name: str, *, load_in_4bit: bool) -> _Base:
         path = resolve(name, models_dir=self.models_dir)
@@ -397,6 +457,14 @@ class InferenceEngine:
                 base.model.set_adapter(name)
             base.model.delete_adapter(oldest)
             self.loads["evicted"] += 1
+
+
+def _settle(pending: Pending, gen: Generation, *, backend: str, batch_size: int) -> None:
+    if gen.cancelled:  # nobody reads this answer: the task logs it and publishes nothing
+        detail = f"stopped after {gen.completion_tokens} tokens: nobody waits for the answer"
+        pending.future.set_exception(InferenceCancelled(detail))
+    else:
+        pending.future.set_result(gen.as_result(backend=backend, batch_size=batch_size))
 
 
 def resolve_base(request: InferenceRequest, models_dir: Path) -> str:

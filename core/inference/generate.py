@@ -31,6 +31,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     adapter: str | None = None  # a loaded peft adapter's name; None answers with the base model
     on_delta: Callable[[str], None] | None = None  # called with each new piece of answer text
+    # Asked every token: true once nobody waits for the answer any more (the API gave up).
+    should_stop: Callable[[], bool] | None = None
     # Benchmarks only: decode all max_new_tokens even past the end of turn (random weights end
     # anywhere). The static decoder honours it; generate() takes min_new_tokens instead.
     ignore_eos: bool = False
@@ -54,6 +56,7 @@ class Generation:
     stopped_on_eos: bool
     seconds: float
     first_token_seconds: float | None
+    cancelled: bool = False  # stopped by should_stop: the text is partial and nobody wants it
 
     def as_result(self, **extra: Any) -> dict[str, Any]:
         """The dict the engine, the worker task and the API pass along."""
@@ -85,11 +88,13 @@ class TextTracker:
     eos_token_id: int | None
     max_new_tokens: int
     on_delta: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] | None = None
     ids: list[int] = field(default_factory=list)
     sent: str = ""
     text: str = ""
     finish_reason: FinishReason | None = None
     stopped_on_eos: bool = False
+    cancelled: bool = False
 
     @property
     def done(self) -> bool:
@@ -97,6 +102,10 @@ class TextTracker:
 
     def add(self, token_id: int) -> None:
         if self.done:
+            return
+        if self.should_stop is not None and self.should_stop():
+            self.cancelled = True
+            self.finish_reason = "length"  # ended early; the engine reports it cancelled
             return
         self.ids.append(token_id)
         if token_id == self.eos_token_id:
@@ -183,12 +192,20 @@ def _adapter_context(
 
 
 class _RowStops:
-    """A StoppingCriteria: feeds each row's newest token to its tracker, stops finished rows."""
+    """A StoppingCriteria: feeds each row's newest token to its tracker, stops finished rows,
+    and ends the turn (every row at once) when ``pause`` says others wait for the model."""
 
     def __init__(self, trackers: list[TextTracker], started: float) -> None:
         self.trackers = trackers
         self.started = started
         self.first_token_at: float | None = None
+        self.pause: Callable[[], bool] | None = None
+        self.turn_tokens = 0
+        self.made = 0  # tokens of this turn
+        self.paused = False
+
+    def begin_turn(self, pause: Callable[[], bool] | None, turn_tokens: int) -> None:
+        self.pause, self.turn_tokens, self.made, self.paused = pause, turn_tokens, 0, False
 
     def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
         import torch
@@ -198,20 +215,41 @@ class _RowStops:
         newest = input_ids[:, -1].tolist()
         for tracker, token in zip(self.trackers, newest, strict=True):
             tracker.add(int(token))
+        self.made += 1
+        if self.pause is not None and self.made >= self.turn_tokens and self.pause():
+            self.paused = True
+            return torch.ones(len(self.trackers), dtype=torch.bool, device=input_ids.device)
         return torch.tensor([t.done for t in self.trackers], device=input_ids.device)
 
 
-def generate_batch(
+@dataclass
+class Batch:
+    """One left-padded batch being answered, turn by turn; between turns it keeps its tokens
+    and its KV cache, so a turn resumes where the last one stopped and recomputes nothing."""
+
+    model: Any
+    tokenizer: Any
+    requests: Sequence[GenerationRequest]
+    inputs: dict[str, Any]
+    prompt_tokens: list[int]
+    stops: _RowStops
+    generate_kwargs: dict[str, Any]
+    cache: Any = None
+    seconds: float = 0.0  # spent generating, not waiting between turns
+
+    @property
+    def done(self) -> bool:
+        return all(t.done for t in self.stops.trackers)
+
+
+def start_batch(
     model: Any,
     tokenizer: Any,
     requests: Sequence[GenerationRequest],
     *,
     generate_kwargs: dict[str, Any] | None = None,
-) -> list[Generation]:
-    """Answer ``requests`` (same sampling settings) with one left-padded ``generate`` call."""
-    import torch
-    from transformers import StoppingCriteriaList
-
+) -> Batch:
+    """Render and tokenize ``requests`` (same sampling settings) as one left-padded batch."""
     if len({r.sampling_key() for r in requests}) != 1:
         raise ValueError("a batch must share temperature and top_p; group requests first")
     texts = [
@@ -228,55 +266,111 @@ def generate_batch(
         ).to(model.device)
     finally:
         tokenizer.padding_side = side
-    prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-    eos = tokenizer.eos_token_id
     trackers = [
         TextTracker(
             tokenizer,
             stop=tuple(r.stop),
-            eos_token_id=eos,
+            eos_token_id=tokenizer.eos_token_id,
             max_new_tokens=r.max_new_tokens,
             on_delta=r.on_delta,
+            should_stop=r.should_stop,
         )
         for r in requests
     ]
-    do_sample, temperature, top_p = requests[0].sampling_key()
+    return Batch(
+        model=model,
+        tokenizer=tokenizer,
+        requests=requests,
+        inputs=dict(inputs),
+        prompt_tokens=[int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()],
+        stops=_RowStops(trackers, time.perf_counter()),
+        generate_kwargs=dict(generate_kwargs or {}),
+    )
+
+
+def run_turn(
+    batch: Batch, *, pause: Callable[[], bool] | None = None, turn_tokens: int = 16
+) -> bool:
+    """Generate until every row is done, or (with ``pause``) until ``pause()`` is true after
+    ``turn_tokens`` tokens of this turn. Returns whether every row is done."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    trackers = batch.stops.trackers
+    left = [r.max_new_tokens - len(t.ids) for r, t in zip(batch.requests, trackers, strict=True)]
+    left = [n for n, t in zip(left, trackers, strict=True) if not t.done]
+    if not left:
+        return True
+    do_sample, temperature, top_p = batch.requests[0].sampling_key()
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p}
         if do_sample
         else {"do_sample": False}
     )
-    context, extra = _adapter_context(model, requests)
-    started = time.perf_counter()
-    stops = _RowStops(trackers, started)
+    eos = batch.tokenizer.eos_token_id
+    pad = batch.tokenizer.pad_token_id
+    # Set again each turn: another batch may have switched the model's adapter meanwhile.
+    context, extra = _adapter_context(batch.model, batch.requests)
+    batch.stops.begin_turn(pause, turn_tokens)
+    resumable = {"return_dict_in_generate": True} if pause is not None else {}
+    if batch.cache is not None:
+        resumable["past_key_values"] = batch.cache
+    began = time.perf_counter()
     with torch.inference_mode(), context:
-        model.generate(
-            **inputs,
-            max_new_tokens=max(r.max_new_tokens for r in requests),
+        out = batch.model.generate(
+            **batch.inputs,
+            max_new_tokens=max(left),
             eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-            stopping_criteria=StoppingCriteriaList([stops]),
+            pad_token_id=pad if pad is not None else eos,
+            stopping_criteria=StoppingCriteriaList([batch.stops]),
             **sampling,
             **extra,
-            **(generate_kwargs or {}),
+            **resumable,
+            **batch.generate_kwargs,
         )
-    seconds = time.perf_counter() - started
-    first = stops.first_token_at - started if stops.first_token_at is not None else None
+    batch.seconds += time.perf_counter() - began
+    if not batch.stops.paused or batch.done:
+        return True
+    # The next turn starts from every token so far; the cache holds all but the newest.
+    ids, mask = out.sequences, batch.inputs["attention_mask"]
+    grown = torch.ones(ids.shape[0], ids.shape[1] - mask.shape[1], dtype=mask.dtype)
+    batch.inputs = {"input_ids": ids, "attention_mask": torch.cat([mask, grown.to(mask.device)], 1)}
+    batch.cache = out.past_key_values
+    return False
+
+
+def batch_results(batch: Batch) -> list[Generation]:
+    stops = batch.stops
+    first = stops.first_token_at - stops.started if stops.first_token_at is not None else None
     results = []
-    for tracker, prompt in zip(trackers, prompt_tokens, strict=True):
+    for tracker, prompt in zip(stops.trackers, batch.prompt_tokens, strict=True):
         tracker.finish("length")  # a row generate() ended without our trackers deciding
         results.append(
             Generation(
                 text=tracker.answer,
                 finish_reason=tracker.finish_reason or "length",
-                prompt_tokens=int(prompt),
+                prompt_tokens=prompt,
                 completion_tokens=len(tracker.ids),
                 stopped_on_eos=tracker.stopped_on_eos,
-                seconds=seconds,
+                seconds=batch.seconds,
                 first_token_seconds=first,
+                cancelled=tracker.cancelled,
             )
         )
     return results
+
+
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[GenerationRequest],
+    *,
+    generate_kwargs: dict[str, Any] | None = None,
+) -> list[Generation]:
+    """Answer ``requests`` (same sampling settings) with one left-padded ``generate`` call."""
+    batch = start_batch(model, tokenizer, requests, generate_kwargs=generate_kwargs)
+    run_turn(batch)
+    return batch_results(batch)
 
 
 def generate_one(

@@ -81,6 +81,20 @@ def ask(
     return result
 
 
+class AnswerStream:
+    """The worker's events (``delta``..., then ``done`` or ``error``), and a way to stop it."""
+
+    def __init__(self, channel: Channel, stream_id: str, events: Iterator[dict[str, Any]]):
+        self.channel, self.stream_id, self.events = channel, stream_id, events
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.events
+
+    def cancel(self) -> None:
+        """The client left: the worker stops generating at its next token."""
+        self.channel.cancel(self.stream_id)
+
+
 def stream_answer(
     queue: Any,
     channel: Channel,
@@ -88,7 +102,7 @@ def stream_answer(
     args: list[Any],
     kwargs: dict[str, Any],
     timeout_s: float,
-) -> Iterator[dict[str, Any]]:
+) -> AnswerStream:
     """The worker's events (``delta``..., then ``done`` or ``error``).
 
     Waits for the first event before returning, so an error that comes before any text (no
@@ -104,4 +118,4 @@ def stream_answer(
         raise
     if first["type"] == "error":
         raise MedtuneError.from_dict(first["error"])
-    return chain([first], events)
+    return AnswerStream(channel, stream_id, chain([first], events))

@@ -92,6 +92,7 @@ class StaticDecoder:
             eos_token_id=None if request.ignore_eos else self.tokenizer.eos_token_id,
             max_new_tokens=request.max_new_tokens,
             on_delta=request.on_delta,
+            should_stop=request.should_stop,
         )
         choose_args = (request.temperature, request.top_p)
         pinned = self.device.type == "cuda"
@@ -136,6 +137,7 @@ class StaticDecoder:
             stopped_on_eos=tracker.stopped_on_eos,
             seconds=time.perf_counter() - started,
             first_token_seconds=first,
+            cancelled=tracker.cancelled,
         )
 
     def _next(self, token: Any, position: Any, choose_args: tuple[float, float]) -> Any:

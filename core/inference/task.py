@@ -11,9 +11,16 @@ from typing import Any
 from core.embedded_model import gguf_path as embedded_gguf
 from core.embedded_model import is_embedded
 from core.errors import JobNotReady, MedtuneError
-from core.inference.engine import InferenceEngine, InferenceRequest, NoAdapter, job_gguf, job_merged
+from core.inference.adapters import NoAdapter
+from core.inference.engine import (
+    InferenceCancelled,
+    InferenceEngine,
+    InferenceRequest,
+    job_gguf,
+    job_merged,
+)
 from core.inference.remote import job_target
-from core.inference.stream import Channel
+from core.inference.stream import Channel, stop_flag
 from core.settings import Settings
 from core.store import jobs
 from core.store.db import session_scope
@@ -95,15 +102,26 @@ def serve(
 
     ``build`` makes the request (it may read the job store, so its errors are streamed too).
     Returns the answer dict, or ``{"error": ...}`` for the API to turn into the same problem.
+    A request the API gave up on (its cancel flag) stops and publishes nothing more.
     """
     try:
+        if channel is not None and stream_id is not None:
+            channel.publish(stream_id, {"type": "accepted"})
         request: InferenceRequest = build()
-        if channel is not None and stream_id is not None and deltas:
-            request.on_delta = lambda text: channel.publish(
-                stream_id, {"type": "delta", "text": text}
-            )
+        if channel is not None and stream_id is not None:
+            request.should_stop = stop_flag(channel, stream_id)
+            request.on_start = lambda: channel.publish(stream_id, {"type": "started"})
+            if deltas:
+                request.on_delta = lambda text: channel.publish(
+                    stream_id, {"type": "delta", "text": text}
+                )
         result = engine.submit(request).result()
         result["loads"] = dict(engine.loads)
+    except InferenceCancelled as exc:
+        log.info("inference %s stopped: %s", stream_id, exc.detail)
+        if channel is not None and stream_id is not None:
+            channel.forget(stream_id)
+        return {"error": exc.as_dict()}
     except Exception as exc:
         error = (
             exc

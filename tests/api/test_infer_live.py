@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,11 +42,18 @@ QUESTION = "What are the symptoms of anemia?"
 
 
 @pytest.fixture(scope="module")
+def infer_broker() -> Iterator[str]:
+    broker = claim_redis_db()  # only this module's worker consumes this broker's infer queue
+    yield broker
+    redis.Redis.from_url(broker).flushdb()
+
+
+@pytest.fixture(scope="module")
 def infer_stack(
-    tmp_path_factory: pytest.TempPathFactory, migrated_pg: str, model_cache: Path
+    tmp_path_factory: pytest.TempPathFactory, migrated_pg: str, model_cache: Path, infer_broker: str
 ) -> Iterator[Stack]:
     """API + one inference-only worker (threads pool) on their own Redis database."""
-    broker = claim_redis_db()  # only this worker consumes this broker's infer queue
+    broker = infer_broker
     home = tmp_path_factory.mktemp("infer-stack")
     env = stack_env(home, model_cache, database_url=migrated_pg, broker_url=broker)
     # A long batch window makes "concurrent requests share a batch" deterministic here.
@@ -57,7 +65,6 @@ def infer_stack(
     wait_healthy(stack)
     yield stack
     stack.stop()
-    redis.Redis.from_url(broker).flushdb()
 
 
 def add_job(db_url: str, *, adapter: Path | None, name: str = "smol-live") -> str:
@@ -252,3 +259,140 @@ def test_the_inference_only_worker_gives_llama_cpp_every_usable_cpu(
     log = (infer_stack.home / "infer.log").read_text(errors="replace")
     cpus = len(os.sched_getaffinity(0))  # the worker inherits this process's affinity
     assert f"llama.cpp threads: {cpus} (by role; queues {INFER_QUEUE})" in log, log[-2000:]
+
+
+LONG_ESSAY = [{"role": "user", "content": "Write a very long essay about the history of medicine."}]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_it_runs(
+    infer_stack: Stack, job_id: str
+) -> None:
+    turn = " a" * 10_000  # 10,000 tokens: the most characters a message may hold
+    huge = [{"role": r, "content": turn} for r in ("user", "assistant", "user")]  # 30,000
+    base = {"job_id": job_id, "use_adapter": False, "max_new_tokens": 16}
+    with client(infer_stack) as http:
+        for backend in ("transformers", "llama_cpp"):
+            # SmolLM2's context is 8,192 tokens; such a prompt ran for minutes on transformers.
+            response = http.post("/infer", json={**base, "backend": backend, "messages": huge})
+            assert response.status_code == 400, response.text
+            assert response.json()["code"] == "context_length_exceeded"
+            assert response.json()["field"] == "messages", response.json()
+            assert "8192" in response.json()["detail"]
+        question = http.post("/infer", json={**base, "question": turn})
+        assert question.json()["field"] == "question", question.json()
+        room = http.post("/infer", json={**base, "question": " a" * 6000, "max_new_tokens": 4096})
+        assert room.status_code == 400 and room.json()["field"] == "max_new_tokens", room.text
+        assert "set max_new_tokens to at most" in room.json()["detail"]
+        chat = http.post(
+            "/v1/chat/completions",
+            json={"model": "smollm2-135m-instruct", "messages": huge, "max_tokens": 8},
+        )
+        assert chat.status_code == 400 and chat.json()["field"] == "messages", chat.text
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python missing")
+def test_llama_cpp_takes_the_largest_max_new_tokens(infer_stack: Stack, job_id: str) -> None:
+    """Its context was 4,096 tokens, so max_new_tokens 4096 failed with any prompt."""
+    body = {"job_id": job_id, "use_adapter": False, "backend": "llama_cpp", "max_new_tokens": 4096}
+    with client(infer_stack) as http:
+        response = http.post("/infer", json={**body, "question": "Say hello."})
+    assert response.status_code == 200, response.text
+    assert response.json()["backend"] == "llama_cpp"
+
+
+def stopped_lines(stack: Stack) -> int:
+    """Generations the worker stopped because nobody waited for them any more."""
+    return (stack.home / "infer.log").read_text(errors="replace").count("nobody waits")
+
+
+def wait_stopped(stack: Stack, before: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while stopped_lines(stack) <= before:
+        assert time.monotonic() < deadline, stack.tail_logs()
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def impatient(
+    infer_stack: Stack,
+    infer_broker: str,
+    migrated_pg: str,
+    model_cache: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """A second API on the same broker and worker that waits 20 s for an answer."""
+    home = tmp_path_factory.mktemp("impatient")
+    env = stack_env(
+        home,
+        model_cache,
+        database_url=migrated_pg,
+        broker_url=infer_broker,
+        infer_timeout_s="20",
+    )
+    port = free_port()
+    api = Stack(url=f"http://127.0.0.1:{port}", home=home)
+    start_api(api, port, env)
+    wait_healthy(api)
+    yield api
+    api.stop()
+
+
+def test_a_timed_out_request_stops_and_the_next_one_is_answered(
+    infer_stack: Stack, impatient: Stack, job_id: str
+) -> None:
+    body = {"job_id": job_id, "use_adapter": False, "backend": "transformers"}
+    before = stopped_lines(infer_stack)
+    with client(impatient) as http:
+        long = http.post("/infer", json={**body, "messages": LONG_ESSAY, "max_new_tokens": 4096})
+        assert long.status_code == 504 and long.json()["code"] == "inference_timeout"
+        # It had started: the answer took too long (it is not that no worker is there).
+        assert "the answer took longer than 20 s" in long.json()["detail"], long.json()
+        wait_stopped(infer_stack, before)  # the worker stopped computing it
+        short = http.post("/infer", json={**body, "question": "Hi?", "max_new_tokens": 4})
+    assert short.status_code == 200, short.text
+
+
+def test_no_worker_at_all_is_told_apart(
+    tmp_path: Path, migrated_pg: str, model_cache: Path, job_id: str
+) -> None:
+    broker = claim_redis_db()  # a broker nobody consumes
+    env = stack_env(
+        tmp_path, model_cache, database_url=migrated_pg, broker_url=broker, infer_timeout_s="2"
+    )
+    port = free_port()
+    api = Stack(url=f"http://127.0.0.1:{port}", home=tmp_path)
+    start_api(api, port, env)
+    try:
+        wait_healthy(api)
+        with client(api) as http:
+            response = http.post("/infer", json={"job_id": job_id, "question": "Hi?"})
+    finally:
+        api.stop()
+        redis.Redis.from_url(broker).flushdb()
+    assert response.status_code == 504, response.text
+    assert "no inference worker took the request in 2 s" in response.json()["detail"]
+
+
+def test_short_requests_are_not_queued_behind_a_long_generation(
+    infer_stack: Stack, job_id: str
+) -> None:
+    body = {"job_id": job_id, "use_adapter": False}
+    long = {**body, "messages": LONG_ESSAY, "max_new_tokens": 4096, "backend": "transformers"}
+    shorts = [{**body, "question": "Hi?", "max_new_tokens": 4, "backend": "transformers"}]
+    if llama_cpp_available():
+        shorts.append({**body, "question": "Hi?", "max_new_tokens": 4, "backend": "llama_cpp"})
+    before = stopped_lines(infer_stack)
+    long_events: list[str] = []
+    with client(infer_stack) as http, ThreadPoolExecutor(len(shorts)) as pool:
+        with http.stream("POST", "/infer", json={**long, "stream": True}) as response:
+            assert response.status_code == 200, response.read()
+            for event in parse_sse(response.iter_lines()):
+                long_events.append(event.event)
+                if len(long_events) == 1:  # the long one is generating: ask the short ones
+                    answers = [pool.submit(http.post, "/infer", json=b) for b in shorts]
+                if event.event != "delta" or all(a.done() for a in answers):
+                    break  # leaving the stream cancels the long generation
+        results = [a.result() for a in answers]
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    assert "done" not in long_events  # the short ones came back while it still ran
+    wait_stopped(infer_stack, before)  # and the long one stopped when its client left

@@ -9,13 +9,8 @@ from pathlib import Path
 import pytest
 
 from core.errors import JobNotReady
-from core.inference.engine import (
-    AdapterInvalid,
-    AdapterMissing,
-    InferenceEngine,
-    InferenceRequest,
-    NoAdapter,
-)
+from core.inference.adapters import AdapterInvalid, AdapterMissing, NoAdapter
+from core.inference.engine import InferenceEngine, InferenceRequest
 from core.inference.generate import GenerationRequest, TextTracker, generate_one
 
 BASE = "smollm2-135m-instruct"

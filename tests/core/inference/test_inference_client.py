@@ -149,3 +149,40 @@ def test_a_stream_still_gets_the_deltas(channel: FileChannel) -> None:
     assert [e["text"] for e in events[:-1]] == PIECES
     _, kwargs, options = queue.sent[0]
     assert "deltas" not in kwargs and options["ignore_result"] is True
+
+
+class StuckQueue:
+    """A worker that reports how far it got (``reached``), then never answers."""
+
+    def __init__(self, channel: FileChannel, reached: list[str]) -> None:
+        self.channel = channel
+        self.reached = reached
+        self.pending = Pending()
+        self.stream_id = ""
+
+    def send_task(self, name: str, *, kwargs: dict[str, Any], **_: Any) -> Pending:
+        self.stream_id = kwargs["stream_id"]
+        for kind in self.reached:
+            self.channel.publish(self.stream_id, {"type": kind})
+        return self.pending
+
+
+@pytest.mark.parametrize(
+    ("reached", "wording"),
+    [
+        ([], "no inference worker took the request"),
+        (["accepted"], "busy with earlier requests"),
+        (["accepted", "started"], "the answer took longer than"),
+    ],
+)
+def test_a_timeout_says_how_far_the_request_got_and_cancels_it(
+    channel: FileChannel, reached: list[str], wording: str
+) -> None:
+    queue = StuckQueue(channel, reached)
+    with pytest.raises(InferenceTimeout) as info:
+        ask(queue, channel, args=ARGS, kwargs={}, timeout_s=0.2)
+    assert wording in info.value.detail and "MEDTUNE_INFER_TIMEOUT_S" in info.value.detail
+    assert ("consuming the medtune.infer queue" in info.value.detail) == (not reached)
+    assert channel.cancelled(queue.stream_id) and queue.pending.revoked  # the worker stops
+    channel.forget(queue.stream_id)
+    assert list(channel.folder.iterdir()) == []
