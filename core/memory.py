@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from core.spec import JobSpec
 
@@ -106,8 +107,11 @@ class MemoryEstimate:
         return {k: round(v, 2) for k, v in self.__dict__.items()}
 
 
-def estimate(spec: JobSpec, shape: ModelShape, *, engine: str = "unsloth") -> MemoryEstimate:
-    """Peak GPU memory of training ``spec`` on ``shape`` with ``engine`` (unsloth|transformers)."""
+def estimate(
+    spec: JobSpec, shape: ModelShape, *, engine: str = "unsloth", tokens: int | None = None
+) -> MemoryEstimate:
+    """Peak GPU memory of training ``spec`` on ``shape`` with ``engine`` (unsloth|transformers);
+    ``tokens``: a micro-batch of that many tokens instead of the spec's batch x max_seq_length."""
     projections = shape.projection_shapes()
     per_layer = sum(a * b for a, b in projections.values())
     layer_params = per_layer * shape.num_hidden_layers
@@ -118,7 +122,8 @@ def estimate(spec: JobSpec, shape: ModelShape, *, engine: str = "unsloth") -> Me
     eight_bit = spec.training.optim in ("adamw_8bit", "paged_adamw_8bit")
     # fp32 weights + fp32 grads + two Adam moments (1 byte each in 8-bit, 4 in 32-bit)
     lora_bytes = lora_params * (4 + 4 + (2 if eight_bit else 8))
-    tokens = spec.training.per_device_train_batch_size * spec.model.max_seq_length
+    if tokens is None:
+        tokens = spec.training.per_device_train_batch_size * spec.model.max_seq_length
     if engine == "unsloth":
         act = tokens * shape.hidden_size * _UNSLOTH_ACT_PER_TOKEN_HIDDEN
     else:
@@ -129,3 +134,36 @@ def estimate(spec: JobSpec, shape: ModelShape, *, engine: str = "unsloth") -> Me
         act *= max(shape.num_hidden_layers / 4, 1)  # every layer keeps its activations
     total = weight_bytes + lora_bytes + act
     return MemoryEstimate(total / GIB, weight_bytes / GIB, lora_bytes / GIB, act / GIB)
+
+
+def shape_of(config: Any) -> ModelShape | None:
+    """The shape of a loaded model's config (transformers' PretrainedConfig), None if unreadable."""
+    config = getattr(config, "text_config", None) or config
+    try:
+        heads = int(config.num_attention_heads)
+        return ModelShape(
+            vocab_size=int(config.vocab_size),
+            hidden_size=int(config.hidden_size),
+            intermediate_size=int(config.intermediate_size),
+            num_hidden_layers=int(config.num_hidden_layers),
+            num_attention_heads=heads,
+            num_key_value_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def tokens_within(
+    spec: JobSpec, shape: ModelShape, *, budget_gib: float, engine: str, most: int
+) -> int:
+    """The most tokens (up to ``most``) one micro-batch may hold with the estimate within
+    ``budget_gib``; 0 when not even one token fits."""
+    low, high = 0, most
+    while low < high:  # the estimate grows with the tokens: bisect
+        mid = (low + high + 1) // 2
+        if estimate(spec, shape, engine=engine, tokens=mid).total_gib <= budget_gib:
+            low = mid
+        else:
+            high = mid - 1
+    return low

@@ -75,9 +75,7 @@ def step_rows(
     in fewer is split further (by examples, so no row grows). Only the last step of the epoch
     may hold fewer examples than rows; it takes one row per example and stays last.
     """
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    steps = [order[i : i + examples_per_step] for i in range(0, len(order), examples_per_step)]
+    steps = _steps(len(items), examples_per_step=examples_per_step, seed=seed)
     layouts = [_fill(items, step, capacity=capacity) for step in steps]
     per_step = max((len(groups) for groups in layouts), default=1)
     rows: list[dict[str, list[int]]] = []
@@ -89,6 +87,18 @@ def step_rows(
             groups[widest:widest] = [group[:half], group[half:]]
         rows += [_row(items, group) for group in groups]
     return rows, per_step
+
+
+def _steps(count: int, *, examples_per_step: int, seed: int) -> list[list[int]]:
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + examples_per_step] for i in range(0, count, examples_per_step)]
+
+
+def largest_step(items: list[Encoded], *, examples_per_step: int, seed: int) -> int:
+    """The tokens of the fullest step ``step_rows`` would lay out with the same arguments."""
+    steps = _steps(len(items), examples_per_step=examples_per_step, seed=seed)
+    return max((sum(len(items[i].input_ids) for i in step) for step in steps), default=0)
 
 
 class StepSampler:

@@ -16,11 +16,15 @@ from core.training.packing import (
     PackedCollator,
     StepSampler,
     group_by_length,
+    largest_step,
     pack,
     step_rows,
 )
 from core.training.sink import MetricsSink
 
+# A step's rows may grow past the recipe's micro-batch while the memory estimate stays within
+# the smallest card jobs are routed to (a T4's 15 GiB), so a job fits wherever it lands.
+FOLD_BUDGET_GIB = 15.0
 # 8-bit and paged optimizers live in bitsandbytes' CUDA kernels.
 _CUDA_ONLY_OPTIMS = {"adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"}
 
@@ -78,8 +82,32 @@ class DataLayout:
     sampler: StepSampler | None = None
 
 
+def row_capacity(spec: JobSpec, loaded: Loaded, items: list[Encoded]) -> int:
+    """Tokens one row of ``step_rows`` may hold: the fullest step, so each step is one row and
+    launches its kernels once, where the memory estimate of such a row fits FOLD_BUDGET_GIB;
+    never less than the recipe's own micro-batch (batch x max_seq_length), which routing
+    already sized the card for."""
+    from core.memory import shape_of, tokens_within
+    from core.routing import MARGIN
+
+    cfg = spec.training
+    recipe = cfg.per_device_train_batch_size * spec.model.max_seq_length
+    need = largest_step(
+        items,
+        examples_per_step=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+        seed=cfg.seed,
+    )
+    shape = shape_of(getattr(loaded.model, "config", None))
+    if need <= recipe or shape is None:
+        return recipe
+    engine = "unsloth" if loaded.engine == "unsloth" else "transformers"
+    budget = FOLD_BUDGET_GIB / MARGIN
+    return max(recipe, tokens_within(spec, shape, budget_gib=budget, engine=engine, most=need))
+
+
 def _layout(
     spec: JobSpec,
+    loaded: Loaded,
     items: list[Encoded],
     eval_items: list[Encoded],
     *,
@@ -90,11 +118,10 @@ def _layout(
     cfg = spec.training
     capacity = cfg.per_device_train_batch_size * spec.model.max_seq_length
     if not cfg.packing and layout == "steps":
-        # A row holds at most the recipe's micro-batch of tokens: no more memory than its layout.
         rows, per_step = step_rows(
             items,
             examples_per_step=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
-            capacity=capacity,
+            capacity=row_capacity(spec, loaded, items),
             seed=cfg.seed,
         )
         collator: Any = PackedCollator()
@@ -216,7 +243,7 @@ def train(
     tokenizer = loaded.tokenizer
     # Any id will do for padding (its labels are ignored); Llama 3 ships no pad token.
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    data = _layout(spec, items, eval_items or [], layout=layout, pad_id=pad_id)
+    data = _layout(spec, loaded, items, eval_items or [], layout=layout, pad_id=pad_id)
     args = training_arguments(
         spec, loaded, output_dir=output_dir, notes=notes, rows_per_step=data.rows_per_step
     )
