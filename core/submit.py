@@ -18,12 +18,13 @@ from core.data.validation import resolve_validation
 from core.embedded_model import is_embedded
 from core.evaluation.job import benchmark_files
 from core.lora_targets import check_target_modules
-from core.queue import RUN_JOB_TASK
+from core.queue import RUN_JOB_TASK, TRAIN_QUEUE
 from core.ratelimit import RateLimiter
 from core.settings import Settings
 from core.spec import JobSpec
 from core.store import files, idempotency, jobs
 from core.store.models import Job
+from core.training.engines import check_loftq
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def submit_job(
         spec.lora.target_modules, local_dir, model_type="llama" if embedded else None
     )
     target, needed = routing.route(spec, routing.live_workers(session), local_dir=local_dir)
+    # A job routed to the CPU queue runs on a CPU worker: refuse what only CUDA can do now.
+    check_loftq(spec, cuda=target != TRAIN_QUEUE)
     options: dict[str, Any] = {
         "queue": target,
         "estimated_gpu_memory_gib": round(needed.total_gib, 2) if needed else None,

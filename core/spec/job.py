@@ -84,6 +84,11 @@ class ModelSection(_Section):
         return value
 
 
+class LoftQSection(_Section):
+    loftq_bits: Literal[4, 8] = 4  # NF4 or int8, what peft's LoftQ quantises to
+    loftq_iter: Int = Field(default=1, ge=1, le=20, description="Alternating LoftQ steps.")
+
+
 class LoraSection(_Section):
     r: Int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
@@ -101,7 +106,13 @@ class LoraSection(_Section):
     )
     use_rslora: bool = False
     use_dora: bool = False
-    loftq_config: dict[str, Any] | None = None
+    loftq_config: LoftQSection | None = Field(
+        default=None,
+        description="LoftQ initialisation (peft): the base is quantised with the LoRA factors "
+        "fitted to what quantisation loses. It quantises a full-precision base itself, so it "
+        "needs model_config.load_in_4bit false, and a CUDA worker (peft quantises with "
+        "bitsandbytes on the GPU). null: LoRA starts at zero, as the recipe does.",
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -316,6 +327,18 @@ class JobSpec(_Section):
     hugging_face_username: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.-]{0,95}$")
 
     model_config = ConfigDict(extra="forbid", validate_by_alias=True, validate_by_name=False)
+
+    @field_validator("lora")
+    @classmethod
+    def _loftq_quantises_a_full_base(cls, value: LoraSection, info: ValidationInfo) -> LoraSection:
+        # Declared after `model`, so info.data holds it (absent if it failed validation).
+        model = info.data.get("model")
+        if value.loftq_config is not None and model is not None and model.load_in_4bit:
+            raise ValueError(
+                "loftq_config quantises a full-precision base itself, but model_config."
+                "load_in_4bit is true: set load_in_4bit to false, or loftq_config to null"
+            )
+        return value
 
     @field_validator("validation_dataset")
     @classmethod

@@ -53,6 +53,9 @@ def compute_dtype(spec: JobSpec) -> Any:
 
 
 def load(spec: JobSpec, model_path: str) -> Loaded:
+    import torch
+
+    check_loftq(spec, cuda=torch.cuda.is_available())
     engine = pick_engine(spec)
     if engine == "unsloth":
         return _load_unsloth(spec, model_path)
@@ -65,6 +68,18 @@ def _lora_error(exc: Exception) -> SpecError:
         field="lora_config.target_modules",
         code="lora_config_invalid",
     )
+
+
+def check_loftq(spec: JobSpec, *, cuda: bool) -> None:
+    """LoftQ quantises with bitsandbytes on CUDA only (peft's loftq_init): refuse it elsewhere
+    before the model loads, instead of an internal error half-way through."""
+    if spec.lora.loftq_config is not None and not cuda:
+        raise SpecError(
+            "loftq_config needs a CUDA worker: peft's LoftQ quantises the base with bitsandbytes "
+            "on the GPU; remove loftq_config (LoRA then starts at zero) or run on a GPU worker",
+            field="lora_config.loftq_config",
+            code="loftq_needs_cuda",
+        )
 
 
 def _load_transformers(spec: JobSpec, model_path: str) -> Loaded:
@@ -116,7 +131,7 @@ def _load_transformers(spec: JobSpec, model_path: str) -> Loaded:
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         init_lora_weights="loftq" if lora.loftq_config else True,
-        loftq_config=LoftQConfig(**lora.loftq_config) if lora.loftq_config else {},
+        loftq_config=LoftQConfig(**lora.loftq_config.model_dump()) if lora.loftq_config else {},
     )
     try:
         model = get_peft_model(model, config)
@@ -150,7 +165,9 @@ def _load_unsloth(spec: JobSpec, model_path: str) -> Loaded:
             use_gradient_checkpointing=lora.use_gradient_checkpointing,
             random_state=spec.training.seed,
             use_rslora=lora.use_rslora,
-            loftq_config=lora.loftq_config,
+            # Without init_lora_weights="loftq" a loftq_config does nothing in Unsloth either.
+            init_lora_weights="loftq" if lora.loftq_config else True,
+            loftq_config=lora.loftq_config.model_dump() if lora.loftq_config else {},
             max_seq_length=spec.model.max_seq_length,
             **({"use_dora": True} if lora.use_dora else {}),
         )

@@ -63,6 +63,7 @@ TRAINING_STACK = {
     "protobuf",
     "rouge-score",
     "sacrebleu",
+    "scipy",  # LoftQ initialisation (peft)
     "tensorboardx",  # TensorBoard event files, written by the worker's training loop
 }
 # Never installed in the API image, whoever asks.
