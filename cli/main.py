@@ -205,7 +205,12 @@ def _redact(url: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medtune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="medtune",
+        description=__doc__,
+        epilog="Client commands talk to --url (else $MEDTUNE_URL, else http://127.0.0.1:8000) "
+        "and send the key in $MEDTUNE_API_KEY, if set, as 'Authorization: Bearer <key>'.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run API and workers together on the configured stores")
     up.add_argument("--host")

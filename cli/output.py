@@ -103,7 +103,10 @@ def common_parser() -> argparse.ArgumentParser:
     """--url and --json, shared by every client command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--url", default=default_url(), help=f"the API (default: $MEDTUNE_URL, else {DEFAULT_URL})"
+        "--url",
+        default=default_url(),
+        help=f"the API (default: $MEDTUNE_URL, else {DEFAULT_URL}); where it requires keys, "
+        "the key in $MEDTUNE_API_KEY is sent as 'Authorization: Bearer <key>'",
     )
     common.add_argument("--json", action="store_true", help="print the API's JSON")
     return common
