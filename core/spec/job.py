@@ -45,7 +45,8 @@ class ModelSection(_Section):
     )
     finetuned_model: str = Field(
         default="llama-3-8b-Instruct-bnb-4bit-medical",
-        description="Name of the tuned model (artifact and Hub repository name).",
+        description="Name of the tuned model (artifact and Hub repository name). Left out or "
+        "null: the base model's last name part plus '-medical' (smollm2-135m-instruct-medical).",
     )
     revision: str | None = Field(
         default=None,
@@ -60,6 +61,16 @@ class ModelSection(_Section):
         "'torch.float16' / 'torch.bfloat16'); null picks bfloat16 where supported, else float16.",
     )
     load_in_4bit: bool = Field(default=True, description="Quantise the base to 4-bit NF4 (QLoRA).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_after_the_base(cls, data: Any) -> Any:
+        # A fixed default named a Llama model whatever was tuned; derive it from the base.
+        if isinstance(data, dict) and data.get("finetuned_model") is None:
+            base = data.get("base_model", cls.model_fields["base_model"].default)
+            if isinstance(base, str):
+                return {**data, "finetuned_model": tuned_name(base)}
+        return data
 
     @field_validator("base_model")
     @classmethod
@@ -126,6 +137,14 @@ class LoraSection(_Section):
                     "(or 'all-linear')"
                 )
         return value
+
+
+def tuned_name(base_model: str) -> str:
+    """``<base's last name part>-medical``, cut to a valid name: the recipe's base
+    ``unsloth/llama-3-8b-Instruct-bnb-4bit`` keeps the recipe's own name for it."""
+    last = base_model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", last).lstrip("._-")[:88] or "model"
+    return f"{stem}-medical"
 
 
 def check_model_name(name: str) -> str:

@@ -192,6 +192,34 @@ def test_plain_names_are_accepted(name: str) -> None:
     assert ModelSection(finetuned_model=name).finetuned_model == name
 
 
+@pytest.mark.parametrize(
+    ("model_config", "name"),
+    [
+        ({"base_model": "smollm2-135m-instruct"}, "smollm2-135m-instruct-medical"),
+        ({"base_model": "smollm2-135m-instruct", "finetuned_model": None},
+         "smollm2-135m-instruct-medical"),
+        ({"base_model": "HuggingFaceTB/SmolLM2-360M-Instruct"}, "SmolLM2-360M-Instruct-medical"),
+        ({"base_model": "/srv/models/my model/"}, "my-model-medical"),
+        ({"base_model": "./.hidden"}, "hidden-medical"),
+        ({}, "llama-3-8b-Instruct-bnb-4bit-medical"),  # the recipe's own name for its base
+        ({"base_model": "smollm2-135m-instruct", "finetuned_model": "mine"}, "mine"),
+    ],
+)  # fmt: skip
+def test_finetuned_model_defaults_to_the_base_models_name(
+    model_config: dict[str, Any], name: str
+) -> None:
+    spec = JobSpec.model_validate({"model_config": model_config})
+    assert spec.model.finetuned_model == name
+    # A stored spec carries the name and validates to the same one.
+    assert JobSpec.model_validate(spec.to_json()).model.finetuned_model == name
+
+
+def test_a_derived_name_is_always_a_valid_one() -> None:
+    spec = JobSpec.model_validate({"model_config": {"base_model": "/m/" + "x" * 200}})
+    assert len(spec.model.finetuned_model) <= 96
+    assert ModelSection(finetuned_model=spec.model.finetuned_model).finetuned_model
+
+
 @pytest.mark.parametrize("section", ["output_dir", "finetuned_model"])
 def test_names_with_a_trailing_newline_are_rejected(section: str) -> None:
     data = (
