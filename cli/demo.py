@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from cli.client import ApiError, MedtuneClient, ServerUnreachable
+from cli.progress import Progress
 
 DEMO_QUESTIONS = [
     "What are the early symptoms of type 2 diabetes?",
@@ -35,14 +36,6 @@ def demo_spec(max_steps: int) -> dict[str, Any]:
     }
 
 
-def _progress(row: dict[str, Any], total: int | None) -> str:
-    tps = row.get("tokens_per_second") or 0
-    return (
-        f"  step {row['step']:>4}/{total or '?'}  loss {row['loss']:.4f}  "
-        f"lr {row.get('learning_rate') or 0:.2e}  {tps:,.0f} tokens/s"
-    )
-
-
 def run_demo(*, url: str, max_steps: int) -> int:
     out = sys.stdout
     with MedtuneClient(url) as client:
@@ -60,19 +53,14 @@ def run_demo(*, url: str, max_steps: int) -> int:
             file=out,
             flush=True,
         )
-        total: int | None = None
         started = time.monotonic()
+        bar = Progress(out)
         for event in client.events(job["id"]):
-            data = event.data
             if event.event == "status":
-                total = data.get("steps_total") or total
-                print(
-                    f"  [{data['status']}{' / ' + data['stage'] if data.get('stage') else ''}]",
-                    file=out,
-                    flush=True,
-                )
+                bar.status(event.data)
             elif event.event == "metric":
-                print(_progress(data, total), file=out, flush=True)
+                bar.metric(event.data)
+        bar.close()
         job = client.get_job(job["id"])
         print(f"job {job['status']} in {time.monotonic() - started:.0f} s", file=out)
         if job["status"] != "succeeded":

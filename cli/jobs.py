@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import deque
-from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from cli.client import MedtuneClient
 from cli.output import (
@@ -27,6 +25,7 @@ from cli.output import (
     table,
     when,
 )
+from cli.progress import Progress
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -36,84 +35,6 @@ STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-def progress_bar(done: int, total: int | None, width: int = 24) -> str:
-    if not total:
-        return "[" + "?" * width + "]"
-    filled = min(width, round(width * done / total))
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
-
-
-class StepRate:
-    """Seconds per step from the metric rows' own timestamps (the last ``window`` rows).
-
-    Server-side stamps, not arrival times: rows replayed in a burst when a watch starts late
-    still give the real training pace.
-    """
-
-    def __init__(self, window: int = 20) -> None:
-        self.points: deque[tuple[datetime, int]] = deque(maxlen=window)
-
-    def add(self, row: dict[str, Any]) -> None:
-        stamp = parse_time(row.get("created_at"))
-        if stamp is not None and isinstance(row.get("step"), int):
-            self.points.append((stamp, row["step"]))
-
-    def seconds_per_step(self) -> float | None:
-        if len(self.points) < 2:
-            return None
-        (t0, s0), (t1, s1) = self.points[0], self.points[-1]
-        if s1 <= s0:
-            return None
-        return max((t1 - t0).total_seconds(), 0.0) / (s1 - s0)
-
-    def eta(self, step: int, total: int | None) -> float | None:
-        per_step = self.seconds_per_step()
-        if per_step is None or not total:
-            return None
-        return max(total - step, 0) * per_step
-
-
-def progress_line(row: dict[str, Any], total: int | None, rate: StepRate) -> str:
-    step = int(row["step"])
-    per_step = rate.seconds_per_step()
-    parts = [
-        f"{progress_bar(step, total)} {step:>4}/{total or '?'}",
-        f"loss {_num(row.get('loss'), '.4f')}",
-        f"{_num(row.get('tokens_per_second'), ',.0f')} tok/s",
-    ]
-    if per_step is not None:
-        parts.append(f"{per_step:.2f} s/step")
-    parts.append(f"ETA {duration(rate.eta(step, total))}")
-    return "  ".join(parts)
-
-
-class LiveLine:
-    """One progress line redrawn in place on a terminal; one line per update otherwise."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.tty = out.isatty()
-        self.open = False
-
-    def update(self, text: str) -> None:
-        if self.tty:
-            self.out.write("\r\x1b[K" + text)
-            self.open = True
-        else:
-            self.out.write(text + "\n")
-        self.out.flush()
-
-    def note(self, text: str) -> None:
-        self.close()
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    def close(self) -> None:
-        if self.open:
-            self.out.write("\n")
-            self.open = False
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -236,27 +157,23 @@ def final_summary(job: dict[str, Any]) -> str:
 
 def cmd_watch(args: argparse.Namespace, client: MedtuneClient) -> int:
     job = client.get_job(args.job_id)  # a wrong id fails here with the API's 404, not mid-stream
-    total: int | None = job.get("steps_total")
-    rate, live = StepRate(), LiveLine(sys.stdout)
+    bar = Progress(sys.stdout)
+    bar.total = job.get("steps_total")
     try:
         for event in client.events(args.job_id):
             if args.json:
                 # One JSON object per event (NDJSON): the stream's own payloads.
                 print(json.dumps({"event": event.event, "id": event.id, "data": event.data}))
                 sys.stdout.flush()
-                continue
-            if event.event == "status":
-                total = event.data.get("steps_total") or total
-                stage = f" / {event.data['stage']}" if event.data.get("stage") else ""
-                live.note(f"[{event.data['status']}{stage}]")
+            elif event.event == "status":
+                bar.status(event.data)
             elif event.event == "metric":
-                rate.add(event.data)
-                live.update(progress_line(event.data, total, rate))
+                bar.metric(event.data)
     except KeyboardInterrupt:
-        live.close()
+        bar.close()
         print(f"stopped watching; job {args.job_id} goes on", file=sys.stderr)
         return 130
-    live.close()
+    bar.close()
     job = client.get_job(args.job_id)  # the row is the truth: status, error, timings
     if not args.json:
         print(final_summary(job))

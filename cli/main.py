@@ -7,15 +7,21 @@ The parts run as child processes by module name, so this module imports neither 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO
 
-from cli import evaluation, export, files, jobs, keys
+from cli import evaluation, export, files, jobs, keys, services
 from cli.output import common_parser
 from core.auth import describe as describe_auth
 from core.settings import Settings, get_settings
@@ -67,12 +73,16 @@ def worker_command(queues: str, name: str) -> list[str]:
     ]
 
 
-def cmd_migrate(_: argparse.Namespace) -> int:
+def migrate(settings: Settings) -> None:
     from core.store.migrate import upgrade
 
-    settings = get_settings()
     settings.ensure_dirs()
     upgrade(settings.db_url)
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    settings = get_settings()
+    migrate(settings)
     print(f"database at head: {_redact(settings.db_url)}")
     return 0
 
@@ -122,25 +132,50 @@ def shared_infer_env(settings: Settings) -> dict[str, str] | None:
     return {**os.environ, "MEDTUNE_INFER_THREADS": str(threads)}
 
 
+def services_log(settings: Settings) -> Path:
+    return settings.home / "services.log"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    """Migrate, then run the API, a training worker and an inference worker until Ctrl-C."""
+    """Migrate, then run the API, a training worker and an inference worker until Ctrl-C.
+
+    Their logs (Alembic's, Celery's banners, model loading) go to $MEDTUNE_HOME/services.log,
+    and to the terminal too with --verbose; "medtune is up" is printed once all three answer.
+    """
     from core.queue import INFER_QUEUE, TRAIN_QUEUE
 
     settings = get_settings()
-    cmd_migrate(args)
+    settings.ensure_dirs()
+    log_path = services_log(settings)
     host, port = args.host or settings.api_host, args.port or settings.api_port
-    _bind(host)
-    auth_line = describe_auth(get_settings())
-    children = [
-        subprocess.Popen(worker_command(TRAIN_QUEUE, "train")),
-        subprocess.Popen(worker_command(INFER_QUEUE, "infer"), env=shared_infer_env(settings)),
-        subprocess.Popen(api_command(host, port)),
-    ]
-    print(
-        f"medtune is up: http://{host}:{port}/docs  (db {_redact(settings.db_url)}, "
-        f"broker {_redact(settings.celery_broker_url)}; auth {auth_line})",
-        flush=True,
-    )
+    print(f"starting medtune (service logs: {log_path})", flush=True)
+    with log_path.open("ab") as log_file:
+        with logs_to(log_file):
+            migrate(settings)
+        _bind(host)
+        auth_line = describe_auth(get_settings())
+        lock = threading.Lock()
+        start = functools.partial(services.start, log=log_file, lock=lock, verbose=args.verbose)
+        children = [
+            start(
+                "train",
+                worker_command(TRAIN_QUEUE, "train"),
+                ready_pattern=services.worker_ready_pattern("train"),
+            ),
+            start(
+                "infer",
+                worker_command(INFER_QUEUE, "infer"),
+                env=shared_infer_env(settings),
+                ready_pattern=services.worker_ready_pattern("infer"),
+            ),
+            start("api", api_command(host, port)),
+        ]
+        return _serve(children, args, f"http://{_local(host)}:{port}", log_path, auth_line)
+
+
+def _serve(
+    children: list[services.Child], args: argparse.Namespace, url: str, log: Path, auth: str
+) -> int:
     stopping = False
 
     def stop(*_: object) -> None:
@@ -149,19 +184,53 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    settings = get_settings()
     try:
-        while not stopping and all(c.poll() is None for c in children):
+        missing = services.wait_until_ready(children, url, timeout_s=args.ready_timeout)
+        if missing:
+            print(f"medtune did not come up: {', '.join(missing)} not ready; the log ends:")
+            print(services.tail(log), flush=True)
+            return 1
+        print(
+            f"medtune is up: {url}/  (API docs {url}/docs; db {_redact(settings.db_url)}, "
+            f"broker {_redact(settings.celery_broker_url)}; auth {auth})",
+            flush=True,
+        )
+        while not stopping and all(c.process.poll() is None for c in children):
             time.sleep(0.5)
     finally:
         for child in children:
-            if child.poll() is None:
-                child.terminate()
+            if child.process.poll() is None:
+                child.process.terminate()
         for child in children:
             try:
-                child.wait(timeout=20)
+                child.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                child.kill()
+                child.process.kill()
     return 0 if stopping else 1
+
+
+def _local(host: str) -> str:
+    # An API bound to every interface is still reached over loopback from here.
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+@contextlib.contextmanager
+def logs_to(stream: IO[bytes]) -> Iterator[None]:
+    """Route this process's log records (Alembic's INFO lines) into ``stream``; the terminal
+    still gets what main() lets through (warnings, or everything with --verbose)."""
+    handler = logging.StreamHandler(io.TextIOWrapper(stream, write_through=True))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    saved = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.stream.detach()
+        root.setLevel(saved)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -170,24 +239,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from cli.demo import run_demo
 
-    try:
-        running = httpx.get(f"{args.url}/healthz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        running = False
-    if running:
+    if services.api_answers(args.url):
         return run_demo(url=args.url, max_steps=args.max_steps)
     port = httpx.URL(args.url).port or 8000
-    settings = get_settings()
-    settings.ensure_dirs()
-    log_path = settings.home / "demo-services.log"
-    print(f"starting medtune on port {port} (service logs: {log_path})", flush=True)
-    with log_path.open("ab") as log_file:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "up", "--port", str(port)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    argv = [sys.executable, "-m", "cli.main", "up", "--port", str(port)]
+    # `up` prints its own few lines (where the logs go, then "up" or why not); with --verbose
+    # the service logs come through on stderr as well.
+    up = subprocess.Popen(
+        argv + (["--verbose"] if args.verbose else []), stdout=subprocess.PIPE, text=True
+    )
     try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            print(line, end="", flush=True)
+            if line.startswith("medtune is up"):
+                break
+        else:
+            return 1  # `up` exited; it said why
+        threading.Thread(target=up.stdout.read, daemon=True).start()  # keep its pipe drained
         return run_demo(url=args.url, max_steps=args.max_steps)
     finally:
         up.send_signal(signal.SIGINT)
@@ -215,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run API and workers together on the configured stores")
     up.add_argument("--host")
     up.add_argument("--port", type=int)
+    up.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the services' logs here (they always go to $MEDTUNE_HOME/services.log)",
+    )
+    up.add_argument(
+        "--ready-timeout", type=float, default=600, help="seconds to wait for the services"
+    )
     up.set_defaults(func=cmd_up)
     api = sub.add_parser("api", help="run the HTTP API")
     api.add_argument("--host")
@@ -233,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--url", default=os.environ.get("MEDTUNE_URL", "http://127.0.0.1:8000"))
     demo.add_argument("--max-steps", type=int, default=60)
+    demo.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the services' logs here (they always go to $MEDTUNE_HOME/services.log)",
+    )
     demo.set_defaults(func=cmd_demo)
     # Every command group registers itself here, as torchtune's `tune` and TRL's CLI do.
     common = common_parser()
@@ -245,8 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
+    # Quiet by default: a user reads the command's own lines; libraries' INFO records (httpx's
+    # request lines, Alembic's steps) show with --verbose, or in the services' log file.
+    level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
     return int(args.func(args) or 0)
 
 

@@ -4,11 +4,12 @@ rows, an adapter folder, ``evaluation.json`` and an ``artifacts.json`` with real
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from core.evaluation.run import EVALUATION_FILE, compare
+from core.evaluation.run import EVALUATION_FILE
 from core.evaluation.sanity import generation_stats
 from core.export.formats import describe, update_manifest
 from core.store import jobs
@@ -22,7 +23,7 @@ TUNED = [f"Rest, fluids and a doctor's visit help symptom {i}." for i in range(1
 
 
 def evaluation_result() -> dict[str, Any]:
-    """What core.evaluation.run.evaluate stores, scored for real on fixed answers."""
+    """What core.evaluation.run.evaluate stores for fixed answers."""
     answers = [
         {
             "question": q,
@@ -42,7 +43,31 @@ def evaluation_result() -> dict[str, Any]:
         "dropped_before_evaluation": {},
         "decoding": {"greedy": True, "max_new_tokens": 64},
         "sampling": {"seed": 0, "distinct_questions": True},
-        **compare(BASE, TUNED, REFERENCES, seed=0),
+        # What core.evaluation.run.compare gives for these answers (scoring them takes ~13 s).
+        "base": {
+            "rouge1": 0.2145,
+            "rouge2": 0.0312,
+            "rougeL": 0.2067,
+            "meteor": 0.1934,
+            "bleu": 2.41,
+        },
+        "tuned": {
+            "rouge1": 0.9412,
+            "rouge2": 0.875,
+            "rougeL": 0.9412,
+            "meteor": 0.9121,
+            "bleu": 79.3,
+        },
+        "difference": {
+            name: {"difference": d, "low": lo, "high": hi, "confidence": 0.95, "verdict": "better"}
+            for name, d, lo, hi in [
+                ("rouge1", 0.7267, 0.69, 0.76),
+                ("rouge2", 0.8438, 0.8, 0.88),
+                ("rougeL", 0.7345, 0.7, 0.77),
+                ("meteor", 0.7187, 0.68, 0.75),
+                ("bleu", 76.89, 70.1, 82.5),
+            ]
+        },
         "generation": {
             name: generation_stats(
                 [
@@ -129,7 +154,9 @@ def metric_rows(steps: int, *, start: datetime, seconds_per_step: float = 2.0) -
     return rows
 
 
-def finish_job(db_url: str, home: Path, job_id: str, *, steps: int = 20) -> Path:
+def finish_job(
+    db_url: str, home: Path, job_id: str, *, steps: int = 20, pause_s: float = 0.0
+) -> Path:
     """Claim, log ``steps`` rows, write the adapter, evaluation and artifacts, and succeed."""
     job_dir = home / "jobs" / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +165,9 @@ def finish_job(db_url: str, home: Path, job_id: str, *, steps: int = 20) -> Path
     start = datetime.now(UTC) - timedelta(minutes=5)
     with session_scope(db_url) as s:
         assert jobs.claim(s, job_id, worker="test")
+        jobs.set_fields(s, job_id, steps_total=steps, stage="training")
+    time.sleep(pause_s)  # a watcher sees the job training before its rows arrive
+    with session_scope(db_url) as s:
         jobs.add_metrics(s, job_id, metric_rows(steps, start=start))
         jobs.finish(
             s,

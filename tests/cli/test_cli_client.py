@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ import httpx
 import pytest
 
 from cli.client import ApiError, MedtuneClient, ServerUnreachable
-from cli.jobs import SpecFileError, StepRate, progress_bar, read_spec, table
+from cli.jobs import SpecFileError, read_spec, table
+from cli.progress import StepRate, progress_bar
 from tests.conftest import ROOT, Stack, free_port
 from tests.helpers import recipe_spec, tiny_dataset
 
@@ -204,8 +206,8 @@ def test_create_watch_infer_list(pg_redis_stack: Stack, spec_file: Path) -> None
     watched = medtune("jobs", "watch", job["id"], url=url, timeout=600)
     assert watched.returncode == 0, watched.stdout + watched.stderr + pg_redis_stack.tail_logs()
     lines = watched.stdout.splitlines()
-    progress = [line for line in lines if line.startswith("[") and "loss" in line]
-    assert [p.split()[1] for p in progress] == ["1/2", "2/2"], watched.stdout
+    progress = [line for line in lines if "loss" in line and "ETA" in line]
+    assert [re.search(r" (\d+/\d+) ", p)[1] for p in progress] == ["1/2", "2/2"], watched.stdout
     assert all("tok/s" in p and "ETA" in p for p in progress)
     assert "[succeeded]" in lines  # the status events (earlier ones depend on when it attached)
     assert lines[-1].startswith(f"job {job['id']} succeeded: 2/2 steps")
