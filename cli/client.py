@@ -212,6 +212,10 @@ class MedtuneClient:
         result: dict[str, Any] = self._request("POST", f"/jobs/{job_id}/cancel")
         return result
 
+    def delete_job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("DELETE", f"/jobs/{job_id}")
+        return result
+
     def metrics(self, job_id: str, *, after_step: int = -1, limit: int = 100) -> dict[str, Any]:
         """One page of per-step rows; pass ``last_step`` back as ``after_step`` for the next."""
         result: dict[str, Any] = self._request(

@@ -142,6 +142,16 @@ class Settings(BaseSettings):
         description="Inference and preview requests per API key per minute (0: no limit).",
     )
 
+    retention_days: float = Field(
+        default=0,
+        ge=0,
+        description="Finished jobs (rows, metrics, artifacts) and uploads no job that stays "
+        "names are removed once older than this many days; 0 keeps everything.",
+    )
+    retention_interval_s: float = Field(
+        default=3600.0, gt=0, description="How often a worker sweeps for what retention removes."
+    )
+
     @field_validator("database_url", "broker_url", "result_backend")
     @classmethod
     def _normalise_postgres(cls, value: str | None) -> str | None:

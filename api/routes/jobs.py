@@ -8,11 +8,12 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import BaseModel
 
 from api.deps import (
     IdempotencyKeyHeader,
@@ -34,7 +35,7 @@ from core.errors import ConflictError, NotFoundError
 from core.evaluation import EVALUATION_FILE
 from core.export.formats import MANIFEST
 from core.spec import JobSpec
-from core.store import jobs
+from core.store import jobs, purge
 from core.store.db import session_scope
 from core.store.models import Job, JobStatus
 from core.submit import submit_job
@@ -112,6 +113,23 @@ def read_job(session: SessionDep, principal: PrincipalDep, job_id: str) -> JobPu
 def cancel_job(session: SessionDep, principal: PrincipalDep, job_id: str) -> JobPublic:
     """Cancel a queued job now, or a running one at its next training step."""
     return JobPublic.of(jobs.request_cancel(session, job_id, owner=principal.job_owner))
+
+
+class JobDeleted(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    deleted: bool = True
+
+
+@router.delete("/{job_id}", response_model=JobDeleted)
+def delete_job(
+    session: SessionDep, settings: SettingsDep, principal: PrincipalDep, job_id: str
+) -> JobDeleted:
+    """Delete a finished job: its row, metrics, artifacts, checkpoints, evaluation and logs."""
+    purge.delete_job(
+        session, job_id, owner=principal.job_owner, artifacts_dir=settings.artifacts_dir
+    )
+    return JobDeleted(id=job_id)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPage)
