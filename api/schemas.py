@@ -18,6 +18,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from core.spec import DatasetSection, check_model_name
+from core.spec.job import public_spec
 from core.store.models import Job, MetricRow
 
 
@@ -63,7 +64,12 @@ class JobPublic(_Out):
         "it has finished.",
     )
     notes: list[str]
-    spec: dict[str, Any]
+    webhook: dict[str, Any] | None = Field(
+        default=None,
+        description="With a webhook in the spec: state (pending, delivered, failed), event_id, "
+        "type, attempts, last_status, last_error, first/last_attempt_at, delivered_at.",
+    )
+    spec: dict[str, Any] = Field(description="The job spec; a webhook secret shows masked.")
 
     @classmethod
     def of(cls, job: Job) -> JobPublic:
@@ -91,7 +97,10 @@ class JobPublic(_Out):
             dataset_stats=job.dataset_stats,
             stage_seconds=job.stage_seconds,
             notes=job.notes,
-            spec=job.spec,
+            webhook={"state": job.webhook_state, **(job.webhook_delivery or {})}
+            if job.webhook_state
+            else None,
+            spec=public_spec(job.spec),
         )
 
 

@@ -152,6 +152,22 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, description="How often a worker sweeps for what retention removes."
     )
 
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Let job webhooks target loopback and private-network addresses (refused "
+        "by default: a job spec must not make the service call inward).",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120, description="Per attempt.")
+    webhook_backoff_s: float = Field(
+        default=2.0, gt=0, description="Wait after a failed attempt; doubles each time (<= 300 s)."
+    )
+    webhook_retry_s: float = Field(
+        default=3600.0, gt=0, description="A delivery still failing after this long is given up."
+    )
+    webhook_poll_s: float = Field(
+        default=2.0, gt=0, description="How often a worker looks for webhooks to deliver."
+    )
+
     @field_validator("database_url", "broker_url", "result_backend")
     @classmethod
     def _normalise_postgres(cls, value: str | None) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlmodel import Session
 
-from core import auth, routing
+from core import auth, routing, webhooks
 from core.base_models import allowed_model_roots, check_base_model
 from core.data.sources import allowed_roots, resolve_local
 from core.data.validation import resolve_validation
@@ -58,6 +58,8 @@ def submit_job(
     resolve_local(spec.dataset, roots=allowed_roots(settings), uploads=settings.uploads_dir)
     resolve_validation(spec, roots=allowed_roots(settings), uploads=settings.uploads_dir)
     benchmark_files(spec, settings)
+    if spec.webhook is not None:
+        webhooks.check_target(spec.webhook.url, allow_private=settings.webhook_allow_private)
     local_dir = routing.config_dir(spec.model.base_model, settings.models_dir)
     embedded = is_embedded(spec.model.base_model)
     check_target_modules(

@@ -44,7 +44,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     """Train workers join their GPU's memory-class queue and announce it; all reconcile."""
     from core.routing import announce, gpu_queue
     from core.store.db import session_scope
-    from worker import reconciler, retention
+    from worker import reconciler, retention, webhooks
 
     settings = get_settings()
     consumed = {q.name for q in sender.task_consumer.queues} if sender else set()
@@ -70,3 +70,4 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         log.info("worker %s consumes %s", name, queue)
     reconciler.start(app, settings, heartbeat=heartbeat)
     retention.start(settings)
+    webhooks.start(settings)

@@ -324,6 +324,23 @@ class ExportSection(_Section):
     )
 
 
+class WebhookSection(_Section):
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="An http(s) URL the service POSTs job.succeeded, job.failed and "
+        "job.cancelled events to. Loopback and private-network targets are refused unless the "
+        "server sets MEDTUNE_WEBHOOK_ALLOW_PRIVATE.",
+    )
+    secret: str = Field(
+        min_length=16,
+        max_length=256,
+        description="Signs each delivery (webhook-signature: v1,<base64 HMAC-SHA256 of "
+        "'<webhook-id>.<webhook-timestamp>.<body>'>); a 'whsec_<base64>' secret is used "
+        "base64-decoded, as Standard Webhooks does. Never shown back: GET /jobs/{id} masks it.",
+    )
+
+
 class JobSpec(_Section):
     """A fine-tuning job, in the recipe's layout."""
 
@@ -344,6 +361,9 @@ class JobSpec(_Section):
     )
     export: ExportSection = Field(default_factory=ExportSection, alias="export_config")
     hugging_face_username: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.-]{0,95}$")
+    webhook: WebhookSection | None = Field(
+        default=None, description="Where to send the job's final status, signed; null: nowhere."
+    )
 
     model_config = ConfigDict(extra="forbid", validate_by_alias=True, validate_by_name=False)
 
@@ -377,3 +397,14 @@ class JobSpec(_Section):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+SECRET_MASK = "********"
+
+
+def public_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec as a client may see it: the webhook secret masked."""
+    hook = spec.get("webhook")
+    if isinstance(hook, dict) and hook.get("secret"):
+        return {**spec, "webhook": {**hook, "secret": SECRET_MASK}}
+    return spec

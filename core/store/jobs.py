@@ -56,6 +56,7 @@ def create_job(
         queue=queue,
         estimated_gpu_memory_gib=estimated_gpu_memory_gib,
         owner_key_id=owner_key_id,
+        webhook_state="pending" if spec.webhook else None,
     )
     session.add(job)
     if idempotency is not None:

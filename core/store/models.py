@@ -95,6 +95,11 @@ class Job(SQLModel, table=True):
     # Wall seconds per stage of the last attempt (preparing_data, loading_model, training, ...).
     stage_seconds: dict[str, float] | None = Field(default=None, sa_column=Column(JSON))
     notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # A webhook in the spec: pending until delivered (or failed for good); workers send it.
+    webhook_state: str | None = Field(default=None, max_length=16, index=True)
+    webhook_next_at: datetime | None = _ts()
+    # event id and type, attempts, last_status, last_error, last_attempt_at, delivered_at
+    webhook_delivery: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     # The API key that created the job; null for jobs created with authentication disabled.
     owner_key_id: str | None = Field(
         default=None,

@@ -1,0 +1,208 @@
+"""Webhooks against a real HTTP receiver on loopback: signed, retried with backoff, recorded,
+bounded; private targets refused at submit and at send time."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.deps import get_queue
+from api.main import create_app
+from core import webhooks
+from core.settings import Settings, get_settings
+from core.spec import JobSpec
+from core.store import jobs
+from core.store.db import session_scope
+from core.store.models import JobStatus
+from tests.api.test_api import FakeQueue, assert_problem
+from tests.helpers import recipe_spec
+
+SECRET = "whsec_" + base64.b64encode(b"a test secret of 24 bytes").decode()
+
+
+@dataclass
+class Receiver:
+    """Answers each POST with the next of ``statuses`` (then 200) and keeps what it got."""
+
+    statuses: list[int]
+    got: list[tuple[dict[str, str], bytes, float]] = field(default_factory=list)
+    url: str = ""
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver(statuses=[])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            state.got.append(({k.lower(): v for k, v in self.headers.items()}, body, time.time()))
+            self.send_response(state.statuses.pop(0) if state.statuses else 200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
+    yield state
+    server.shutdown()
+
+
+def verify(headers: dict[str, str], body: bytes, secret: str) -> None:
+    """What a receiver does (Standard Webhooks): HMAC-SHA256 of id.timestamp.body."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    version, signature = headers["webhook-signature"].split(",", 1)
+    assert version == "v1" and hmac.compare_digest(signature, expected)
+    assert abs(time.time() - int(headers["webhook-timestamp"])) < 60
+
+
+def settings_for(url: str, home: Path, **values: Any) -> Settings:
+    values = {"webhook_allow_private": True, "webhook_backoff_s": 0.2, **values}
+    return Settings(_env_file=None, database_url=url, home=home, **values)  # type: ignore[call-arg]
+
+
+def finished_job(url: str, hook_url: str, status: JobStatus = JobStatus.succeeded) -> str:
+    spec = {**recipe_spec("sample:medical_qa"), "webhook": {"url": hook_url, "secret": SECRET}}
+    with session_scope(url) as s:
+        job = jobs.create_job(s, JobSpec.model_validate(spec))
+        assert job.webhook_state == "pending"
+        assert jobs.claim(s, job.id, worker="w")
+        jobs.finish(s, job.id, status, error_code="dataset_invalid", error_message="bad rows")
+        return job.id
+
+
+def deliver_until_settled(url: str, settings: Settings, job_id: str, timeout_s: float = 20) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with session_scope(url) as s:
+            webhooks.deliver_due(s, settings)
+            job = jobs.get_job(s, job_id)
+            if job.webhook_state != "pending":
+                return job
+        assert time.monotonic() < deadline, job.webhook_delivery
+        time.sleep(0.05)
+
+
+def test_a_receiver_failing_twice_gets_the_signed_event_on_the_third_attempt(
+    sqlite_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    receiver.statuses = [500, 503]
+    settings = settings_for(sqlite_url, tmp_path)
+    job_id = finished_job(sqlite_url, receiver.url, JobStatus.failed)
+    job = deliver_until_settled(sqlite_url, settings, job_id)
+
+    assert job.webhook_state == "delivered"
+    assert job.status == JobStatus.failed and job.error_code == "dataset_invalid"  # untouched
+    record = job.webhook_delivery
+    assert record["attempts"] == 3 and record["last_status"] == 200 and record["delivered_at"]
+    assert record["type"] == "job.failed" and record["last_error"] is None
+    assert len(receiver.got) == 3
+    ids = {headers["webhook-id"] for headers, _, _ in receiver.got}
+    assert ids == {record["event_id"]}  # one event, retried: a receiver drops repeats by id
+    gaps = [b[2] - a[2] for a, b in zip(receiver.got, receiver.got[1:], strict=False)]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4  # backoff doubles
+    for headers, body, _ in receiver.got:
+        verify(headers, body, SECRET)
+        event = json.loads(body)
+        assert event["object"] == "event" and event["type"] == "job.failed"
+        assert event["id"] == record["event_id"] and isinstance(event["created_at"], int)
+        assert event["data"]["id"] == job_id and event["data"]["status"] == "failed"
+        assert event["data"]["error"]["code"] == "dataset_invalid"
+    with pytest.raises(AssertionError):
+        verify(receiver.got[0][0], receiver.got[0][1] + b" ", SECRET)  # a changed body fails
+
+
+def test_a_receiver_that_never_answers_2xx_is_given_up_after_the_bound(
+    sqlite_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    receiver.statuses = [500] * 100
+    settings = settings_for(sqlite_url, tmp_path, webhook_retry_s=1.0)
+    job_id = finished_job(sqlite_url, receiver.url)
+    job = deliver_until_settled(sqlite_url, settings, job_id)
+    assert job.webhook_state == "failed" and job.webhook_delivery["last_error"] == "HTTP 500"
+    assert 2 <= job.webhook_delivery["attempts"] == len(receiver.got) <= 4
+    assert job.status == JobStatus.succeeded
+
+
+def test_a_private_target_is_refused_again_at_send_time(
+    sqlite_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    job_id = finished_job(sqlite_url, receiver.url)  # stored as if the flag had been set
+    settings = settings_for(sqlite_url, tmp_path, webhook_allow_private=False)
+    job = deliver_until_settled(sqlite_url, settings, job_id)
+    assert job.webhook_state == "failed"
+    assert job.webhook_delivery["last_error"] == "webhook_url_private"
+    assert receiver.got == []
+
+
+def test_a_running_job_sends_nothing_until_it_ends(
+    sqlite_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    settings = settings_for(sqlite_url, tmp_path)
+    spec = {**recipe_spec("sample:medical_qa"), "webhook": {"url": receiver.url, "secret": SECRET}}
+    with session_scope(sqlite_url) as s:
+        job = jobs.create_job(s, JobSpec.model_validate(spec))
+        assert webhooks.deliver_due(s, settings) == []
+        jobs.request_cancel(s, job.id)  # queued: cancelled now
+    job = deliver_until_settled(sqlite_url, settings, job.id)
+    assert job.webhook_state == "delivered" and job.webhook_delivery["type"] == "job.cancelled"
+    assert json.loads(receiver.got[0][1])["type"] == "job.cancelled"
+
+
+def _client(url: str, home: Path, **values: Any) -> TestClient:
+    app = create_app()
+    settings = Settings(_env_file=None, database_url=url, home=home, auth="disabled", **values)  # type: ignore[call-arg]
+    app.dependency_overrides[get_settings] = lambda: settings
+    app.dependency_overrides[get_queue] = lambda: FakeQueue()
+    return TestClient(app)
+
+
+@pytest.mark.parametrize(
+    ("hook_url", "code"),
+    [
+        ("http://127.0.0.1:9/hooks", "webhook_url_private"),
+        ("http://[::1]/x", "webhook_url_private"),
+        ("http://10.0.0.7/x", "webhook_url_private"),
+        ("http://169.254.169.254/latest/meta-data", "webhook_url_private"),
+        ("http://localhost/x", "webhook_url_private"),
+        ("ftp://example.com/x", "webhook_url_invalid"),
+        ("https://user:pw@example.com/x", "webhook_url_invalid"),
+        ("not a url", "webhook_url_invalid"),
+        ("https://no-such-host.invalid/x", "webhook_url_unresolvable"),
+    ],
+)
+def test_submit_refuses_targets(sqlite_url: str, tmp_path: Path, hook_url: str, code: str) -> None:
+    spec = {**recipe_spec("sample:medical_qa"), "webhook": {"url": hook_url, "secret": SECRET}}
+    with _client(sqlite_url, tmp_path) as client:
+        assert_problem(client.post("/jobs", json=spec), 422, code, "webhook.url")
+
+
+def test_submit_with_the_flag_stores_it_and_masks_the_secret(
+    sqlite_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    spec = {**recipe_spec("sample:medical_qa"), "webhook": {"url": receiver.url, "secret": SECRET}}
+    with _client(sqlite_url, tmp_path, webhook_allow_private=True) as client:
+        made = client.post("/jobs", json=spec)
+        assert made.status_code == 201, made.text
+        job = client.get(f"/jobs/{made.json()['id']}").json()
+        assert job["webhook"] == {"state": "pending"}
+        assert job["spec"]["webhook"] == {"url": receiver.url, "secret": "********"}
+        assert SECRET not in made.text + json.dumps(job)
+        short = {**spec, "webhook": {"url": receiver.url, "secret": "short"}}
+        assert_problem(client.post("/jobs", json=short), 422, "out_of_range", "webhook.secret")
