@@ -15,28 +15,23 @@ import os
 import re
 import shlex
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.routing import Route
 
-from api.deps import get_queue
 from api.main import create_app
 from cli.main import build_parser, main
-from core.inference.stream import channel_for
-from core.settings import Settings, get_settings
+from core.settings import Settings
 from core.spec import JobSpec
-from tests.api.test_api import Api, FakeQueue
+from tests.api.test_api import Api
 from tests.api.test_api import api as api  # the in-process API fixture
-from tests.conftest import free_port
 from tests.helpers import ROOT, tiny_dataset
 from tests.job_files import finish_job
+from tests.live_api import serve
 
 README = (ROOT / "README.md").read_text()
 SOURCE = "".join(
@@ -184,25 +179,8 @@ def test_help_says_how_keys_are_sent(capsys: pytest.CaptureFixture[str]) -> None
 
 @pytest.fixture
 def server(sqlite_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    app = create_app()
-    home = tmp_path / "home"
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, database_url=sqlite_url, home=home, auth="disabled"
-    )
-    app.dependency_overrides[get_settings] = lambda: settings
-    queue = FakeQueue(channel=channel_for(settings))  # /infer answers as a worker would
-    app.dependency_overrides[get_queue] = lambda: queue
-    port = free_port()
-    running = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=running.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not running.started:
-        assert time.monotonic() < deadline, "the API did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", home
-    running.should_exit = True
-    thread.join(timeout=10)
+    with serve(sqlite_url, tmp_path / "home") as url:
+        yield url, tmp_path / "home"
 
 
 PLACEHOLDERS = {"JOB_ID": "job_x", "FILE_ID": "file-x", "ID": "file-x", "N": "3", "K": "key-1"}

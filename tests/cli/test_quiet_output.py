@@ -19,16 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from api.deps import get_queue
-from api.main import create_app
-from core.inference.stream import channel_for
 from core.queue import RUN_JOB_TASK
-from core.settings import Settings, get_settings
 from tests.api.test_api import FakeQueue
 from tests.conftest import DATA_ROOTS, ROOT, free_port
 from tests.job_files import finish_job
+from tests.live_api import serve
 
 NOISE = ("INFO", "WARNING", "HTTP Request", "alembic", "celery@", "Loading weights", " ---------")
 
@@ -56,25 +52,11 @@ class TrainingQueue(FakeQueue):
 
 @pytest.fixture
 def server(sqlite_url: str, tmp_path: Path) -> Iterator[str]:
-    app = create_app()
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, database_url=sqlite_url, home=tmp_path / "home", auth="disabled"
-    )
     queue = TrainingQueue(db_url=sqlite_url, home=tmp_path / "home")
-    queue.channel = channel_for(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
-    app.dependency_overrides[get_queue] = lambda: queue
-    port = free_port()
-    running = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=running.run, daemon=True)
-    thread.start()
-    while not running.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    with serve(sqlite_url, tmp_path / "home", queue) as url:
+        yield url
     for worker in queue.threads:
         worker.join(timeout=10)
-    running.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_the_demo_prints_its_job_one_bar_and_the_answers(server: str) -> None:

@@ -3,18 +3,27 @@ live stack (real Postgres, Redis, Celery worker and SmolLM2)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from api.main import STATIC_DIR
+from core.store import jobs
+from core.store.db import session_scope
 from tests.api.test_api import Api, assert_problem
 from tests.api.test_api import api as api  # the in-process API fixture
 from tests.conftest import Stack
 from tests.helpers import recipe_spec, tiny_dataset, wait_status
+from tests.job_files import finish_job
+from tests.live_api import serve
+from tests.test_readme import spec_example
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -36,9 +45,12 @@ STEPS = 12
 def test_dashboard_is_served_without_shadowing_the_api(api: Api) -> None:
     page = api.client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert '<script src="/static/app.js"' in page.text
-    for asset in ("/static/app.js", "/static/app.css"):
-        assert api.client.get(asset).status_code == 200
+    assert '<script type="module" src="/static/app.js"' in page.text
+    for asset in STATIC_DIR.iterdir():
+        got = api.client.get(f"/static/{asset.name}")
+        assert got.status_code == 200, asset.name
+        if asset.suffix == ".js":  # browsers run a module only with a JavaScript type
+            assert got.headers["content-type"].startswith("text/javascript")
     assert api.client.get("/docs").status_code == 200
     paths = api.client.get("/openapi.json").json()["paths"]
     assert "/" not in paths and "/jobs" in paths and "/v1/fine_tuning/jobs" in paths
@@ -51,12 +63,18 @@ def test_dashboard_is_served_without_shadowing_the_api(api: Api) -> None:
 
 def test_dashboard_loads_nothing_from_elsewhere() -> None:
     files = sorted(STATIC_DIR.iterdir())
-    assert {f.name for f in files} == {"index.html", "app.js", "app.css"}
+    scripts = {f.name for f in files if f.suffix == ".js"}
+    assert {"index.html", "app.js", "app.css"} <= {f.name for f in files}
     for path in files:
         text = path.read_text(encoding="utf-8")
         urls = set(re.findall(r"(?:https?:)?//[\w.-]+\.\w+[^\s\"')]*", text))
         assert urls <= {"http://www.w3.org/2000/svg"}, (path.name, urls)
         assert "@import" not in text and "import(" not in text
+        # Modules import one another by relative path, and nothing else.
+        imported = set(re.findall(r'^import .* from "([^"]+)";$', text, flags=re.M))
+        assert {name.removeprefix("./") for name in imported} <= scripts, (path.name, imported)
+        assert all(name.startswith("./") for name in imported)
+        assert len(text.splitlines()) < 600, f"{path.name}: split it into modules"
 
 
 # --- headless Chromium on the live stack --------------------------------------------------------
@@ -148,9 +166,9 @@ def test_dashboard_follows_a_job_live_and_asks_the_tuned_model(
     )
     assert points(page, "lr-chart") == STEPS
     assert page.locator("#loss-chart polyline").count() == 1
-    assert page.inner_text("#adapter-path") == final["artifacts"]["adapter"]
+    page.locator('#artifacts .artifact[data-entry="lora"]').wait_for()
     page.locator("#dataset-stats").wait_for()
-    examples = page.inner_text('#dataset-stats tr[data-key="examples"] td')
+    examples = page.inner_text('#dataset-stats > table.kv tr[data-key="examples"] td')
     assert examples == str(final["dataset_stats"]["examples"]) == "8"
     with pg_redis_stack.client() as client:
         saved = [c["step"] for c in client.get(f"/jobs/{job_id}/checkpoints").json()["data"]]
@@ -197,3 +215,198 @@ def test_dashboard_follows_a_job_live_and_asks_the_tuned_model(
     page.goto("/#/")
     page.locator(f'tr[data-job-id="{job_id}"] .badge[data-status="succeeded"]').wait_for()
     page.locator(f'tr[data-job-id="{queued}"] .badge[data-status="cancelled"]').wait_for()
+
+
+# --- headless Chromium on the API alone (a finished job's files written as a worker would) ------
+
+# The statistics of a weighted two-source mix with a held-out share, as core.data.prepare
+# stores them (a gate that failed is below).
+MIX_STATS: dict[str, Any] = {
+    "source": "mix", "format": "records", "layout": "alpaca", "chat_template": "tokenizer",
+    "system_prompt": {"source": "row", "row": 0, "job": 83, "none": 0}, "max_seq_length": 256,
+    "rows": 84, "examples": 59, "validation_examples": 7,
+    "by_source": {"/data/a.jsonl": 46, "/data/b.jsonl": 13},
+    "dropped": {"duplicate_exact": 3, "bad_row_invalid_json": 1}, "dropped_total": 4,
+    "tokens": 5152, "trained_tokens": 3146, "trained_token_share": 0.6106, "truncated": 0,
+    "truncation_rate": 0.0, "length_p50": 86, "length_p90": 94, "length_p99": 99,
+    "length_max": 99,
+    "sources": [
+        {"index": 0, "name": "/data/a.jsonl", "weight": 3.0, "share": 0.75, "format": "records",
+         "layout": "alpaca", "rows": 50, "dropped": {}, "cleaned": 50, "taken": 50,
+         "repeated": 0, "examples": 46, "validation_examples": 4},
+        {"index": 1, "name": "/data/b.jsonl", "weight": 1.0, "share": 0.25, "format": "records",
+         "layout": "alpaca", "rows": 34, "dropped": {"duplicate_exact": 3,
+         "bad_row_invalid_json": 1}, "cleaned": 30, "taken": 16, "repeated": 0, "examples": 13,
+         "validation_examples": 3},
+    ],
+    "gate": {"passed": True, "problem_count": 0, "problems": []},
+    "validation": {"kind": "validation_share", "source": "mix", "share": 0.1, "seed": 42,
+                   "examples": 7},
+}  # fmt: skip
+FAILED_GATE = {
+    "passed": False,
+    "problem_count": 2,
+    "problems": [
+        {"code": "no_end_of_turn", "detail": "the answer is not closed", "example_index": 3,
+         "field": "training_dataset"},
+        {"code": "truncated_share", "detail": "41% of examples truncated", "example_index": None,
+         "field": "training_dataset.max_truncated_share"},
+    ],
+}  # fmt: skip
+
+
+@dataclass
+class Local:
+    url: str
+    db_url: str
+    home: Path
+
+
+@pytest.fixture
+def local(sqlite_url: str, tmp_path: Path) -> Iterator[Local]:
+    with serve(sqlite_url, tmp_path / "home") as url:
+        yield Local(url, sqlite_url, tmp_path / "home")
+
+
+@pytest.fixture
+def tab(browser: Any, local: Local) -> Iterator[Any]:
+    context = browser.new_context(base_url=local.url, viewport={"width": 1280, "height": 1400})
+    errors: list[str] = []
+    page = context.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert errors == [], f"JavaScript errors: {errors}"
+
+
+def finished_job(local: Local, stats: dict[str, Any]) -> str:
+    job_id = str(httpx.post(f"{local.url}/jobs", json=spec_example()).json()["id"])
+    job_dir = finish_job(local.db_url, local.home, job_id)
+    with session_scope(local.db_url) as s:
+        jobs.set_fields(s, job_id, dataset_stats=stats, artifacts_dir=str(job_dir))
+        for note in ("export lora: ok", "export lora: ok", "evaluation: 12 questions"):
+            jobs.add_note(s, job_id, note)
+    return job_id
+
+
+def test_a_finished_job_shows_every_card_readably(tab: Any, local: Local) -> None:
+    job_id = finished_job(local, MIX_STATS)
+    with session_scope(local.db_url) as s:  # set_fields only touches a running job
+        job = jobs.get_job(s, job_id)
+        job.dataset_stats = MIX_STATS
+        s.add(job)
+        s.commit()
+    tab.goto(f"/#/jobs/{job_id}")
+    tab.locator("#eval-scores").wait_for()
+    tab.locator('#artifacts .artifact[data-entry="lora"]').wait_for()
+    tab.locator("#dataset-stats").wait_for()
+    text = tab.inner_text("main")
+    assert "[object " not in text and "undefined" not in text and "NaN" not in text
+
+    # Dataset: a table per source, the gate as passed, the held-out share in words.
+    assert tab.locator("#dataset-stats table.source").count() == 2, tab.inner_text("#dataset")
+    second = tab.inner_text('#dataset-stats table.source[data-source="1"]')
+    assert "/data/b.jsonl" in second and "25% of the mix" in second
+    assert "bad_row_invalid_json: 1" in second and "Taken\t16" in second
+    summary = tab.locator("#dataset-stats > table.kv")
+    assert summary.locator('tr[data-key="examples"] td').inner_text() == "59"
+    assert "trained 3146 (61.1%)" in summary.locator('tr[data-key="tokens"] td').inner_text()
+    assert tab.get_attribute("#gate", "data-passed") == "true"
+    assert "10% of the training data held out (seed 42): 7 examples" in tab.inner_text(
+        "#validation"
+    )
+
+    # Evaluation: base and tuned side by side, each score with its interval and verdict.
+    rouge = tab.locator('#eval-scores tr[data-metric="rougeL"] td').all_inner_texts()
+    assert rouge == ["0.2067", "0.9412", "+0.7345", "+0.7 … +0.77", "better"]
+    stop = tab.locator('#eval-generation tr[data-generation="stop_rate"] td').all_inner_texts()
+    assert stop == ["0%", "100%"]
+    mcq = tab.locator('#eval-benchmarks tr[data-benchmark="mcq"] td').all_inner_texts()
+    assert mcq == ["35%", "50%", "+0.15", "-0.05 … +0.35", "no measurable difference"]
+    assert tab.locator("#evaluation details.qa").count() == 12
+
+    # Artifacts: the exported files with size, sha256, smoke answers and a working link.
+    lora = tab.locator('#artifacts .artifact[data-entry="lora"]')
+    row = lora.locator('tr[data-file="adapter_model.safetensors"]')
+    cells = row.locator("td").all_inner_texts()
+    weights = local.home / "jobs" / job_id / "adapter" / "adapter_model.safetensors"
+    assert cells[1] == "4.0 KiB" and cells[2] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    href = row.locator("a.download").get_attribute("href")
+    assert href == f"/jobs/{job_id}/artifacts/lora/adapter_model.safetensors"
+    assert httpx.get(local.url + href).content == weights.read_bytes()
+    assert "stopped at end of turn" in lora.inner_text()
+    gguf = tab.locator('#artifacts .artifact[data-entry="gguf_q4_k_m"]')
+    assert gguf.locator('tr[data-file="model-q4_k_m.gguf"]').count() == 1
+    failed = tab.inner_text('#artifacts .artifact[data-entry="merged_4bit"]')
+    assert "export_requires_cuda: bitsandbytes 4-bit needs CUDA here" in failed
+    assert str(local.home) not in tab.inner_text("#artifacts")  # no server paths
+
+    # Notes said twice are shown once; the charts hold every row.
+    notes = tab.locator("#job-notes li").all_inner_texts()
+    assert notes == ["export lora: ok (2 times)", "evaluation: 12 questions"]
+    for chart, count in (("loss-chart", 20), ("lr-chart", 20), ("tps-chart", 20)):
+        assert tab.get_attribute(f"#{chart}", "data-points") == str(count)
+    assert tab.get_attribute("#loss-chart", "data-eval-points") == "4"
+    assert tab.get_attribute("#memory-chart", "data-peak-points") == "20"
+    tab.screenshot(path=str(SCREENSHOT.with_name("medtune-dashboard-cards.png")), full_page=True)
+
+
+def test_a_failed_gate_lists_its_problems(tab: Any, local: Local) -> None:
+    job_id = finished_job(local, {})
+    with session_scope(local.db_url) as s:
+        job = jobs.get_job(s, job_id)
+        job.dataset_stats = {**MIX_STATS, "gate": FAILED_GATE}
+        s.add(job)
+        s.commit()
+    tab.goto(f"/#/jobs/{job_id}")
+    tab.locator("#gate").wait_for()
+    assert tab.get_attribute("#gate", "data-passed") == "false"
+    problems = tab.locator("#gate li").all_inner_texts()
+    assert problems == [
+        "no_end_of_turn (example 3): the answer is not closed",
+        "truncated_share: 41% of examples truncated",
+    ]
+
+
+def test_the_eta_leaves_an_outage_out(tab: Any, local: Local) -> None:
+    tab.goto("/")
+    rows = [{"step": n, "created_at": f"2026-01-01T00:00:{2 * n:02d}Z"} for n in range(1, 11)]
+    rows += [
+        {"step": n, "created_at": f"2026-01-01T00:10:{2 * (n - 10):02d}Z"} for n in range(11, 16)
+    ]
+    per_step, eta = tab.evaluate(
+        """async (rows) => {
+            const util = await import("/static/util.js");
+            return [util.secondsPerStep(rows), util.etaSeconds(rows, 60)];
+        }""",
+        rows,
+    )
+    assert per_step == pytest.approx(2.0) and eta == pytest.approx(90.0)
+
+
+def test_the_new_job_form_checks_through_the_api(tab: Any, local: Local) -> None:
+    tab.goto("/")
+    tab.click("#new-job")
+    editor = tab.locator("#spec-editor")
+    editor.wait_for()
+    assert json.loads(editor.input_value()) == spec_example()  # the README's recipe spec
+
+    spec = spec_example()
+    spec["training_config"]["learning_rate"] = 0
+    editor.fill(json.dumps(spec))
+    tab.click("#spec-submit")
+    refused = tab.locator('#spec-result [data-state="invalid"]')
+    refused.wait_for()
+    assert refused.get_attribute("data-code") == "out_of_range"
+    field = refused.locator('li[data-field="training_config.learning_rate"]')
+    assert "greater than 0" in field.inner_text()
+
+    editor.fill('{"model_config": {')
+    tab.click("#spec-submit")
+    assert tab.get_attribute('#spec-result [data-state="invalid"]', "data-code") == "invalid_json"
+
+    tab.click("#spec-reset")
+    tab.click("#spec-submit")
+    tab.wait_for_url("**/#/jobs/job_*")
+    job_id = tab.url.rsplit("/", 1)[1]
+    assert httpx.get(f"{local.url}/jobs/{job_id}").json()["finetuned_model"] == "smollm2-medical"
