@@ -88,9 +88,32 @@ def answer_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tup
         if message["role"] != "assistant":
             continue
         start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(render(tokenizer, messages[: i + 1]))
-        spans.append((start, end))
+        full = render(tokenizer, messages[: i + 1])
+        spans.append((start, _end_of_turn_end(tokenizer, full, start)))
     return render(tokenizer, messages), spans
+
+
+def _special_strings(tokenizer: Any) -> list[str]:
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(tok, "special", False):
+            special.add(str(tok.content if hasattr(tok, "content") else tok))
+    return [s for s in special if s]
+
+
+def _end_of_turn_end(tokenizer: Any, text: str, start: int) -> int:
+    """Where the assistant turn that starts at ``start`` ends: just after its end-of-turn
+    token. What a template writes after it (ChatML's and Gemma's "\\n") belongs to the next
+    turn's framing, not to the answer: trained, it is a token generation never reaches."""
+    end = len(text)
+    best = -1
+    for token in _special_strings(tokenizer):
+        at = text.rfind(token, start, end)
+        if at >= 0 and at + len(token) > best:
+            best = at + len(token)
+    if best < 0:  # no special token closes the turn (a template without one): keep it whole
+        return end
+    return best
 
 
 def encode(

@@ -415,9 +415,9 @@ def test_labels_cover_exactly_the_answer_and_its_end_of_turn(tokenizer: Any) -> 
     enc = encode(tokenizer, Example(messages=CHAT), max_length=512)
     assert len(enc.input_ids) == len(enc.labels)
     assert not enc.truncated
-    # SmolLM2's template writes "<|im_end|>\n" after each turn; the span runs to the end of the
-    # rendered turn, so the newline after the end-of-turn token is trained too.
-    assert tokenizer.decode(trained(enc)) == "A body temperature above 38 C.<|im_end|>\n"
+    # SmolLM2's template writes "<|im_end|>\n" after each turn; the span ends at the
+    # end-of-turn token (generation stops there), so the newline after it is not trained.
+    assert tokenizer.decode(trained(enc)) == "A body temperature above 38 C.<|im_end|>"
     assert len(trained_runs(enc)) == 1
     # Labels equal the input ids where trained, -100 elsewhere.
     assert all(
@@ -430,11 +430,15 @@ def test_labels_cover_exactly_the_answer_and_its_end_of_turn(tokenizer: Any) -> 
         "<|im_start|>system\nBe brief.<|im_end|>\n"
         "<|im_start|>user\nWhat is a fever?<|im_end|>\n"
         "<|im_start|>assistant\n"
+        "\n"  # the template's newline after the answer's <|im_end|>
     )
-    # The prompt is one leading block: everything after the first trained token is trained.
+    # One trained block, from the answer's first token to its end-of-turn token.
     first = next(i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX)
+    last = max(i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX)
     assert all(lab == IGNORE_INDEX for lab in enc.labels[:first])
-    assert all(lab != IGNORE_INDEX for lab in enc.labels[first:])
+    assert all(lab != IGNORE_INDEX for lab in enc.labels[first : last + 1])
+    assert enc.labels[last] == tokenizer.eos_token_id
+    assert all(lab == IGNORE_INDEX for lab in enc.labels[last + 1 :])
 
 
 def test_eos_is_trained(tokenizer: Any) -> None:
@@ -465,7 +469,7 @@ def test_default_system_turn_of_the_template_is_not_trained(tokenizer: Any) -> N
     messages = CHAT[1:]  # no system turn: SmolLM2's template inserts its own
     enc = encode(tokenizer, Example(messages=messages), max_length=512)
     assert enc.input_ids.count(IM_START) == len(messages) + 1
-    assert tokenizer.decode(trained(enc)) == "A body temperature above 38 C.<|im_end|>\n"
+    assert tokenizer.decode(trained(enc)) == "A body temperature above 38 C.<|im_end|>"
 
 
 def test_multi_turn_trains_both_assistant_turns_only(tokenizer: Any) -> None:
@@ -478,7 +482,7 @@ def test_multi_turn_trains_both_assistant_turns_only(tokenizer: Any) -> None:
     ]
     enc = encode(tokenizer, Example(messages=messages), max_length=512)
     runs = [tokenizer.decode(run) for run in trained_runs(enc)]
-    assert runs == ["A high temperature.<|im_end|>\n", "Above 40 C, or for infants.<|im_end|>\n"]
+    assert runs == ["A high temperature.<|im_end|>", "Above 40 C, or for infants.<|im_end|>"]
     assert trained(enc).count(2) == 2
     assert enc.input_ids.count(IM_START) == len(messages)
     untrained = tokenizer.decode(

@@ -159,8 +159,8 @@ def test_smollm2_own_template_and_builtin_chatml_agree(tokenizer: Any) -> None:
     assert ensure_chat_template(chatml, "chatml") == "chatml" and chatml.chat_template == CHATML
     assert encode(chatml, Example(messages=TWO_TURN), max_length=512).input_ids == own.input_ids
     assert trained_runs(tokenizer, own) == [
-        "A high temperature.<|im_end|>\n",
-        "Above 40 C.<|im_end|>\n",
+        "A high temperature.<|im_end|>",
+        "Above 40 C.<|im_end|>",
     ]
     rules = token_rules(tokenizer)
     assert rules.bos_id is None  # <|im_start|> opens every turn: no sequence BOS to count
