@@ -181,6 +181,12 @@ class InferRequest(BaseModel):
     max_new_tokens: int = Field(default=256, ge=1, le=4096)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=2.0,
+        description="Above 1 discourages repeating tokens already in the chat (1.0: off).",
+    )
 
     @model_validator(mode="after")
     def _one_prompt(self) -> InferRequest:

@@ -99,6 +99,8 @@ def infer(
         "temperature": body.temperature,
         "top_p": body.top_p,
     }
+    if body.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = body.repetition_penalty
     if body.stop:
         kwargs["stop"] = body.stop
     if body.backend != "auto":

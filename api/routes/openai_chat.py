@@ -66,6 +66,8 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Not OpenAI's: Together's and vLLM's extension, for the same knob as /infer's.
+    repetition_penalty: float = Field(default=1.0, ge=1.0, le=2.0)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -130,6 +132,8 @@ def create_chat_completion(
         "temperature": body.temperature,
         "top_p": body.top_p,
     }
+    if body.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = body.repetition_penalty
     if body.stops():
         kwargs["stop"] = body.stops()
     if target.job is None:

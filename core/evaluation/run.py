@@ -41,6 +41,7 @@ def generate_with_stop(
     *,
     max_new_tokens: int,
     adapter: bool = True,
+    repetition_penalty: float = 1.0,
 ) -> dict[str, Any]:
     """Greedy answer, and whether it ended on the end-of-turn token (a tuned model should)."""
     from core.inference.generate import GenerationRequest, generate_one, is_peft
@@ -50,7 +51,12 @@ def generate_with_stop(
     out = generate_one(
         model,
         tokenizer,
-        GenerationRequest(messages=messages, max_new_tokens=max_new_tokens, adapter=name),
+        GenerationRequest(
+            messages=messages,
+            max_new_tokens=max_new_tokens,
+            adapter=name,
+            repetition_penalty=repetition_penalty,
+        ),
     )
     return {
         "question": messages[-1]["content"],
@@ -125,6 +131,7 @@ def evaluate(
     *,
     max_examples: int,
     max_new_tokens: int,
+    repetition_penalty: float = 1.0,
     seed: int = 0,
     benchmarks: Sequence[tuple[str, Path]] = (),
     max_benchmark_questions: int = 200,
@@ -142,12 +149,9 @@ def evaluate(
     for example in chosen:
         assert example.messages is not None
         prompt, reference = example.messages[:-1], example.messages[-1]["content"]
-        base = generate_with_stop(
-            model, tokenizer, prompt, max_new_tokens=max_new_tokens, adapter=False
-        )
-        tuned = generate_with_stop(
-            model, tokenizer, prompt, max_new_tokens=max_new_tokens, adapter=True
-        )
+        ask = {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
+        base = generate_with_stop(model, tokenizer, prompt, adapter=False, **ask)
+        tuned = generate_with_stop(model, tokenizer, prompt, adapter=True, **ask)
         answers.append(
             {
                 "question": prompt[-1]["content"],
@@ -170,7 +174,11 @@ def evaluate(
         "examples": len(answers),
         "held_out_examples": len(examples),
         "dropped_before_evaluation": dict(dropped or {}),
-        "decoding": {"greedy": True, "max_new_tokens": max_new_tokens},
+        "decoding": {
+            "greedy": True,
+            "max_new_tokens": max_new_tokens,
+            "repetition_penalty": repetition_penalty,
+        },
         "sampling": {"seed": seed, "distinct_questions": True},
         **compared,
         "generation": {

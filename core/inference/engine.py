@@ -94,6 +94,7 @@ class InferenceRequest:
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     on_delta: Callable[[str], None] | None = field(default=None, repr=False)
     on_start: Callable[[], None] | None = field(default=None, repr=False)  # the model began
@@ -105,6 +106,7 @@ class InferenceRequest:
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
             stop=tuple(self.stop),
             adapter=adapter,
             on_delta=self.on_delta,

@@ -28,6 +28,10 @@ class GenerationRequest:
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    # Above 1 lowers the logit of every token already in the prompt or the answer (CTRL's
+    # penalty, as transformers applies it); 1.0 is off. Greedy decoding of a small model loops
+    # in long answers without it (issue #20).
+    repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     adapter: str | None = None  # a loaded peft adapter's name; None answers with the base model
     on_delta: Callable[[str], None] | None = None  # called with each new piece of answer text
@@ -40,11 +44,11 @@ class GenerationRequest:
     # base tokenizer's own: a batch shares one base model but each row renders as it trained.
     chat_template: str | None = None
 
-    def sampling_key(self) -> tuple[bool, float, float]:
+    def sampling_key(self) -> tuple[bool, float, float, float]:
         """Requests batch together only if generate() would sample them alike."""
         if self.temperature > 0:
-            return (True, self.temperature, self.top_p)
-        return (False, 0.0, 1.0)
+            return (True, self.temperature, self.top_p, self.repetition_penalty)
+        return (False, 0.0, 1.0, self.repetition_penalty)
 
 
 @dataclass
@@ -301,12 +305,14 @@ def run_turn(
     left = [n for n, t in zip(left, trackers, strict=True) if not t.done]
     if not left:
         return True
-    do_sample, temperature, top_p = batch.requests[0].sampling_key()
-    sampling = (
+    do_sample, temperature, top_p, penalty = batch.requests[0].sampling_key()
+    sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p}
         if do_sample
         else {"do_sample": False}
     )
+    if penalty != 1.0:
+        sampling["repetition_penalty"] = penalty
     eos = batch.tokenizer.eos_token_id
     pad = batch.tokenizer.pad_token_id
     # Set again each turn: another batch may have switched the model's adapter meanwhile.

@@ -56,10 +56,18 @@ class StaticDecoder:
         return out[0][:, -1, :]
 
     @staticmethod
-    def _choose(logits: Any, temperature: float, top_p: float) -> Any:
+    def _choose(
+        logits: Any, temperature: float, top_p: float, penalty: float = 1.0, seen: Any = None
+    ) -> Any:
         """The next token as a (1, 1) tensor on the device, without a host sync."""
         import torch
 
+        if seen is not None:
+            # transformers' repetition penalty: a seen token's logit is divided by the penalty
+            # when positive, multiplied when negative; then the token joins the seen set.
+            logits = torch.where(
+                seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits
+            )
         if temperature <= 0:
             return logits.argmax(dim=-1, keepdim=True)
         probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -94,7 +102,6 @@ class StaticDecoder:
             on_delta=request.on_delta,
             should_stop=request.should_stop,
         )
-        choose_args = (request.temperature, request.top_p)
         pinned = self.device.type == "cuda"
         host = torch.empty(1, dtype=torch.long, pin_memory=pinned)
         copied = torch.cuda.Event() if pinned else None
@@ -109,7 +116,14 @@ class StaticDecoder:
                 use_cache=True,
                 return_dict=False,
             )[0][:, -1, :]
+            # A vocabulary-wide mask of the tokens seen so far, kept on the device (no sync).
+            seen = None
+            if request.repetition_penalty != 1.0:
+                seen = torch.zeros_like(logits, dtype=torch.bool)
+                seen[0, prompt[0].to(self.device)] = True
+            choose_args = (request.temperature, request.top_p, request.repetition_penalty, seen)
             token = self._choose(logits, *choose_args)
+            _mark(seen, token)
             position = torch.tensor([n], device=self.device)
             for made in range(1, request.max_new_tokens + 1):
                 host.copy_(token.view(-1), non_blocking=pinned)
@@ -127,6 +141,7 @@ class StaticDecoder:
                 if tracker.done or following is None:
                     break
                 token = following
+                _mark(seen, token)
                 position += 1
         tracker.finish("length")
         return Generation(
@@ -140,10 +155,16 @@ class StaticDecoder:
             cancelled=tracker.cancelled,
         )
 
-    def _next(self, token: Any, position: Any, choose_args: tuple[float, float]) -> Any:
+    def _next(self, token: Any, position: Any, choose_args: tuple[Any, ...]) -> Any:
         import torch
 
         if self._compiled:
             # Each call is a new step of the graph tree; the last step's outputs may be reused.
             torch.compiler.cudagraph_mark_step_begin()
         return self._choose(self._decode(token, position), *choose_args)
+
+
+def _mark(seen: Any, token: Any) -> None:
+    """Add the chosen (1, 1) token to the seen mask, on the device."""
+    if seen is not None:
+        seen.scatter_(1, token, True)

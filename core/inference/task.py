@@ -84,6 +84,7 @@ def build_request(
         max_new_tokens=int(options.get("max_new_tokens", 256)),
         temperature=float(options.get("temperature", 0.0)),
         top_p=float(options.get("top_p", 1.0)),
+        repetition_penalty=float(options.get("repetition_penalty", 1.0)),
         stop=tuple(options.get("stop") or ()),
         backend=str(options.get("backend") or "auto"),
     )

@@ -291,6 +291,13 @@ class EvaluationSection(_Section):
         "order from the whole validation set.",
     )
     max_new_tokens: Int = Field(default=128, ge=1, le=4096)
+    repetition_penalty: Float = Field(
+        default=1.0,
+        ge=1.0,
+        le=2.0,
+        description="Greedy decoding of both models with this penalty on repeated tokens "
+        "(1.0: off); the same for base and tuned.",
+    )
     seed: Int = Field(default=0, ge=0, description="Seeds the question sample and the bootstrap.")
     benchmarks: list[BenchmarkFile] = Field(
         default_factory=list,

@@ -134,3 +134,20 @@ def test_a_rotary_class_swapped_by_unsloth_is_put_back(monkeypatch: pytest.Monke
     with torch.no_grad():
         assert torch.equal(swapped(ids).logits, reference(ids).logits)
     assert not restore_stock_rotary(reference)  # a stock model is left alone
+
+
+def test_repetition_penalty_answers_like_generate(
+    loaded: tuple[Any, Any], decoder: StaticDecoder
+) -> None:
+    """The fast path's on-device penalty is transformers' own: the same tokens, greedy."""
+    model, tokenizer = loaded
+    plain = GenerationRequest(messages=ask(QUESTIONS[0]), max_new_tokens=48)
+    penalised = GenerationRequest(
+        messages=ask(QUESTIONS[0]), max_new_tokens=48, repetition_penalty=1.3
+    )
+    reference = generate_one(model, tokenizer, penalised)
+    ours = decoder.generate(penalised)
+    assert ours.text == reference.text
+    assert ours.completion_tokens == reference.completion_tokens
+    # And it is not a no-op: without the penalty the greedy answer differs.
+    assert generate_one(model, tokenizer, plain).text != reference.text

@@ -1,0 +1,27 @@
+"""Decoding options on /infer travel to the worker; out-of-range ones are refused."""
+
+from __future__ import annotations
+
+from tests.api.test_api import Api, assert_problem
+from tests.api.test_api import api as api  # the in-process API fixture
+from tests.api.test_api import seeded as seeded  # a fixture
+
+
+def test_repetition_penalty_reaches_the_worker(api: Api, seeded: dict[str, str]) -> None:
+    body = {"job_id": seeded["queued"], "question": "Fever?", "use_adapter": False}
+    response = api.client.post("/infer", json={**body, "repetition_penalty": 1.15})
+    assert response.status_code == 200, response.text
+    sent = api.queue.calls[-1]
+    assert sent.kwargs is not None and sent.kwargs["repetition_penalty"] == 1.15
+    # Off by default: nothing extra is sent.
+    assert api.client.post("/infer", json=body).status_code == 200
+    assert "repetition_penalty" not in (api.queue.calls[-1].kwargs or {})
+
+
+def test_a_penalty_below_one_is_a_422(api: Api, seeded: dict[str, str]) -> None:
+    response = api.client.post(
+        "/infer",
+        json={"job_id": seeded["queued"], "question": "Fever?", "repetition_penalty": 0.5},
+    )
+    assert_problem(response, 422, "out_of_range", "repetition_penalty")
+    assert api.queue.calls == []
