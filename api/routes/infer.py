@@ -52,13 +52,17 @@ class InferAnswer(InferResponse):
 
 
 def messages_for(body: InferRequest, spec: JobSpec) -> list[dict[str, str]]:
-    if body.messages is not None:
-        return [m.model_dump() for m in body.messages]
+    """The chat to answer. Without a system turn of its own it gets the job's training system
+    prompt: the adapter learned under it, and without it a template may insert its own (SmolLM2's
+    "You are a helpful AI assistant named SmolLM"), a prompt the adapter never saw."""
     system = body.system_prompt
     if system is None:
         system = spec.dataset.system_prompt
-    messages = [{"role": "user", "content": body.question or ""}]
-    if system:
+    if body.messages is not None:
+        messages = [m.model_dump() for m in body.messages]
+    else:
+        messages = [{"role": "user", "content": body.question or ""}]
+    if system and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
     return messages
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from core.spec import RECIPE_SYSTEM_PROMPT
 from tests.api.test_api import Api, assert_problem
 from tests.api.test_api import api as api  # the in-process API fixture
 from tests.api.test_api import seeded as seeded  # a fixture
@@ -25,3 +26,20 @@ def test_a_penalty_below_one_is_a_422(api: Api, seeded: dict[str, str]) -> None:
     )
     assert_problem(response, 422, "out_of_range", "repetition_penalty")
     assert api.queue.calls == []
+
+
+def test_messages_without_a_system_turn_get_the_jobs_prompt(
+    api: Api, seeded: dict[str, str]
+) -> None:
+    """The adapter trained under the job's system prompt; without one, SmolLM2's template would
+    insert its own default, a prompt the adapter never saw."""
+    chat = [{"role": "user", "content": "Fever?"}]
+    body = {"job_id": seeded["queued"], "messages": chat, "use_adapter": False}
+    assert api.client.post("/infer", json=body).status_code == 200
+    assert api.queue.calls[-1].args[1] == [
+        {"role": "system", "content": RECIPE_SYSTEM_PROMPT},
+        *chat,
+    ]
+    own = [{"role": "system", "content": "Be brief."}, *chat]
+    assert api.client.post("/infer", json={**body, "messages": own}).status_code == 200
+    assert api.queue.calls[-1].args[1] == own
