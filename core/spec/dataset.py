@@ -4,14 +4,16 @@ sources, the columns, cleaning and rendering settings) and ``validation_dataset`
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     AliasChoices,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -339,6 +341,16 @@ class DatasetSection(_Section):
                 f"{', '.join(given)} on each source instead"
             )
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_source_fields(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A mix reads its sources: the single-source fields are unused defaults, and shown they
+        # would name the recipe's Hub dataset as if it had been trained on.
+        data = handler(self)
+        if self.sources is not None and isinstance(data, dict):
+            for name in SOURCE_FIELDS:
+                data.pop(name, None)
+        return data
 
 
 class ValidationDataset(_SourceFields):
