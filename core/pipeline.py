@@ -149,6 +149,19 @@ class StageClock:
             jobs.set_fields(s, self.job_id, stage_seconds=dict(self.seconds), **fields)
 
 
+def _release_previous_model() -> None:
+    """Free what the worker's last job left: its trainer and callback refer to each other, so
+    its model waits for the cycle collector (the H200 run's second job peaked at 21 GiB with
+    both models resident, which no T4 holds)."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _run_stages(
     job_id: str, spec: JobSpec, job_dir: Path, settings: Settings, *, lease: LeaseKeeper
 ) -> str:
@@ -169,6 +182,7 @@ def _run_stages(
                 jobs.set_fields(s, job_id, dataset_stats=stats)
         raise
     clock.start("loading_model", dataset_stats=prepared.stats, stage=JobStage.training)
+    _release_previous_model()
     loaded = engines.load(spec, model_path)
     ensure_chat_template(loaded.tokenizer, spec.dataset.chat_template)
     clock.start("training", engine=loaded.engine)

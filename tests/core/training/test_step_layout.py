@@ -73,8 +73,9 @@ def _spec(model_dir: Path) -> JobSpec:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("budget_gib", [15.0, 0.0], ids=["one-row-a-step", "recipe-micro-batch"])
 def test_step_rows_give_the_recipes_loss_and_lora_gradients(
-    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget_gib: float
 ) -> None:
     import torch
 
@@ -85,12 +86,17 @@ def test_step_rows_give_the_recipes_loss_and_lora_gradients(
     spec = _spec(model_dir)
     torch.manual_seed(0)
     loaded = engines.load(spec, str(model_dir))
+    # 0 GiB: rows keep to the recipe's micro-batch (2 x 256 tokens), so the step takes several.
+    monkeypatch.setattr(trainer, "FOLD_BUDGET_GIB", budget_gib)
     rows = load_rows(DatasetSection(name="sample:medical_qa", max_samples=8))
     examples = to_examples(rows, system_prompt="Be brief.", input_field="prompt").examples
     items = encode_all(loaded.tokenizer, examples, max_length=256).items
     assert len(items) == 8 and len({len(i.input_ids) for i in items}) > 1  # padding happens
     # A trained first label would be counted by the padded layout and not by the packed rows.
     assert all(i.labels[0] == IGNORE_INDEX for i in items)
+    capacity = trainer.row_capacity(spec, loaded, items)
+    rows, per_step = step_rows(items, examples_per_step=8, capacity=capacity, seed=42)
+    assert per_step == (1 if budget_gib else len(rows)) and (budget_gib or per_step > 1)
     lora = {n: p for n, p in loaded.model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in lora.items()}
     grads: dict[str, dict[str, Any]] = {}
