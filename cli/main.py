@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from cli import evaluation, export, files, jobs, keys, lifecycle, services
+from cli import evaluation, export, files, jobs, keys, lifecycle, plots, services
 from cli.output import common_parser
 from core.auth import describe as describe_auth
 from core.settings import Settings, get_settings
@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     files.register(sub, common)
     export.register(sub, common, jobs_sub)
     evaluation.register(jobs_sub, common)
+    plots.register(jobs_sub, common)
     keys.register(sub)
     lifecycle.register(sub, common, jobs_sub)
     return parser

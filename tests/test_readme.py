@@ -227,6 +227,8 @@ def test_the_cli_block_runs_against_a_server(
         out = capsys.readouterr()
         assert code == 0, (line, out.out, out.err)
     assert (tmp_path / "model-q4_k_m.gguf").read_bytes().startswith(b"GGUF")
+    pngs = sorted(p.name for p in (tmp_path / f"{job_id}-plots").iterdir())
+    assert pngs == ["throughput.png", "training.png"]
 
 
 def test_the_upload_example_runs_in_bash(server: tuple[str, Path], tmp_path: Path) -> None:
