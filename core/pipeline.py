@@ -18,6 +18,7 @@ from core.data.prepare import Prepared, prepare
 from core.data.tokenize import ensure_chat_template
 from core.errors import LeaseLost, MedtuneError, OutOfMemory
 from core.job_metrics import job_sink
+from core.plots import write_job_plots
 from core.settings import Settings
 from core.spec import JobSpec
 from core.storage import storage_error
@@ -210,6 +211,7 @@ def _run_stages(
         _export(job_id, spec, loaded, job_dir, adapter_dir, model_path, url)
     (job_dir / "spec.json").write_text(json.dumps(spec.to_json(), indent=2))
     clock.start(None)
+    write_job_plots(url, job_id, job_dir)  # plots/training.png, throughput.png; never raises
     status = JobStatus.cancelled if outcome.cancelled else JobStatus.succeeded
     _finish(
         url,
