@@ -84,11 +84,17 @@ def wait_until_ready(
     api_up = False
     while True:
         api_up = api_up or api_answers(api_url)
-        missing = [c.name for c in children if c.ready_pattern is not None and not c.ready.is_set()]
-        missing += [] if api_up else ["api"]
         exited = [c for c in children if c.process.poll() is not None]
-        if not missing or exited or time.monotonic() > deadline:
-            return missing + [f"{c.name} (exited {c.process.returncode})" for c in exited]
+        missing = [
+            c.name
+            for c in children
+            if c.ready_pattern is not None and not c.ready.is_set() and c not in exited
+        ]
+        missing += [] if api_up else ["api"]
+        if not missing and not exited:
+            return []
+        if exited or time.monotonic() > deadline:
+            return [f"{c.name} (exited {c.process.returncode})" for c in exited] + missing
         time.sleep(poll_s)
 
 

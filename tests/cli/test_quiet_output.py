@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cli import services
 from core.queue import RUN_JOB_TASK
 from tests.api.test_api import FakeQueue
 from tests.conftest import DATA_ROOTS, ROOT, free_port
@@ -119,3 +120,53 @@ def test_up_is_quiet_and_up_only_when_every_service_answers(
         out, err = up.communicate(timeout=60)
     assert up.returncode == 0
     assert out == "" and err == "", out + err
+
+
+def test_a_worker_is_ready_when_it_logs_so_and_an_exit_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log, lock = (tmp_path / "services.log").open("wb"), threading.Lock()
+    api = serve_health()
+    ready = services.start(
+        "train",
+        [sys.executable, "-c", "import time; print('[x] train@box ready.'); time.sleep(30)"],
+        log=log,
+        lock=lock,
+        verbose=False,
+        ready_pattern=services.worker_ready_pattern("train"),
+    )
+    try:
+        assert services.wait_until_ready([ready], api, timeout_s=30) == []
+        crashed = services.start(
+            "infer",
+            [sys.executable, "-c", "raise SystemExit('no broker')"],
+            log=log,
+            lock=lock,
+            verbose=False,
+            ready_pattern=services.worker_ready_pattern("infer"),
+        )
+        missing = services.wait_until_ready([ready, crashed], api, timeout_s=30)
+        assert missing == ["infer (exited 1)"]
+    finally:
+        ready.process.kill()
+    log.close()
+    text = (tmp_path / "services.log").read_text()
+    assert "[train] [x] train@box ready." in text and "[infer] no broker" in text
+    assert capsys.readouterr().err == ""  # not --verbose: nothing on the terminal
+
+
+def serve_health() -> str:
+    """A server whose /healthz answers 200, as the API's does."""
+    import http.server
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the stdlib names the handler so
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
