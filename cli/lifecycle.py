@@ -1,6 +1,8 @@
-"""``medtune jobs delete`` and ``medtune retention``: removing finished jobs and old uploads.
+"""A job's life after it ends: ``medtune jobs continue``, ``jobs delete`` and ``retention``.
 
-``jobs delete JOB`` is a client of the API (``DELETE /jobs/{id}``); ``retention`` runs where the
+``jobs continue JOB [-f changes.json]`` submits a job that starts from JOB's adapter
+(``model_config.init_adapter``). ``jobs delete JOB`` is a client of the API
+(``DELETE /jobs/{id}``); ``retention`` runs where the
 service's stores are (like ``migrate``), with the service's settings: ``--dry-run`` lists what
 a sweep under ``MEDTUNE_RETENTION_DAYS`` (or ``--days``) would remove, and without it removes them.
 """
@@ -21,6 +23,36 @@ def cmd_delete(args: argparse.Namespace, client: MedtuneClient) -> int:
         print_json(deleted)
     else:
         print(f"job {deleted['id']} deleted (rows, metrics, artifacts, checkpoints, logs)")
+    return 0
+
+
+def continue_spec(source: dict[str, Any], changes: dict[str, Any] | None) -> dict[str, Any]:
+    """The source job's spec, starting from its adapter, with ``changes``' sections merged in
+    (a section's keys replace the source's). Its webhook is not carried over: the server shows
+    the secret masked, so a webhook must come with ``changes``."""
+    spec = {k: v for k, v in source["spec"].items() if k != "webhook"}
+    for key, value in (changes or {}).items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    spec["model_config"] = {**spec.get("model_config", {}), "init_adapter": source["id"]}
+    return spec
+
+
+def cmd_continue(args: argparse.Namespace, client: MedtuneClient) -> int:
+    from cli.jobs import read_spec
+
+    changes = read_spec(args.file) if args.file else None
+    created = client.create_job(continue_spec(client.get_job(args.job_id), changes))
+    if args.json:
+        print_json(created)
+    else:
+        print(created["id"])
+        print(
+            f"continues job {args.job_id}; follow it with: medtune jobs watch {created['id']}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -68,6 +100,15 @@ def register(sub: Any, common: argparse.ArgumentParser, jobs_sub: Any) -> None:
     )
     delete.add_argument("job_id")
     delete.set_defaults(func=bind(cmd_delete))
+
+    cont = jobs_sub.add_parser(
+        "continue",
+        parents=[common],
+        help="a new job starting from a succeeded job's adapter (its spec, with -f's changes)",
+    )
+    cont.add_argument("job_id")
+    cont.add_argument("-f", "--file", help="spec sections to change (JSON; '-' reads stdin)")
+    cont.set_defaults(func=bind(cmd_continue))
 
     keep = sub.add_parser(
         "retention",

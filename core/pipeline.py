@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.base_models import allowed_model_roots, hub_call, resolve
+from core.continuation import adapter_path
 from core.data.prepare import Prepared, prepare
 from core.data.tokenize import ensure_chat_template
 from core.errors import LeaseLost, MedtuneError, OutOfMemory
@@ -184,7 +185,7 @@ def _run_stages(
         raise
     clock.start("loading_model", dataset_stats=prepared.stats, stage=JobStage.training)
     _release_previous_model()
-    loaded = engines.load(spec, model_path)
+    loaded = engines.load(spec, model_path, init_adapter=adapter_path(url, spec))
     ensure_chat_template(loaded.tokenizer, spec.dataset.chat_template)
     clock.start("training", engine=loaded.engine)
     _note(url, job_id, *loaded.notes)

@@ -13,6 +13,7 @@ from sqlmodel import Session
 
 from core import auth, routing, webhooks
 from core.base_models import allowed_model_roots, check_base_model
+from core.continuation import check_init_adapter
 from core.data.sources import allowed_roots, resolve_local
 from core.data.validation import resolve_validation
 from core.embedded_model import is_embedded
@@ -58,6 +59,7 @@ def submit_job(
     resolve_local(spec.dataset, roots=allowed_roots(settings), uploads=settings.uploads_dir)
     resolve_validation(spec, roots=allowed_roots(settings), uploads=settings.uploads_dir)
     benchmark_files(spec, settings)
+    check_init_adapter(session, spec, owner=principal.job_owner)
     if spec.webhook is not None:
         webhooks.check_target(spec.webhook.url, allow_private=settings.webhook_allow_private)
     local_dir = routing.config_dir(spec.model.base_model, settings.models_dir)

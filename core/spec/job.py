@@ -61,6 +61,14 @@ class ModelSection(_Section):
         "'torch.float16' / 'torch.bfloat16'); null picks bfloat16 where supported, else float16.",
     )
     load_in_4bit: bool = Field(default=True, description="Quantise the base to 4-bit NF4 (QLoRA).")
+    init_adapter: str | None = Field(
+        default=None,
+        pattern=r"^job_[0-9a-f]{24}$",
+        description="Continue from another job: the id of a succeeded job of yours on the same "
+        "base model, whose LoRA adapter is the starting point instead of a fresh one "
+        "(lora_config must match its r, lora_alpha, target_modules, bias, use_rslora, "
+        "use_dora). null: a fresh adapter.",
+    )
 
     @model_validator(mode="before")
     @classmethod

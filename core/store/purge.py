@@ -20,6 +20,7 @@ from pathlib import Path
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
+from core.continuation import continuing_jobs
 from core.errors import ConflictError
 from core.export.formats import MANIFEST
 from core.store.jobs import get_job
@@ -32,6 +33,10 @@ class JobNotFinished(ConflictError):
 
 class ExportRunning(ConflictError):
     code = "export_running"
+
+
+class AdapterInUse(ConflictError):
+    code = "adapter_in_use"
 
 
 def job_folders(job: Job, artifacts_dir: Path) -> list[Path]:
@@ -78,6 +83,13 @@ def delete_job(
         raise ExportRunning(
             f"an export of job {job_id} is still writing its files; wait until GET "
             f"/jobs/{job_id}/artifacts shows no entry running, then delete it",
+            field="job_id",
+        )
+    users = continuing_jobs(session, job_id)
+    if users:
+        raise AdapterInUse(
+            f"queued or running job(s) {', '.join(users[:5])} start from job {job_id}'s "
+            "adapter; cancel them or wait until they end, then delete it",
             field="job_id",
         )
     folders = job_folders(job, artifacts_dir)

@@ -52,14 +52,20 @@ def compute_dtype(spec: JobSpec) -> Any:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load(spec: JobSpec, model_path: str) -> Loaded:
+def load(spec: JobSpec, model_path: str, *, init_adapter: str | None = None) -> Loaded:
+    """The base with a trainable LoRA adapter: fresh, or ``init_adapter``'s weights (a folder
+    saved by an earlier job) to continue from."""
     import torch
 
     check_loftq(spec, cuda=torch.cuda.is_available())
     engine = pick_engine(spec)
     if engine == "unsloth":
-        return _load_unsloth(spec, model_path)
-    return _load_transformers(spec, model_path)
+        loaded = _load_unsloth(spec, model_path, init_adapter)
+    else:
+        loaded = _load_transformers(spec, model_path, init_adapter)
+    if init_adapter:
+        loaded.notes.append(f"started from the adapter of job {spec.model.init_adapter}")
+    return loaded
 
 
 def _lora_error(exc: Exception) -> SpecError:
@@ -82,9 +88,15 @@ def check_loftq(spec: JobSpec, *, cuda: bool) -> None:
         )
 
 
-def _load_transformers(spec: JobSpec, model_path: str) -> Loaded:
+def _load_transformers(spec: JobSpec, model_path: str, init_adapter: str | None) -> Loaded:
     import torch
-    from peft import LoftQConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import (
+        LoftQConfig,
+        LoraConfig,
+        PeftModel,
+        get_peft_model,
+        prepare_model_for_kbit_training,
+    )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     notes: list[str] = []
@@ -134,13 +146,16 @@ def _load_transformers(spec: JobSpec, model_path: str) -> Loaded:
         loftq_config=LoftQConfig(**lora.loftq_config.model_dump()) if lora.loftq_config else {},
     )
     try:
-        model = get_peft_model(model, config)
+        if init_adapter:  # the earlier job's weights, trainable, instead of a fresh adapter
+            model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        else:
+            model = get_peft_model(model, config)
     except (ValueError, TypeError) as exc:
         raise _lora_error(exc) from exc
     return Loaded(model, tokenizer, "transformers+peft" + ("+bnb4bit" if quantized else ""), notes)
 
 
-def _load_unsloth(spec: JobSpec, model_path: str) -> Loaded:
+def _load_unsloth(spec: JobSpec, model_path: str, init_adapter: str | None) -> Loaded:
     import torch
     from unsloth import FastLanguageModel
 
@@ -173,4 +188,24 @@ def _load_unsloth(spec: JobSpec, model_path: str) -> Loaded:
         )
     except (ValueError, TypeError, NotImplementedError) as exc:
         raise _lora_error(exc) from exc
+    if init_adapter:
+        _load_adapter_weights(model, init_adapter)
     return Loaded(model, tokenizer, "unsloth")
+
+
+def _load_adapter_weights(model: Any, folder: str) -> None:
+    """Unsloth builds its own peft model (same shape: checked at submit); the earlier job's
+    LoRA weights are then copied into it. Every saved tensor must land somewhere."""
+    from pathlib import Path
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(folder) / "adapter_model.safetensors"
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    if getattr(result, "unexpected_keys", None):
+        raise SpecError(
+            f"the adapter to continue from does not fit this model ({result.unexpected_keys[:3]})",
+            field="model_config.init_adapter",
+            code="init_adapter_lora_mismatch",
+        )

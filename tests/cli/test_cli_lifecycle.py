@@ -39,6 +39,26 @@ def test_jobs_delete(server: str, sqlite_url: str, tmp_path: Path) -> None:  # n
     assert httpx.get(f"{server}/jobs/{queued}").json()["status"] == "queued"
 
 
+def test_jobs_continue(server: str, sqlite_url: str, tmp_path: Path) -> None:  # noqa: F811
+    spec = recipe_spec("sample:medical_qa", max_steps=3)
+    source, queued = (httpx.post(f"{server}/jobs", json=spec).json()["id"] for _ in range(2))
+    finished(sqlite_url, source, tmp_path / "home")
+    changes = tmp_path / "changes.json"
+    changes.write_text(json.dumps({"training_config": {"max_steps": 7}}))
+
+    made = medtune("jobs", "continue", source, "-f", str(changes), url=server)
+    assert made.returncode == 0, made.stderr
+    job = httpx.get(f"{server}/jobs/{made.stdout.strip()}").json()
+    assert job["spec"]["model_config"]["init_adapter"] == source
+    assert job["spec"]["training_config"]["max_steps"] == 7
+    assert (
+        job["spec"]["training_config"]["learning_rate"] == spec["training_config"]["learning_rate"]
+    )
+
+    refused = medtune("jobs", "continue", queued, url=server)
+    assert refused.returncode == 2 and refused.stderr.startswith("error init_adapter_not_ready:")
+
+
 def _retention(*args: str, url: str, home: Path, days: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDTUNE_")}
     env |= {"MEDTUNE_DATABASE_URL": url, "MEDTUNE_HOME": str(home), "MEDTUNE_RETENTION_DAYS": days}

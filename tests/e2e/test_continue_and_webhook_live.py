@@ -1,0 +1,80 @@
+"""On a real worker (SmolLM2, CPU): job B continues job A's adapter and starts lower than A
+did on the same data; A's webhook reaches a loopback receiver that fails twice first, signed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from core.store.migrate import upgrade
+from tests.conftest import Stack, free_port, stack_env, start_api, start_worker, wait_healthy
+from tests.core.test_webhooks import SECRET, Receiver, receiver, verify  # noqa: F401
+from tests.helpers import recipe_spec, tiny_dataset, wait_status
+
+pytestmark = pytest.mark.slow
+
+
+def first_loss(client: object, job_id: str) -> float:
+    rows = client.get(f"/jobs/{job_id}/metrics").json()["data"]  # type: ignore[attr-defined]
+    assert rows and rows[0]["step"] == 1, rows
+    return float(rows[0]["loss"])
+
+
+def test_b_continues_a_and_a_webhook_arrives(
+    tmp_path: Path,
+    model_cache: Path,
+    receiver: Receiver,  # noqa: F811
+) -> None:
+    receiver.statuses = [500, 502]
+    home = tmp_path / "home"
+    home.mkdir()
+    upgrade(f"sqlite:///{home / 'medtune.db'}")
+    env = stack_env(home, model_cache)
+    env |= {
+        "MEDTUNE_WEBHOOK_ALLOW_PRIVATE": "1",
+        "MEDTUNE_WEBHOOK_POLL_S": "0.5",
+        "MEDTUNE_WEBHOOK_BACKOFF_S": "0.5",
+    }
+    port = free_port()
+    stack = Stack(url=f"http://127.0.0.1:{port}", home=home)
+    start_worker(stack, "worker", env, queues="medtune.train")
+    start_api(stack, port, env)
+    try:
+        wait_healthy(stack)
+        data = tiny_dataset(tmp_path / "tiny.jsonl", rows=8)
+        spec_a = recipe_spec(data, max_steps=4)
+        spec_a["webhook"] = {"url": receiver.url, "secret": SECRET}
+        with stack.client() as client:
+            a = client.post("/jobs", json=spec_a)
+            assert a.status_code == 201, a.text
+            a_id = a.json()["id"]
+            done = wait_status(client, a_id, {"succeeded", "failed", "cancelled"}, timeout_s=600)
+            assert done["status"] == "succeeded", stack.tail_logs() + str(done)
+
+            spec_b = recipe_spec(data, max_steps=2)
+            spec_b["model_config"]["init_adapter"] = a_id
+            b = client.post("/jobs", json=spec_b)
+            assert b.status_code == 201, b.text
+            b_id = b.json()["id"]
+            done_b = wait_status(client, b_id, {"succeeded", "failed", "cancelled"}, timeout_s=600)
+            assert done_b["status"] == "succeeded", stack.tail_logs() + str(done_b)
+            assert f"started from the adapter of job {a_id}" in done_b["notes"]
+            loss_a, loss_b = first_loss(client, a_id), first_loss(client, b_id)
+            assert loss_b < loss_a - 0.05, (loss_a, loss_b)
+
+            deadline = time.monotonic() + 60
+            while (hook := client.get(f"/jobs/{a_id}").json()["webhook"])["state"] == "pending":
+                assert time.monotonic() < deadline, hook
+                time.sleep(0.3)
+    finally:
+        stack.stop()
+    assert hook["state"] == "delivered" and hook["attempts"] == 3, hook
+    assert len(receiver.got) == 3
+    for headers, body, received in receiver.got:
+        verify(headers, body, SECRET, received)
+        event = json.loads(body)
+        assert event["type"] == "job.succeeded" and event["data"]["id"] == a_id
+        assert event["data"]["steps_done"] == 4
