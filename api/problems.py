@@ -34,6 +34,7 @@ _VALIDATION_CODES = {
     "float_type": "invalid_type",
     "literal_error": "invalid_choice",
     "enum": "invalid_choice",
+    "needs_validation": "needs_validation",  # early stopping / keep best without eval losses
 }
 
 

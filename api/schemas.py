@@ -52,6 +52,14 @@ class JobPublic(_Out):
     updated_at: datetime | None
     steps_done: int
     steps_total: int | None
+    stop_reason: str | None = Field(
+        default=None,
+        description="Why training ended: max_steps, epochs, early_stopping or cancelled.",
+    )
+    kept_step: int | None = Field(
+        default=None,
+        description="The step whose weights the adapter holds (training_config.keep).",
+    )
     cancel_requested: bool
     error: dict[str, str | None] | None
     artifacts: dict[str, str | None]
@@ -89,6 +97,8 @@ class JobPublic(_Out):
             updated_at=job.updated_at,
             steps_done=job.steps_done,
             steps_total=job.steps_total,
+            stop_reason=job.stop_reason,
+            kept_step=job.kept_step,
             cancel_requested=job.cancel_requested,
             error={"code": job.error_code, "message": job.error_message}
             if job.error_code

@@ -221,6 +221,8 @@ def _run_stages(
         worker=lease.worker,
         adapter_dir=str(adapter_dir),
         steps_done=outcome.steps,
+        stop_reason=outcome.stop_reason,
+        kept_step=outcome.kept_step,
     )
     log.info(
         "job %s %s after %d steps (loss %s)", job_id, status, outcome.steps, outcome.final_loss

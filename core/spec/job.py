@@ -17,6 +17,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from core.spec.base import Float, Int
 from core.spec.base import Section as _Section
@@ -194,6 +195,23 @@ Scheduler = Literal[
 ]
 
 
+class EarlyStoppingSection(_Section):
+    patience: Int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Evaluations in a row without an improvement of the eval loss before "
+        "training stops.",
+    )
+    min_delta: Float = Field(
+        default=0.0,
+        ge=0.0,
+        le=100.0,
+        description="An eval loss counts as an improvement only when lower than the best so "
+        "far by more than this.",
+    )
+
+
 class TrainingSection(_Section):
     per_device_train_batch_size: Int = Field(default=2, ge=1, le=1024)
     gradient_accumulation_steps: Int = Field(default=4, ge=1, le=4096)
@@ -249,6 +267,17 @@ class TrainingSection(_Section):
         le=10_000_000,
         description="Eval loss every N optimizer steps; null: ten times per run (every "
         "max(1, total_steps // 10) steps).",
+    )
+
+    early_stopping: EarlyStoppingSection | None = Field(
+        default=None,
+        description="Stop when the eval loss (every eval_steps) stopped improving; needs a "
+        "validation split and eval_strategy 'steps'. null: train to max_steps or the epochs.",
+    )
+    keep: Literal["best", "last"] = Field(
+        default="last",
+        description="Which weights become the adapter: the last step's, or those of the "
+        "evaluation with the lowest eval loss ('best' needs a validation split).",
     )
 
     @field_validator("output_dir")
@@ -409,6 +438,31 @@ class JobSpec(_Section):
                 "training data"
             )
         return value
+
+    @field_validator("training")
+    @classmethod
+    def _early_stopping_needs_evaluations(
+        cls, cfg: TrainingSection, info: ValidationInfo
+    ) -> TrainingSection:
+        # Declared after the datasets, so info.data holds them (absent if they failed).
+        if cfg.early_stopping is None and cfg.keep == "last":
+            return cfg
+        what = "early_stopping" if cfg.early_stopping else "keep 'best'"
+        dataset = info.data.get("dataset")
+        no_share = dataset is None or dataset.validation_share <= 0
+        if info.data.get("validation_dataset") is None and no_share:
+            raise PydanticCustomError(
+                "needs_validation",
+                f"training_config.{what} compares eval losses, and this job has no validation "
+                "split: set training_dataset.validation_share (e.g. 0.1) or a validation_dataset",
+            )
+        if cfg.eval_strategy != "steps" and (cfg.early_stopping or cfg.eval_strategy == "no"):
+            raise PydanticCustomError(
+                "needs_validation",
+                f"training_config.{what} needs evaluations during training: set "
+                "training_config.eval_strategy to 'steps'",
+            )
+        return cfg
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

@@ -100,6 +100,9 @@ class Job(SQLModel, table=True):
     webhook_next_at: datetime | None = _ts()
     # event id and type, attempts, last_status, last_error, last_attempt_at, delivered_at
     webhook_delivery: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # Why training ended (max_steps, epochs, early_stopping, cancelled), whose weights were kept.
+    stop_reason: str | None = Field(default=None, max_length=32)
+    kept_step: int | None = None
     # The API key that created the job; null for jobs created with authentication disabled.
     owner_key_id: str | None = Field(
         default=None,

@@ -30,6 +30,7 @@ class SinkCallback(TrainerCallback):
         self.cancelled = False
         self.last_loss: float | None = None
         self.pending_eval: float | None = None  # measured at on_step_end, sent with that step's log
+        self.last_eval: tuple[int, float] | None = None  # (step, loss), for early stopping
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         self.sink.begin(state.max_steps)
@@ -44,6 +45,7 @@ class SinkCallback(TrainerCallback):
             started = time.perf_counter()
             eval_loss = self.trainer.held_out_loss(self.eval_batches)
             self.trainer.meter.pause(time.perf_counter() - started)  # not a training step's time
+            self.last_eval = (state.global_step, eval_loss)
             if control.should_log:  # the row this step logs next carries it
                 self.pending_eval = eval_loss
             else:

@@ -36,6 +36,8 @@ class TrainOutcome:
     cancelled: bool
     final_loss: float | None
     notes: list[str]
+    stop_reason: str | None = None  # max_steps, epochs, early_stopping or cancelled
+    kept_step: int | None = None  # whose weights the adapter holds (keep: best or last)
 
 
 class PadCollator:
@@ -236,6 +238,7 @@ def train(
 
     # Imported here: they import transformers, which a caller may not need loaded yet.
     from core.training.counting_trainer import CountingTrainer
+    from core.training.early_stopping import EarlyStopping
     from core.training.sink_callback import SinkCallback
 
     notes: list[str] = []
@@ -263,6 +266,8 @@ def train(
     )
     callback = SinkCallback(spec, sink, trainer, data.eval_batches)
     trainer.add_callback(callback)
+    stopper = EarlyStopping(spec, callback)  # after the callback: it reads its eval losses
+    trainer.add_callback(stopper)
     trainer.remove_callback(PrinterCallback)  # the sink reports; no raw dicts on stdout
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -274,10 +279,15 @@ def train(
     if callback.pending_eval is not None:  # measured at a step that logged no row
         sink.log(trainer.state.global_step, {"eval_loss": callback.pending_eval})
     sink.flush()
+    stop_reason, kept_step = stopper.finish(
+        loaded.model, final_step=trainer.state.global_step, cancelled=callback.cancelled
+    )
     return TrainOutcome(
         steps=trainer.state.global_step,
         total_steps=trainer.state.max_steps,
         cancelled=callback.cancelled,
         final_loss=callback.last_loss,
         notes=notes,
+        stop_reason=stop_reason,
+        kept_step=kept_step,
     )
