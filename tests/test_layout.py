@@ -149,3 +149,30 @@ def test_the_checks_see_a_loop_and_a_long_module(tmp_path: Path) -> None:
         "core.x",
         "core.y",
     }
+
+
+def test_every_project_import_resolves_deferred_ones_too() -> None:
+    """Imports inside functions (kept lazy so the API never loads torch) run only on the path
+    that needs them: a moved module breaks them silently until then. Check each one here."""
+    import importlib
+
+    broken = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+                continue
+            if node.module.split(".")[0] not in PACKAGES:
+                continue
+            try:
+                module = importlib.import_module(node.module)
+            except ImportError as exc:
+                broken.append(f"{name}: {node.module} ({exc})")
+                continue
+            for alias in node.names:
+                if hasattr(module, alias.name):
+                    continue
+                try:
+                    importlib.import_module(f"{node.module}.{alias.name}")
+                except ImportError:
+                    broken.append(f"{name}: {node.module}.{alias.name}")
+    assert broken == []

@@ -96,7 +96,7 @@ def failed_entry(fmt: str, exc: Exception) -> dict[str, Any]:
 
 
 def _ask(model: Any, tokenizer: Any, system: str, *, max_new_tokens: int) -> list[dict[str, Any]]:
-    from core.evaluation import generate_with_stop
+    from core.evaluation.run import generate_with_stop
 
     return [
         generate_with_stop(
