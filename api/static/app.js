@@ -1,7 +1,7 @@
 // medtune dashboard: jobs list, a live job page and a new-job form; plain JS modules + SVG,
 // nothing loaded from elsewhere.
 import { artifactsView, datasetView, evaluationView, notesList } from "./cards.js";
-import { drawChart, series } from "./charts.js";
+import { axis, drawChart, series } from "./charts.js";
 import { newJobPage } from "./newjob.js";
 import { openStream } from "./stream.js";
 import {
@@ -156,8 +156,8 @@ function jobPage(jobId) {
       lossNow.textContent = (last ? `step ${last.step}: ${num(last.loss)}` : "")
         + (lastEval ? ` · eval ${num(lastEval[1])} (step ${lastEval[0]})` : "");
       lrNow.textContent = last ? num(last.learning_rate) : "";
-      tpsNow.textContent = last ? num(last.tokens_per_second) : "";
-      memNow.textContent = last && last.peak_memory_mb != null ? `peak ${num(last.peak_memory_mb)}` : "";
+      tpsNow.textContent = last && last.tokens_per_second != null ? axis(last.tokens_per_second) : "";
+      memNow.textContent = last && last.peak_memory_mb != null ? `peak ${axis(last.peak_memory_mb)}` : "";
       if (job) renderDetails();
     });
   }

@@ -27,7 +27,7 @@ function summary(stats) {
     ["format", "Format", stats.format !== undefined ? `${stats.format} (${label(stats.layout || "—")} rows)` : undefined],
     ["chat_template", "Chat template", stats.chat_template],
     ["rows", "Rows read", stats.rows !== undefined ? num(stats.rows) : undefined],
-    ["dropped", "Dropped", stats.dropped_total !== undefined ? h("div", {}, `${num(stats.dropped_total)} rows`, counts(stats.dropped)) : undefined],
+    ["dropped", "Dropped", stats.dropped_total !== undefined ? (stats.dropped_total ? h("div", {}, `${num(stats.dropped_total)} rows`, counts(stats.dropped)) : "none") : undefined],
     ["examples", "Training examples", stats.examples !== undefined ? num(stats.examples) : undefined],
     ["validation_examples", "Validation examples", stats.validation_examples !== undefined ? num(stats.validation_examples) : undefined],
     ["tokens", "Tokens", stats.tokens !== undefined ? `${num(stats.tokens)}, of which trained ${num(stats.trained_tokens)} (${percent(stats.trained_token_share)})` : undefined],

@@ -39,12 +39,17 @@ export function drawChart(el, points, extra = [], mainLabel = "training") {
     t.textContent = content;
     el.append(t);
   };
-  text(L - 6, T + 12, num(y1), "end");
-  text(L - 4, H - B, num(y0), "end");
+  text(L - 6, T + 12, axis(y1), "end");
+  text(L - 4, H - B, axis(y0), "end");
   text(L, H - 4, `step ${Math.min(...xs)}`, "start");
   text(W - R, H - 4, `step ${Math.max(...xs)}`, "end");
   const named = extra.filter((s) => s.points.length);
   if (named.length) text(W - R, T + 12, [mainLabel, ...named.map((s) => s.label)].join(" · "), "end");
+}
+
+// An axis label short enough to fit its margin: whole numbers from 100 up (memory, tokens/s).
+export function axis(value) {
+  return Math.abs(value) >= 100 ? String(Math.round(value)) : num(value);
 }
 
 // [step, value] pairs of one metric, rows without it left out.

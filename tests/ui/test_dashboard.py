@@ -348,6 +348,9 @@ def test_a_finished_job_shows_every_card_readably(tab: Any, local: Local) -> Non
         assert tab.get_attribute(f"#{chart}", "data-points") == str(count)
     assert tab.get_attribute("#loss-chart", "data-eval-points") == "4"
     assert tab.get_attribute("#memory-chart", "data-peak-points") == "20"
+    # Axis labels fit their margin: whole megabytes, not 970.0000.
+    labels = tab.eval_on_selector_all("#memory-chart text", "els => els.map(e => e.textContent)")
+    assert "970" in labels and "901" in labels
     tab.screenshot(path=str(SCREENSHOT.with_name("medtune-dashboard-cards.png")), full_page=True)
 
 
@@ -355,12 +358,13 @@ def test_a_failed_gate_lists_its_problems(tab: Any, local: Local) -> None:
     job_id = finished_job(local, {})
     with session_scope(local.db_url) as s:
         job = jobs.get_job(s, job_id)
-        job.dataset_stats = {**MIX_STATS, "gate": FAILED_GATE}
+        job.dataset_stats = {**MIX_STATS, "gate": FAILED_GATE, "dropped": {}, "dropped_total": 0}
         s.add(job)
         s.commit()
     tab.goto(f"/#/jobs/{job_id}")
     tab.locator("#gate").wait_for()
     assert tab.get_attribute("#gate", "data-passed") == "false"
+    assert tab.inner_text('#dataset-stats > table.kv tr[data-key="dropped"] td') == "none"
     problems = tab.locator("#gate li").all_inner_texts()
     assert problems == [
         "no_end_of_turn (example 3): the answer is not closed",
