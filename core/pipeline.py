@@ -21,7 +21,7 @@ from core.errors import LeaseLost, MedtuneError, OutOfMemory
 from core.job_metrics import job_sink
 from core.plots import write_job_plots
 from core.settings import Settings
-from core.spec import JobSpec
+from core.spec.job import JobSpec, public_spec
 from core.storage import storage_error
 from core.store import jobs
 from core.store.db import session_scope
@@ -210,7 +210,8 @@ def _run_stages(
     _save_adapter(loaded, adapter_dir)
     if not outcome.cancelled:
         _export(job_id, spec, loaded, job_dir, adapter_dir, model_path, url)
-    (job_dir / "spec.json").write_text(json.dumps(spec.to_json(), indent=2))
+    # The webhook secret masked: the job folder is copied and shared; the row keeps the secret.
+    (job_dir / "spec.json").write_text(json.dumps(public_spec(spec.to_json()), indent=2))
     clock.start(None)
     write_job_plots(url, job_id, job_dir)  # plots/training.png, throughput.png; never raises
     status = JobStatus.cancelled if outcome.cancelled else JobStatus.succeeded

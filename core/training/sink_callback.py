@@ -35,6 +35,14 @@ class SinkCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         self.sink.begin(state.max_steps)
         t = self.trainer
+        if (
+            self.eval_batches
+            and state.global_step == 0
+            and self.spec.training.eval_strategy != "no"
+        ):
+            # The held-out loss before any training (a fresh LoRA adds nothing: the base's own),
+            # as step 0: the yardstick that says whether tuning helps on held-out data at all.
+            self.sink.log(0, {"eval_loss": t.held_out_loss(self.eval_batches)})
         t.meter.start(step=state.global_step, tokens=t.tokens, samples=t.samples)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:

@@ -78,3 +78,6 @@ def test_b_continues_a_and_a_webhook_arrives(
         event = json.loads(body)
         assert event["type"] == "job.succeeded" and event["data"]["id"] == a_id
         assert event["data"]["steps_done"] == 4
+    # The job folder's copy of the spec keeps no secret: it is shared with the artifacts.
+    stored = json.loads((home / "jobs" / a_id / "spec.json").read_text())
+    assert stored["webhook"]["secret"] != SECRET and SECRET not in json.dumps(stored)

@@ -97,6 +97,8 @@ def test_a_real_run_stops_early_and_keeps_its_best_weights(model_dir: Path, tmp_
         spec, loaded, train_items, output_dir=tmp_path / "out", sink=sink, eval_items=eval_items
     )
     evals = [(r["step"], r["eval_loss"]) for r in sink.rows if r.get("eval_loss") is not None]
+    assert evals[0][0] == 0  # the held-out loss before training, then after each step
+    evals = evals[1:]
     best_step, best_loss = min(evals, key=lambda e: (e[1], e[0]))
     assert outcome.stop_reason == "early_stopping", evals
     assert outcome.steps < 12 and outcome.steps == best_step + 2, evals

@@ -101,6 +101,7 @@ def test_every_row_is_complete_and_eval_loss_is_the_held_out_loss(
     encoded = encode_all(loaded.tokenizer, examples, max_length=256).items
     train_items, eval_items = encoded[:8], encoded[8:]
     output_dir = tmp_path / "out"
+    before = _held_out_loss(loaded.model, eval_items)  # a fresh LoRA: the base's own loss
     sink = FlushRecorder(checkpoints.checkpoint_dir(output_dir))
     events = TensorBoardSink(tmp_path / TENSORBOARD_DIR, resume_step=0)
     outcome = trainer.train(
@@ -113,16 +114,19 @@ def test_every_row_is_complete_and_eval_loss_is_the_held_out_loss(
     )
     events.close()
     assert outcome.steps == 4
-    assert [r["step"] for r in sink.rows] == [1, 2, 3, 4]
-    for row in sink.rows:
+    # Step 0 holds the held-out loss before training, beside the trained model's later ones.
+    assert [r["step"] for r in sink.rows] == [0, 1, 2, 3, 4]
+    assert sink.rows[0]["eval_loss"] == pytest.approx(before, rel=1e-4)
+    assert set(sink.rows[0]) == {"step", "eval_loss"}
+    for row in sink.rows[1:]:
         missing = [k for k in TRAINING_FIELDS if row.get(k) is None]
         assert not missing, (row["step"], missing)
         assert row["tokens_per_second"] > 0 and row["samples_per_second"] > 0  # type: ignore[operator]
         assert row["peak_memory_mb"] >= row["memory_mb"] > 0  # type: ignore[operator]
         assert row["reserved_memory_mb"] is None  # no CUDA caching allocator on the CPU
-    assert sink.rows[-1]["eta_seconds"] == 0.0 and sink.rows[0]["eta_seconds"] > 0  # type: ignore[operator]
-    # Every eval_steps (3) and at the end (4), in the row of that step.
-    assert [r["step"] for r in sink.rows if r.get("eval_loss") is not None] == [3, 4]
+    assert sink.rows[-1]["eta_seconds"] == 0.0 and sink.rows[1]["eta_seconds"] > 0  # type: ignore[operator]
+    # Before training, every eval_steps (3) and at the end (4), in the row of that step.
+    assert [r["step"] for r in sink.rows if r.get("eval_loss") is not None] == [0, 3, 4]
     assert all(math.isfinite(r["eval_loss"]) for r in sink.rows if r.get("eval_loss"))  # type: ignore[arg-type]
     # The last eval loss is the trained model's loss on the held-out tokens, batched or not.
     assert sink.rows[-1]["eval_loss"] == pytest.approx(
@@ -151,10 +155,11 @@ def test_a_job_with_a_validation_split_stores_eval_loss_and_tensorboard_events(
         job = jobs.get_job(s, job_id)
         rows, _ = jobs.metrics_page(s, job_id, after_step=-1, limit=100)
     assert status == JobStatus.succeeded, (job.error_code, job.error_message)
-    assert [r.step for r in rows] == [1, 2]
+    assert [r.step for r in rows] == [0, 1, 2]  # step 0: the held-out loss before training
     assert all(r.eval_loss is not None and math.isfinite(r.eval_loss) for r in rows)
-    assert all(getattr(r, k) is not None for r in rows for k in TRAINING_FIELDS)
+    assert all(getattr(r, k) is not None for r in rows[1:] for k in TRAINING_FIELDS)
     # The job's own event files, where `tensorboard --logdir <home>/jobs` finds them.
     for name in (*TRAINING_FIELDS, "eval_loss"):
         points = _scalars(tmp_path / "jobs" / job_id / TENSORBOARD_DIR, name)
-        assert points == pytest.approx({r.step: getattr(r, name) for r in rows}), name
+        logged = {r.step: getattr(r, name) for r in rows if getattr(r, name) is not None}
+        assert points == pytest.approx(logged), name
