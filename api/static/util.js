@@ -152,16 +152,25 @@ export function secondsPerStep(rows, window = 20) {
     const a = rows[i - 1], b = rows[i];
     const ds = b.step - a.step, dt = (Date.parse(b.created_at) - Date.parse(a.created_at)) / 1000;
     if (!(ds > 0) || !isFinite(dt)) continue;
-    const recent = intervals.slice(-window).map(([t, n]) => t / n).sort((x, y) => x - y);
-    const mid = Math.floor(recent.length / 2);
-    const median = recent.length % 2 ? recent[mid] : (recent[mid - 1] + recent[mid]) / 2;
-    const usual = recent.length >= 3 ? median : Math.min(...recent);
-    if (recent.length && dt / ds > Math.max(5 * usual, usual + 5)) continue;
+    const usual = typical(intervals.slice(-window).map(([t, n]) => t / n));
+    if (usual !== null && dt / ds > Math.max(5 * usual, usual + 5)) continue;
     intervals.push([Math.max(dt, 0), ds]);
   }
-  const kept = intervals.slice(-window);
+  // Judged again against the whole window: a slow first interval (the step-0 held-out loss
+  // before training, a cold start) had no recent pace to be judged by.
+  const recent = intervals.slice(-window);
+  const usual = typical(recent.map(([t, k]) => t / k));
+  const kept = recent.length < 3 ? recent : recent.filter(([t, k]) => t / k <= Math.max(5 * usual, usual + 5));
   const n = kept.reduce((sum, [, k]) => sum + k, 0);
   return n ? kept.reduce((sum, [t]) => sum + t, 0) / n : null;
+}
+
+// The recent pace: the median seconds per step (the fastest while there are fewer than 3).
+function typical(perStep) {
+  if (!perStep.length) return null;
+  const sorted = [...perStep].sort((x, y) => x - y), mid = Math.floor(sorted.length / 2);
+  if (sorted.length < 3) return sorted[0];
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
 }
 
 export function etaSeconds(rows, total) {

@@ -31,6 +31,15 @@ def test_an_outage_does_not_count_as_step_time() -> None:
     assert rate.eta(15, 60) == pytest.approx(90.0)  # not "115 s/step, ETA 5m46s"
 
 
+def test_a_slow_first_interval_is_left_out_once_the_pace_is_known() -> None:
+    # Step 0 is the held-out loss before training, logged 90 s before step 1.
+    rate = StepRate()
+    rate.add(row(0, 0.0))
+    for step in range(1, 8):
+        rate.add(row(step, 90 + 2.0 * step))
+    assert rate.seconds_per_step() == pytest.approx(2.0)
+
+
 def test_a_resume_that_goes_back_steps_is_not_an_interval() -> None:
     rate = StepRate()
     for step in range(1, 8):

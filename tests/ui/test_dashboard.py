@@ -386,6 +386,14 @@ def test_the_eta_leaves_an_outage_out(tab: Any, local: Local) -> None:
         rows,
     )
     assert per_step == pytest.approx(2.0) and eta == pytest.approx(90.0)
+    # A step-0 row (the held-out loss before training) logged 90 s before step 1.
+    late_start = [{"step": 0, "created_at": "2026-01-01T00:00:00Z"}] + [
+        {"step": n, "created_at": f"2026-01-01T00:01:{30 + 2 * n:02d}Z"} for n in range(1, 8)
+    ]
+    first = tab.evaluate(
+        'async (rows) => (await import("/static/util.js")).secondsPerStep(rows)', late_start
+    )
+    assert first == pytest.approx(2.0)
 
 
 def test_the_new_job_form_checks_through_the_api(tab: Any, local: Local) -> None:
