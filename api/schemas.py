@@ -47,9 +47,17 @@ class JobPublic(_Out):
         description="Peak GPU memory estimated from the spec (null: model shape unknown)."
     )
     created_at: datetime
-    started_at: datetime | None
+    started_at: datetime | None = Field(
+        description="When the first attempt started (a resumed job keeps it)."
+    )
     finished_at: datetime | None
     updated_at: datetime | None
+    attempts: int = Field(default=0, description="How many times a worker started the job.")
+    attempt_log: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="One entry per attempt: attempt, worker, started_at, and once it is over "
+        "ended_at and outcome (worker lost, worker restarted, succeeded, failed, cancelled).",
+    )
     steps_done: int
     steps_total: int | None
     stop_reason: str | None = Field(
@@ -95,6 +103,8 @@ class JobPublic(_Out):
             started_at=job.started_at,
             finished_at=job.finished_at,
             updated_at=job.updated_at,
+            attempts=job.attempts,
+            attempt_log=job.attempt_log or [],
             steps_done=job.steps_done,
             steps_total=job.steps_total,
             stop_reason=job.stop_reason,

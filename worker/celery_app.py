@@ -68,6 +68,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 
         heartbeat()
         log.info("worker %s consumes %s", name, queue)
+        reconciler.reclaim(app, settings, name)
     reconciler.start(app, settings, heartbeat=heartbeat)
     retention.start(settings)
     webhooks.start(settings)

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, delete, insert, or_, update
+from sqlalchemy import and_, case, delete, func, insert, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from core.errors import JobNotCancellable, JobNotFound, MedtuneError
 from core.spec import JobSpec
-from core.store.models import IdempotencyKey, Job, JobStatus, MetricRow, utcnow
+from core.store.models import IdempotencyKey, Job, JobStatus, MetricRow, Worker, utcnow
 
 METRIC_FIELDS = (
     "loss",
@@ -155,18 +155,42 @@ def request_cancel(session: Session, job_id: str, *, owner: str | None = None) -
 
 
 def claim(session: Session, job_id: str, *, worker: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
-    """Move a queued job to running under a lease; False if it is not queued (any more)."""
+    """Move a queued job to running under a lease; False if it is not queued (any more).
+
+    ``started_at`` is the first attempt's: a resumed job's duration includes its lost runs.
+    Each attempt is recorded in ``attempt_log`` (worker, start; its end and outcome later).
+    """
     now = utcnow()
-    return _update(
+    claimed = _update(
         session,
         job_id,
         col(Job.status) == JobStatus.queued,
         status=JobStatus.running,
-        started_at=now,
+        started_at=func.coalesce(col(Job.started_at), now),
         worker=worker,
         lease_expires_at=now + timedelta(seconds=lease_s),
         attempts=Job.attempts + 1,
     )
+    if claimed:
+        job = get_job(session, job_id)
+        session.refresh(job)
+        attempt = {"attempt": job.attempts, "worker": worker, "started_at": now.isoformat()}
+        job.attempt_log = [*(job.attempt_log or []), attempt]
+        session.add(job)
+        session.commit()
+    return claimed
+
+
+def _end_attempt(session: Session, job_id: str, outcome: str) -> None:
+    """Close the job's last open attempt with ``outcome`` (the job is no one's to race for)."""
+    job = get_job(session, job_id)
+    session.refresh(job)
+    log = [dict(a) for a in job.attempt_log or []]
+    if log and "ended_at" not in log[-1]:
+        log[-1] |= {"ended_at": utcnow().isoformat(), "outcome": outcome}
+        job.attempt_log = log
+        session.add(job)
+        session.commit()
 
 
 def renew_lease(session: Session, job_id: str, *, worker: str, lease_s: float) -> bool:
@@ -179,29 +203,45 @@ def renew_lease(session: Session, job_id: str, *, worker: str, lease_s: float) -
     )
 
 
-def requeue_lapsed(session: Session) -> list[str]:
-    """Running jobs whose worker stopped renewing its lease go back to queued, to be resumed.
+def _requeue(session: Session, where: Any, why: str) -> list[str]:
+    """Running jobs matching ``where`` go back to queued, to be resumed from their checkpoint.
 
     Returns the ids requeued; the conditional UPDATE makes two reconcilers agree on each job.
     """
     now = utcnow()
-    lapsed = session.exec(
-        select(Job.id).where(Job.status == JobStatus.running, col(Job.lease_expires_at) < now)
-    ).all()
+    running = and_(col(Job.status) == JobStatus.running, where)
     requeued = []
-    for job_id in lapsed:
+    for job_id in session.exec(select(Job.id).where(running)).all():
         if _update(
             session,
             job_id,
-            and_(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now),
+            running,
             status=JobStatus.queued,
             stage=None,
             lease_expires_at=None,
             enqueued_at=None,  # the reconciler sends it again
         ):
-            add_note(session, job_id, f"worker lost ({now:%Y-%m-%d %H:%M:%S} UTC); requeued")
+            _end_attempt(session, job_id, why)
+            add_note(session, job_id, f"{why} ({now:%Y-%m-%d %H:%M:%S} UTC); requeued")
             requeued.append(job_id)
     return requeued
+
+
+def requeue_lapsed(session: Session, *, workers_dead_before: datetime | None = None) -> list[str]:
+    """Requeue running jobs whose worker stopped renewing its lease, or (with
+    ``workers_dead_before``) whose worker's last heartbeat is older than that: a worker
+    killed outright is noticed within a few heartbeats instead of a whole lease."""
+    lapsed: Any = col(Job.lease_expires_at) < utcnow()
+    if workers_dead_before is not None:
+        dead = select(Worker.name).where(col(Worker.last_seen) < workers_dead_before)
+        lapsed = or_(lapsed, col(Job.worker).in_(dead))
+    return _requeue(session, lapsed, "worker lost")
+
+
+def requeue_held_by(session: Session, worker: str) -> list[str]:
+    """At a worker's start: the running jobs its name holds lost their run when the process
+    with that name died (names are unique), so they are requeued now, not when the lease ends."""
+    return _requeue(session, col(Job.worker) == worker, "worker restarted")
 
 
 def mark_enqueued(session: Session, job_id: str) -> None:
@@ -259,7 +299,7 @@ def finish(
     held = col(Job.status) == JobStatus.running
     if worker is not None:
         held = and_(held, col(Job.worker) == worker)
-    _update(
+    if _update(
         session,
         job_id,
         held,
@@ -269,7 +309,8 @@ def finish(
         error_code=error_code,
         error_message=error_message,
         **values,
-    )
+    ):
+        _end_attempt(session, job_id, str(status))
 
 
 def cancel_requested(session: Session, job_id: str) -> bool:

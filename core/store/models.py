@@ -87,6 +87,8 @@ class Job(SQLModel, table=True):
     # The running worker renews this lease; once it lapses the job is requeued and resumed.
     lease_expires_at: datetime | None = _ts(index=True)
     attempts: int = Field(default=0, sa_column_kwargs={"server_default": text("0")})
+    # One entry per claim: attempt, worker, started_at, and once over ended_at and outcome.
+    attempt_log: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
     queue: str | None = Field(default=None, max_length=100)
     # Set once the broker took the job's task; a queued job without it was never sent.
     enqueued_at: datetime | None = _ts()

@@ -15,7 +15,7 @@ from core.errors import JobNotCancellable, JobNotFound
 from core.spec import JobSpec
 from core.store import jobs
 from core.store.db import get_engine
-from core.store.models import Job, JobStatus, MetricRow
+from core.store.models import Job, JobStatus, MetricRow, Worker
 from tests.helpers import recipe_spec
 
 SPEC = JobSpec.model_validate(recipe_spec("sample:medical_qa"))
@@ -335,3 +335,56 @@ def test_notes_and_set_fields(session: Session) -> None:
     row = fresh(session, job.id)
     assert (row["stage"], row["steps_total"]) == ("training", 12)
     assert row["notes"] == ["first", "second"]
+
+
+def _running(session: Session, *, worker: str) -> str:
+    job = jobs.create_job(session, JobSpec())
+    assert jobs.claim(session, job.id, worker=worker, lease_s=300)
+    return job.id
+
+
+def test_a_restarted_worker_requeues_what_its_name_held(session: Session) -> None:
+    mine, other = _running(session, worker="gpu0@h"), _running(session, worker="gpu1@h")
+    assert jobs.requeue_held_by(session, "gpu0@h") == [mine]
+    assert jobs.get_job(session, mine).status == JobStatus.queued
+    assert jobs.get_job(session, mine).enqueued_at is None  # the reconciler sends it now
+    assert jobs.get_job(session, other).status == JobStatus.running
+    assert any("worker restarted" in n for n in jobs.get_job(session, mine).notes)
+
+
+def test_jobs_of_a_worker_without_heartbeat_are_requeued_before_their_lease(
+    session: Session,
+) -> None:
+    from core.routing import announce
+
+    now = datetime.now(UTC)
+    announce(session, name="dead@h", queue="medtune.train", gpu_name=None, gpu_memory_gib=None)
+    announce(session, name="alive@h", queue="medtune.train", gpu_name=None, gpu_memory_gib=None)
+    session.execute(
+        update(Worker)
+        .where(col(Worker.name) == "dead@h")
+        .values(last_seen=now - timedelta(seconds=100))
+    )
+    session.commit()
+    lost, alive = _running(session, worker="dead@h"), _running(session, worker="alive@h")
+    assert jobs.requeue_lapsed(session) == []  # both leases run for 300 s more
+    dead_before = now - timedelta(seconds=90)
+    assert jobs.requeue_lapsed(session, workers_dead_before=dead_before) == [lost]
+    assert jobs.get_job(session, alive).status == JobStatus.running
+
+
+def test_a_resumed_job_keeps_its_first_start_and_logs_each_attempt(session: Session) -> None:
+    job_id = _running(session, worker="w1")
+    first = jobs.get_job(session, job_id).started_at
+    assert jobs.requeue_held_by(session, "w1") == [job_id]
+    assert jobs.claim(session, job_id, worker="w2")
+    jobs.finish(session, job_id, JobStatus.succeeded, worker="w2")
+    job = jobs.get_job(session, job_id)
+    session.refresh(job)
+    assert job.started_at == first and job.attempts == 2
+    log = job.attempt_log or []
+    assert [(a["attempt"], a["worker"], a["outcome"]) for a in log] == [
+        (1, "w1", "worker restarted"),
+        (2, "w2", "succeeded"),
+    ]
+    assert log[0]["ended_at"] <= log[1]["started_at"] <= log[1]["ended_at"]
