@@ -115,3 +115,32 @@ def test_pipeline_evaluates_the_held_out_split(
     (bench,) = result["benchmarks"]
     assert bench["name"] == "mcq" and bench["questions"] == 3
     assert 0 <= bench["base_accuracy"] <= 1 and bench["difference"] is not None
+
+
+@pytest.mark.slow
+def test_ready_made_prompt_texts_skip_scoring_with_a_note_not_an_error(
+    tmp_path: Path, sqlite_url: str, model_cache: Path
+) -> None:
+    """Rows that are whole prompt texts (the recipe's own `prompt` column) hold no question and
+    answer to score: the job succeeds and says so (it used to end in internal_error after
+    training, from a mean over nothing)."""
+    rows = [
+        {"prompt": f"<|im_start|>user\nWhat is condition {i}?<|im_end|>\n<|im_start|>assistant\n"
+         f"Condition {i} is a made-up disease for tests.<|im_end|>\n"}
+        for i in range(16)
+    ]  # fmt: skip
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = recipe_spec(data, max_steps=2)
+    raw["training_dataset"]["validation_share"] = 0.25
+    raw["evaluation_config"] = {"enabled": True, "max_examples": 2, "max_new_tokens": 8}
+    with session_scope(sqlite_url) as s:
+        job_id = jobs.create_job(s, JobSpec.model_validate(raw)).id
+    settings = Settings(home=tmp_path, database_url=sqlite_url, model_cache=model_cache)
+    assert run_job(job_id, settings, worker="w") == JobStatus.succeeded
+    with session_scope(sqlite_url) as s:
+        job = jobs.get_job(s, job_id)
+    assert job.error_code is None
+    assert any("no held-out question/answer pairs to score" in n for n in job.notes), job.notes
+    result = json.loads((tmp_path / "jobs" / job_id / EVALUATION_FILE).read_text())
+    assert result["examples"] == 0 and result["difference"]["rougeL"] is None
