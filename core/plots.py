@@ -49,6 +49,7 @@ def _minutes(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], lis
 
 def _training(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(8, 6), dpi=100, layout="constrained")
     loss_ax, lr_ax = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
@@ -63,6 +64,7 @@ def _training(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     lr_ax.plot(*_series(rows, "learning_rate"), color="#9333ea")
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("step")
+    lr_ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     lr_ax.grid(alpha=0.3)
     figure.savefig(path)
