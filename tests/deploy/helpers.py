@@ -64,6 +64,7 @@ TRAINING_STACK = {
     "rouge-score",
     "sacrebleu",
     "scipy",  # LoftQ initialisation (peft)
+    "matplotlib",  # the job's plots, drawn by the worker
     "tensorboardx",  # TensorBoard event files, written by the worker's training loop
 }
 # Never installed in the API image, whoever asks.

@@ -174,7 +174,7 @@ def test_the_validation_set_is_the_validation_split(tmp_path: Path, tokenizer: A
     assert tokenizer.decode(first.input_ids).startswith("<|im_start|>system\n")
     labelled = zip(first.input_ids, first.labels, strict=True)
     trained = tokenizer.decode([t for t, label in labelled if label != IGNORE_INDEX])
-    assert trained.startswith("held answer 0.") and trained.endswith("<|im_end|>\n")
+    assert trained.startswith("held answer 0.") and trained.endswith("<|im_end|>")
     stats = prepared.stats
     assert stats["examples"] == 12 and stats["validation_examples"] == 5
     assert stats["sources"][0]["validation_examples"] == 0  # none from the training source
