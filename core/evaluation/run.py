@@ -21,19 +21,6 @@ from core.evaluation.scores import meteor_available, score_answers
 EVALUATION_FILE = "evaluation.json"  # in the job's artifacts folder
 
 
-def generate(
-    model: Any,
-    tokenizer: Any,
-    messages: list[dict[str, str]],
-    *,
-    max_new_tokens: int,
-    adapter: bool,
-) -> str:
-    return generate_with_stop(
-        model, tokenizer, messages, max_new_tokens=max_new_tokens, adapter=adapter
-    )["answer"]
-
-
 def generate_with_stop(
     model: Any,
     tokenizer: Any,
