@@ -14,6 +14,28 @@ from core.errors import InferenceTimeout, MedtuneError
 from core.queue import INFER_QUEUE
 
 
+def decoding_options(
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    repetition_penalty: float,
+    stop: list[str] | None,
+) -> dict[str, Any]:
+    """The decoding part of an inference task's kwargs, the same for /infer and
+    /v1/chat/completions; an option left at its default is not sent."""
+    options: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+    }
+    if repetition_penalty != 1.0:
+        options["repetition_penalty"] = repetition_penalty
+    if stop:
+        options["stop"] = stop
+    return options
+
+
 def call_inference_worker(
     queue: Any,
     task: str,

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import InferRequest, InferResponse
-from api.worker_calls import relay_sse
+from api.worker_calls import decoding_options, relay_sse
 from core.errors import JobNotReady, MedtuneError
 from core.inference.remote import ask, job_target, stream_answer
 from core.inference.stream import channel_for
@@ -99,14 +99,14 @@ def infer(
     kwargs: dict[str, Any] = {
         "job": job_target(job, spec),  # the worker needs no job-store query of its own
         "use_adapter": body.use_adapter,
-        "max_new_tokens": body.max_new_tokens,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
+        **decoding_options(
+            max_new_tokens=body.max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            repetition_penalty=body.repetition_penalty,
+            stop=body.stop,
+        ),
     }
-    if body.repetition_penalty != 1.0:
-        kwargs["repetition_penalty"] = body.repetition_penalty
-    if body.stop:
-        kwargs["stop"] = body.stop
     if body.backend != "auto":
         kwargs["backend"] = body.backend
     args = [job.id, messages_for(body, spec)]

@@ -18,7 +18,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
-from api.worker_calls import relay_sse
+from api.worker_calls import decoding_options, relay_sse
 from core.errors import MedtuneError
 from core.inference.catalog import list_models, resolve_model
 from core.inference.remote import ask, job_target, stream_answer
@@ -128,14 +128,14 @@ def create_chat_completion(
     )
     kwargs: dict[str, Any] = {
         "use_adapter": target.job is not None,
-        "max_new_tokens": body.max_completion_tokens or body.max_tokens or 256,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
+        **decoding_options(
+            max_new_tokens=body.max_completion_tokens or body.max_tokens or 256,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            repetition_penalty=body.repetition_penalty,
+            stop=body.stops(),
+        ),
     }
-    if body.repetition_penalty != 1.0:
-        kwargs["repetition_penalty"] = body.repetition_penalty
-    if body.stops():
-        kwargs["stop"] = body.stops()
     if target.job is None:
         kwargs["base_model"] = target.base_model
     else:
