@@ -69,6 +69,7 @@ def job_spec(args: argparse.Namespace) -> dict[str, Any]:
             "enabled": True,
             "max_examples": args.questions,
             "max_new_tokens": args.max_new_tokens,
+            "repetition_penalty": args.repetition_penalty,
             "seed": args.seed,
             "benchmarks": [{"name": "medical_mcq_sample", "file": "sample:medical_mcq"}],
         },
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--questions", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/eval-heldout-cpu.json")
     args = parser.parse_args()
