@@ -18,6 +18,7 @@ from core.continuation import adapter_path
 from core.data.prepare import Prepared, prepare
 from core.data.tokenize import ensure_chat_template
 from core.errors import LeaseLost, MedtuneError, OutOfMemory
+from core.inference.warm import send_warm
 from core.job_metrics import job_sink
 from core.plots import write_job_plots
 from core.settings import Settings
@@ -188,6 +189,7 @@ def _run_stages(
     loaded = engines.load(spec, model_path, init_adapter=adapter_path(url, spec))
     ensure_chat_template(loaded.tokenizer, spec.dataset.chat_template)
     clock.start("training", engine=loaded.engine)
+    send_warm(settings, spec, job_id=job_id, model_path=model_path, engine=loaded.engine)
     _note(url, job_id, *loaded.notes)
     outcome = _train_with_recovery(
         job_id,
@@ -209,6 +211,7 @@ def _run_stages(
     lease.check()
     _save_adapter(loaded, adapter_dir)
     if not outcome.cancelled:
+        send_warm(settings, spec, job_id=job_id, adapter_dir=str(adapter_dir))
         _export(job_id, spec, loaded, job_dir, adapter_dir, model_path, url)
     # The webhook secret masked: the job folder is copied and shared; the row keeps the secret.
     (job_dir / "spec.json").write_text(json.dumps(public_spec(spec.to_json()), indent=2))

@@ -14,6 +14,9 @@ RUN_JOB_TASK = "medtune.run_job"
 INFER_TASK = "medtune.infer"
 EXPORT_TASK = "medtune.export"
 PREVIEW_TASK = "medtune.preview"  # renders a dataset's first examples (needs a tokenizer)
+# Sent by a training worker when a job starts training (load its base) and when its adapter is
+# saved (attach it, build the fast path): the first answer then finds everything loaded.
+WARM_TASK = "medtune.warm_base"
 
 
 def serves_only_inference(queues: Iterable[str]) -> bool:
@@ -32,7 +35,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": TRAIN_QUEUE,
-        "task_routes": {RUN_JOB_TASK: {"queue": TRAIN_QUEUE}, INFER_TASK: {"queue": INFER_QUEUE}},
+        "task_routes": {
+            RUN_JOB_TASK: {"queue": TRAIN_QUEUE},
+            INFER_TASK: {"queue": INFER_QUEUE},
+            WARM_TASK: {"queue": INFER_QUEUE},
+        },
         "broker_transport_options": _transport_options(
             settings.celery_broker_url, visibility_timeout_s=settings.visibility_timeout_s
         ),

@@ -65,6 +65,23 @@ class Settings(BaseSettings):
         le=64,
         description="Threads of an inference-only worker (requests it takes at once to batch).",
     )
+    infer_warm: bool = Field(
+        default=True,
+        description="A training worker asks the inference workers to load a job's base model "
+        "when the job starts training, and its adapter when it is saved, so the first answer "
+        "loads nothing (skipped on a GPU that cannot hold training and inference at once).",
+    )
+    infer_preload: str | None = Field(
+        default=None,
+        description="A base model an inference worker loads when it starts (a name as "
+        "base_model takes it), if its GPU has room beside a training job on that base.",
+    )
+    infer_fast: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: on CUDA, an inference worker builds each asked adapter's CUDA-graph "
+        "path in the background when the card has room (a bf16 copy of the base with the "
+        "adapter merged, else the 4-bit base with the adapter) and answers with it once ready.",
+    )
     infer_threads: int = Field(
         default=0,
         ge=0,

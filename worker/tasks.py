@@ -10,6 +10,8 @@ import threading
 from functools import lru_cache
 from typing import Any
 
+from celery.signals import worker_ready
+
 from core.base_models import hub_call, resolve
 from core.data.preview import preview
 from core.errors import MedtuneError
@@ -17,9 +19,18 @@ from core.export.run import run_export
 from core.inference.engine import InferenceEngine
 from core.inference.stream import channel_for
 from core.inference.task import build_request, serve
+from core.inference.warm import preload, warm
 from core.logs import install_celery_logging, job_context
 from core.pipeline import run_job
-from core.queue import EXPORT_TASK, INFER_TASK, PREVIEW_TASK, RUN_JOB_TASK, serves_only_inference
+from core.queue import (
+    EXPORT_TASK,
+    INFER_QUEUE,
+    INFER_TASK,
+    PREVIEW_TASK,
+    RUN_JOB_TASK,
+    WARM_TASK,
+    serves_only_inference,
+)
 from core.settings import Settings, get_settings
 from core.spec import DatasetSection
 from worker.celery_app import app, consumed_queues
@@ -85,6 +96,7 @@ def _new_engine() -> InferenceEngine:
         batch_wait_s=settings.infer_batch_wait_ms / 1000,
         default_backend=settings.infer_backend,
         llama_threads=llama_threads(settings, consumed_queues()),
+        fast=settings.infer_fast == "auto",
     )
 
 
@@ -135,6 +147,48 @@ def infer_task(
         # its shape: a patient's question's answer has no place in the worker's log.
         return {key: result.get(key) for key in ("finish_reason", "usage", "backend")}
     return result
+
+
+@app.task(name=WARM_TASK)
+def warm_task(
+    base_model: str,
+    *,
+    load_in_4bit: bool = True,
+    adapter_dir: str | None = None,
+    adapter_name: str | None = None,
+    training: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load a job's base (and adapter) before its first question; see core/inference/warm.py."""
+    try:
+        return warm(
+            _engine(),
+            base_model=base_model,
+            load_in_4bit=load_in_4bit,
+            adapter_dir=adapter_dir,
+            adapter_name=adapter_name,
+            training=training,
+        )
+    except Exception as exc:  # a failed warm costs the first answer its speed, nothing more
+        log.warning("warming %s failed: %s: %s", base_model, type(exc).__name__, exc)
+        return {"warmed": False, "why": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+@worker_ready.connect
+def _preload(sender: Any = None, **_: Any) -> None:
+    """MEDTUNE_INFER_PRELOAD: an inference worker loads that base in the background at start."""
+    settings = get_settings()
+    consumed = {q.name for q in sender.task_consumer.queues} if sender else set()
+    if not settings.infer_preload or INFER_QUEUE not in consumed:
+        return
+
+    def load() -> None:
+        try:
+            # medtune up and the compose file put a training worker on the same card.
+            log.info("preload: %s", preload(_engine(), settings, shares_card_with_training=True))
+        except Exception as exc:
+            log.warning("preload of %s failed: %s", settings.infer_preload, exc)
+
+    threading.Thread(target=load, name="medtune-preload", daemon=True).start()
 
 
 @lru_cache(maxsize=4)

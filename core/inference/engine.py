@@ -11,7 +11,12 @@ Backends, chosen per request (``backend``) or automatically:
   (Unsloth ``for_inference`` for adapters).
 - ``llama_cpp``: a GGUF file through llama.cpp: a job's ``gguf/model-q4_k_m.gguf`` export, or the
   embedded model's shipped GGUF for its base. ``auto`` picks it on a CPU when the file exists.
-- ``cuda_static``: a job's ``merged_16bit`` export on CUDA, static KV cache + compiled decode.
+- ``cuda_static``: on CUDA, a static KV cache and one CUDA-graph replay per token: a job's
+  ``merged_16bit`` export, or the fast model the engine builds itself in the background for an
+  adapter it was asked about (core/inference/fast.py); ``auto`` picks it once it is ready.
+
+``warm`` loads a base (and an adapter) before anyone asks: the training worker sends it when a
+job starts training and when its adapter is saved (core/inference/warm.py).
 
 Two lanes, so one slow request cannot hold the others: llama.cpp has a thread of its own (its
 models and KV caches share nothing with the torch ones), and the model thread answers in turns.
@@ -35,9 +40,10 @@ from typing import Any, Literal
 from core.base_models import hub_call, resolve
 from core.data.tokenize import ensure_chat_template, saved_chat_template
 from core.errors import MedtuneError
-from core.inference.adapters import AdapterInvalid, AdapterMissing, check_adapter_folder
+from core.inference.adapters import activate
 from core.inference.batching import Batcher, Pending
 from core.inference.context import PromptCounter, check_fits
+from core.inference.fast import FastPaths
 from core.inference.generate import (
     Batch,
     Generation,
@@ -52,10 +58,6 @@ log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "transformers", "llama_cpp"]
 BACKENDS: tuple[str, ...] = ("auto", "transformers", "llama_cpp")
-# Where core/export/gguf.py writes a job's GGUF exports (its ``file_name``), under artifacts_dir.
-GGUF_FOLDER = "gguf"
-GGUF_FAST_QUANT = "q4_k_m"
-MERGED_FOLDER = "merged_16bit"  # core/export/formats.py's merged export, under artifacts_dir
 TURN_TOKENS = 16  # tokens a batch makes before it may yield the model to a waiting request
 
 
@@ -64,21 +66,6 @@ class InferenceCancelled(MedtuneError):
 
     code = "inference_cancelled"
     status = 499
-
-
-def job_gguf(artifacts_dir: str | None) -> str | None:
-    """A job's q4_k_m GGUF export, if it was written."""
-    if not artifacts_dir:
-        return None
-    path = Path(artifacts_dir) / GGUF_FOLDER / f"model-{GGUF_FAST_QUANT}.gguf"
-    return str(path) if path.is_file() else None
-
-
-def job_merged(artifacts_dir: str | None) -> str | None:
-    if not artifacts_dir:
-        return None
-    path = Path(artifacts_dir) / MERGED_FOLDER
-    return str(path) if (path / "config.json").is_file() else None
 
 
 @dataclass
@@ -125,6 +112,13 @@ class _Base:
 
 
 @dataclass(eq=False)
+class _Call:
+    """Work for the model thread between batches (a warm load, installing a fast model)."""
+
+    fn: Callable[[], Any]
+
+
+@dataclass(eq=False)
 class _Paused:
     """A transformers batch between two turns: its requests, their adapters, and its state."""
 
@@ -144,6 +138,7 @@ class InferenceEngine:
         batch_wait_s: float = 0.005,
         default_backend: str = "auto",
         llama_threads: int | None = None,
+        fast: bool = True,
     ) -> None:
         self.models_dir = models_dir
         self.max_adapters = max(max_adapters, max_batch)  # a batch's adapters fit at once
@@ -153,7 +148,6 @@ class InferenceEngine:
         self._tokenizers: dict[str, Any] = {}
         self._llama_tokenizers: dict[str, Any] = {}  # the llama.cpp lane's own
         self._paused: set[_Paused] = set()
-        self._static: OrderedDict[str, Any] = OrderedDict()
         self.llama = LlamaCppBackend(loads=self.loads, n_threads=llama_threads)
         self.counter = PromptCounter()
         self._cuda: bool | None = None
@@ -162,7 +156,12 @@ class InferenceEngine:
             self._group_key,
             max_batch=max_batch,
             wait_s=batch_wait_s,
-            batchable=lambda request: request.backend == "transformers",
+            batchable=lambda request: getattr(request, "backend", None) == "transformers",
+        )
+        self.fast = FastPaths(
+            run_on_model_thread=lambda fn: self.batcher.submit(_Call(fn)),
+            loads=self.loads,
+            enabled=fast,
         )
         self.llama_lane = Batcher(
             self._run_group,
@@ -184,6 +183,37 @@ class InferenceEngine:
 
     def answer(self, **kwargs: Any) -> dict[str, Any]:
         return self.submit(InferenceRequest(**kwargs)).result()
+
+    def warm(
+        self,
+        base_model: str,
+        *,
+        load_in_4bit: bool = True,
+        adapter_dir: str | None = None,
+        adapter_name: str | None = None,
+    ) -> Future[dict[str, Any]]:
+        """Load a base (and attach an adapter) on the model thread before anyone asks; on CUDA
+        also run two tokens through it (kernels, autotuning) and start the adapter's fast
+        path. The Future holds what was done (``loads``, ``fast``)."""
+
+        def load() -> dict[str, Any]:
+            base = self._base(base_model, load_in_4bit=load_in_4bit)
+            name = None
+            if adapter_dir:
+                name = adapter_name or adapter_dir
+                self._activate(base, adapter_dir, name, in_use={name})
+            if self.cuda:
+                hi = [{"role": "user", "content": "Hi"}]
+                gen = GenerationRequest(messages=hi, max_new_tokens=2, adapter=name)
+                run_turn(start_batch(base.model, base.tokenizer, [gen]))
+            started = bool(adapter_dir) and self._want_fast(base_model, base, adapter_dir)
+            return {"loads": dict(self.loads), "fast_build_started": started}
+
+        return self.batcher.submit(_Call(load))
+
+    def has_base(self, name: str, *, load_in_4bit: bool) -> bool:
+        path = resolve(name, models_dir=self.models_dir)
+        return (path, load_in_4bit and self.cuda) in self._bases
 
     @property
     def _unsloth(self) -> bool:
@@ -222,7 +252,7 @@ class InferenceEngine:
                 )
             return "llama_cpp"
         if wanted == "auto":
-            if self.cuda and request.merged_dir:
+            if self.cuda and (request.merged_dir or self.fast.get(request.adapter_dir)):
                 return "cuda_static"
             if not self.cuda and request.gguf_path and llama_cpp_available():
                 return "llama_cpp"
@@ -238,7 +268,8 @@ class InferenceEngine:
             assert request.gguf_path
             context, what = self.llama.context_length(request.gguf_path), "the llama.cpp context"
         else:
-            model = request.merged_dir if request.backend == "cuda_static" else base
+            model = request.merged_dir if request.backend == "cuda_static" else None
+            model = model or base
             assert model
             context, what = self.counter.model_context(model), "the model's context"
         if context is not None:  # a config that declares none: generate() is the judge
@@ -251,8 +282,8 @@ class InferenceEngine:
 
     # --- batching -----------------------------------------------------------------------------
 
-    def _group_key(self, request: InferenceRequest | _Paused) -> Hashable:
-        if isinstance(request, _Paused):
+    def _group_key(self, request: InferenceRequest | _Paused | _Call) -> Hashable:
+        if isinstance(request, _Paused | _Call):
             return ("turn", id(request))
         if request.backend == "transformers":
             sampling = request.generation(None).sampling_key()
@@ -264,6 +295,12 @@ class InferenceEngine:
     def _run_group(self, group: Sequence[Pending]) -> None:
         if isinstance(group[0].request, _Paused):
             self._turn(group[0].request)
+            return
+        if isinstance(group[0].request, _Call):
+            try:
+                group[0].future.set_result(group[0].request.fn())
+            except Exception as exc:
+                group[0].future.set_exception(exc)
             return
         live = []
         for pending in group:
@@ -308,6 +345,9 @@ class InferenceEngine:
                 pending.future.set_exception(exc)
         if not ready:
             return
+        for req in {p.request.adapter_dir: p.request for p, name in ready if name}.values():
+            assert req.adapter_dir
+            self._want_fast(req.base_model, base, req.adapter_dir)
         batch = start_batch(
             base.model,
             base.tokenizer,
@@ -351,23 +391,27 @@ class InferenceEngine:
         _settle(pending, gen, backend="llama_cpp", batch_size=1)
 
     def _run_static(self, pending: Pending) -> None:
-        from core.inference.cuda import StaticCompiled
-
         req: InferenceRequest = pending.request
-        assert req.merged_dir
-        if req.merged_dir not in self._static:
-            compiled = StaticCompiled(req.merged_dir)
-            compiled.warm_up()
-            self.loads["merged"] += 1
-            self._static[req.merged_dir] = compiled
-            if len(self._static) > 1:  # each holds a whole bf16 model and its graphs
-                self._static.popitem(last=False)
         try:
-            gen = self._static[req.merged_dir].generate(req.generation(None))
+            fast = self.fast.export(req.merged_dir) if req.merged_dir else None
+            fast = fast or self.fast.get(req.adapter_dir)
+            if fast is None:  # evicted since it was chosen: the adapter's slower path answers
+                req.backend = "transformers"
+                self._run_transformers([pending])
+                return
+            tokenizer = fast.decoder.tokenizer
+            gen = fast.generate(self._generation(req, None, tokenizer))
         except MedtuneError as exc:  # a prompt too long for the static cache
             pending.future.set_exception(exc)
             return
-        _settle(pending, gen, backend="cuda_static", batch_size=1)
+        _settle(pending, gen, backend="cuda_static", batch_size=1, fast_path=fast.kind)
+
+    def _want_fast(self, base_model: str, base: _Base, adapter_dir: str) -> bool:
+        """Start the adapter's fast model in the background (CUDA; MEDTUNE_INFER_FAST)."""
+        if not self.cuda:
+            return False
+        path = resolve(base_model, models_dir=self.models_dir)
+        return self.fast.want(path, adapter_dir, base.tokenizer)
 
     def _generation(
         self, req: InferenceRequest, adapter: str | None, base: Any
@@ -415,58 +459,25 @@ class InferenceEngine:
         return self._bases[key]
 
     def _activate(self, base: _Base, adapter_dir: str, name: str, *, in_use: set[Any]) -> None:
-        if not Path(adapter_dir).is_dir():
-            if name in base.adapters:  # deleted after it was loaded: forget it too
-                base.adapters.pop(name)
-                base.model.delete_adapter(name)
-            raise AdapterMissing(
-                f"the adapter of {name} was deleted from the server; train the job again",
-                field="job_id",
-            )
-        if name in base.adapters:
-            base.adapters.move_to_end(name)
-            return
-        check_adapter_folder(adapter_dir, name)
-        try:
-            if self.cuda:
-                from core.inference.cuda import attach_adapter
-
-                base.model = attach_adapter(base.model, adapter_dir, name)
-            else:
-                from peft import PeftModel
-
-                if isinstance(base.model, PeftModel):
-                    base.model.load_adapter(adapter_dir, adapter_name=name)
-                else:
-                    base.model = PeftModel.from_pretrained(
-                        base.model, adapter_dir, adapter_name=name
-                    )
-                base.model.eval()
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            if name in getattr(base.model, "peft_config", {}):
-                base.model.delete_adapter(name)
-            raise AdapterInvalid(
-                f"the adapter of {name} does not fit its base model: {str(exc)[:200]}",
-                field="job_id",
-            ) from exc
-        base.adapters[name] = adapter_dir
-        self.loads["adapter"] += 1
-        log.info("loaded adapter %s (%d cached)", name, len(base.adapters))
-        while len(base.adapters) > self.max_adapters:
-            oldest = next(n for n in base.adapters if n not in in_use)
-            base.adapters.pop(oldest)
-            if base.model.active_adapter == oldest:
-                base.model.set_adapter(name)
-            base.model.delete_adapter(oldest)
-            self.loads["evicted"] += 1
+        activate(
+            base,
+            adapter_dir,
+            name,
+            in_use=in_use,
+            cuda=self.cuda,
+            max_adapters=self.max_adapters,
+            loads=self.loads,
+        )
 
 
-def _settle(pending: Pending, gen: Generation, *, backend: str, batch_size: int) -> None:
+def _settle(
+    pending: Pending, gen: Generation, *, backend: str, batch_size: int, **extra: Any
+) -> None:
     if gen.cancelled:  # nobody reads this answer: the task logs it and publishes nothing
         detail = f"stopped after {gen.completion_tokens} tokens: nobody waits for the answer"
         pending.future.set_exception(InferenceCancelled(detail))
     else:
-        pending.future.set_result(gen.as_result(backend=backend, batch_size=batch_size))
+        pending.future.set_result(gen.as_result(backend=backend, batch_size=batch_size, **extra))
 
 
 def resolve_base(request: InferenceRequest, models_dir: Path) -> str:

@@ -11,6 +11,11 @@ copy, so the GPU is never idle waiting for the host's text tracking and stop che
 
 The loop is device-agnostic: on the CPU (``compile=False``) it runs eagerly, which is how the
 tests check that it answers exactly like ``generate``.
+
+The model may be a merged one or a peft model with one LoRA adapter applied (its active one,
+not merged: the 4-bit path, where merging would round the adapter into the 4-bit weights). For
+a peft model the loop calls the transformers model peft injected its LoRA layers into, not the
+PeftModel wrapper, whose per-call adapter bookkeeping the graph need not trace.
 """
 
 from __future__ import annotations
@@ -26,19 +31,31 @@ from core.inference.generate import Generation, GenerationRequest, TextTracker
 class StaticDecoder:
     """Greedy or sampled decoding of one request at a time through one static cache."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_cache_tokens: int, compile: bool):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_cache_tokens: int,
+        compile: bool,
+        fullgraph: bool = True,
+    ):
         import torch
         from transformers import StaticCache
 
+        if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+            model = model.get_base_model()  # LoRA layers stay in it, the active adapter on
         self.model = model
         self.tokenizer = tokenizer
         self.max_cache_tokens = max_cache_tokens
         self.device = model.device
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_tokens)
         step = self._step
-        # fullgraph: a graph break would split the step into pieces that each launch separately.
+        # fullgraph: a graph break would split the step into pieces that each launch separately
+        # (fullgraph=False still runs, each piece its own graph: the fallback for a model whose
+        # step dynamo cannot trace whole).
         self._decode = (
-            torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            torch.compile(step, mode="reduce-overhead", fullgraph=fullgraph, dynamic=False)
             if compile
             else step
         )
@@ -84,7 +101,12 @@ class StaticDecoder:
     def generate(self, request: GenerationRequest) -> Generation:
         import torch
 
-        text = render(self.tokenizer, request.messages, add_generation_prompt=True)
+        text = render(
+            self.tokenizer,
+            request.messages,
+            add_generation_prompt=True,
+            chat_template=request.chat_template,
+        )
         prompt = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         n = int(prompt.shape[1])
         if n + request.max_new_tokens > self.max_cache_tokens:

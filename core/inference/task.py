@@ -11,14 +11,8 @@ from typing import Any
 from core.embedded_model import gguf_path as embedded_gguf
 from core.embedded_model import is_embedded
 from core.errors import JobNotReady, MedtuneError
-from core.inference.adapters import NoAdapter
-from core.inference.engine import (
-    InferenceCancelled,
-    InferenceEngine,
-    InferenceRequest,
-    job_gguf,
-    job_merged,
-)
+from core.inference.adapters import NoAdapter, job_gguf, job_merged
+from core.inference.engine import InferenceCancelled, InferenceEngine, InferenceRequest
 from core.inference.remote import job_target
 from core.inference.stream import Channel, stop_flag
 from core.settings import Settings

@@ -9,7 +9,8 @@ import pytest
 
 from core.embedded_model import gguf_path
 from core.errors import MedtuneError
-from core.inference.engine import InferenceEngine, job_gguf
+from core.inference.adapters import job_gguf
+from core.inference.engine import InferenceEngine
 from core.inference.llamacpp import llama_cpp_available
 
 pytestmark = pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python missing")

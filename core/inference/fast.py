@@ -1,0 +1,333 @@
+"""The CUDA-graph path for a job's adapter, built by the inference worker itself (issue #14).
+
+A tuned adapter answers first through Unsloth's ``for_inference`` (the base loaded once, LoRA
+unmerged). Meanwhile, when the card has room, a background thread builds a faster model for
+that adapter and the engine switches the adapter's requests to it once it is ready:
+
+- ``merged_bf16``: a bfloat16 copy of the base with the adapter merged in memory (no export
+  asked), decoded by core/inference/static_decode.py (static KV cache, one CUDA-graph replay
+  per token): the path that reached 147 tokens/s on an H200 for a merged export.
+- ``lora_4bit``: where a bf16 copy does not fit (a T4), the base in 4-bit (bitsandbytes NF4)
+  with the adapter applied unmerged, through the same loop. bitsandbytes supports CUDA graphs
+  for 4-bit since 0.44 and a Linear4bit that torch.compile traces whole (fullgraph) since 0.46
+  with torch >= 2.8; peft's LoRA layers compile for inference with one active adapter. Should
+  dynamo fail to trace the step whole, the step is compiled with graph breaks instead (each
+  piece its own graph), and the build notes it.
+
+The build runs off the model thread: loading, merging and torch.compile's tracing and code
+generation (tens of seconds, mostly CPU). CUDA-graph trees keep their state per thread, so the
+graphs themselves are recorded on the model thread, by a short generation queued there once the
+build is done (``install``); only then do requests switch. At most ``capacity`` fast models are
+kept (least recently used out), since each holds a copy of the base.
+
+Memory: a build starts only if the card's free memory holds the copy, its KV cache and a margin
+(``room``); a job training on the same card may still grow, so the warm message that names one
+(core/inference/warm.py) reserves its estimate. What was decided, and why, is logged and kept in
+``FastPaths.notes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.inference.generate import Generation, GenerationRequest
+from core.memory import GIB, ModelShape, shape_from_config
+
+log = logging.getLogger(__name__)
+
+STATIC_CACHE_TOKENS = 4096  # every graph is specialised to the cache length: one size for all
+_NF4_BYTES = 0.5 + 0.07  # core/memory.py's figure: 4-bit weights and their quantisation state
+_WARM_MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def weight_bytes(shape: ModelShape, *, four_bit: bool) -> int:
+    """A loaded model's weights: projections in 4-bit or bf16, embeddings and head in bf16."""
+    layers = sum(a * b for a, b in shape.projection_shapes().values()) * shape.num_hidden_layers
+    embed = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
+    return int(layers * (_NF4_BYTES if four_bit else 2) + embed * 2)
+
+
+def kv_cache_bytes(shape: ModelShape, tokens: int) -> int:
+    """A bf16 static KV cache of ``tokens`` slots (keys and values of every layer)."""
+    return 2 * shape.num_hidden_layers * tokens * shape.kv_size * 2
+
+
+def inference_bytes(shape: ModelShape, *, four_bit: bool, cache_tokens: int) -> int:
+    """One inference model: weights, a cache and a workspace (logits, activations, graphs)."""
+    workspace = shape.vocab_size * 4 * 8 + GIB // 2
+    return weight_bytes(shape, four_bit=four_bit) + kv_cache_bytes(shape, cache_tokens) + workspace
+
+
+def room(need: int, *, free: int, total: int, reserved: int = 0) -> str | None:
+    """None if ``need`` bytes fit in ``free`` beside ``reserved`` (a training job's growth) and a
+    margin (5% of the card, at least 1 GiB); else why not, in words."""
+    margin = max(GIB, total // 20)
+    if need + reserved + margin <= free:
+        return None
+    held = f" and {reserved / GIB:.1f} GiB kept for training" if reserved else ""
+    return (
+        f"needs {need / GIB:.1f} GiB{held} plus a {margin / GIB:.1f} GiB margin; "
+        f"{free / GIB:.1f} GiB of {total / GIB:.1f} GiB free"
+    )
+
+
+def model_shape(path: str) -> ModelShape | None:
+    return shape_from_config(Path(path) / "config.json")
+
+
+def gpu_memory() -> tuple[int, int]:
+    """Free and total bytes of this process's card."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return int(free), int(total)
+
+
+@dataclass
+class Fast:
+    """A model decoding one adapter (or a merged export) through the CUDA-graph loop."""
+
+    decoder: Any  # core.inference.static_decode.StaticDecoder
+    kind: str  # merged_bf16 | lora_4bit | merged_export
+    fullgraph: bool = True
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        return self.decoder.generate(request)
+
+
+def _bf16() -> Any:
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _decoder(model: Any, tokenizer: Any, *, cache_tokens: int) -> tuple[Any, bool]:
+    """A compiled StaticDecoder whose step has been traced and compiled (not yet recorded: a
+    two-token answer runs the compiled step once, which cudagraph trees run eagerly)."""
+    import torch
+
+    from core.inference.static_decode import StaticDecoder
+
+    warm = GenerationRequest(messages=_WARM_MESSAGES, max_new_tokens=2)
+    for fullgraph in (True, False):
+        decoder = StaticDecoder(
+            model, tokenizer, max_cache_tokens=cache_tokens, compile=True, fullgraph=fullgraph
+        )
+        try:
+            decoder.generate(warm)
+            return decoder, fullgraph
+        except Exception as exc:  # dynamo's Unsupported and friends: retry with graph breaks
+            if not fullgraph:
+                raise
+            log.warning("fast path: the step does not compile whole (%s); with graph breaks", exc)
+            torch._dynamo.reset()
+    raise AssertionError("unreachable")
+
+
+def build_merged(base_path: str, adapter_dir: str, tokenizer: Any, *, cache_tokens: int) -> Fast:
+    """bf16 base + the adapter merged in memory, compiled (runs off the model thread)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from core.inference.cuda import restore_stock_rotary
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=_bf16(), device_map={"": 0})
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
+    restore_stock_rotary(model)
+    decoder, fullgraph = _decoder(model, tokenizer, cache_tokens=cache_tokens)
+    return Fast(decoder, "merged_bf16", fullgraph)
+
+
+def build_lora_4bit(base_path: str, adapter_dir: str, tokenizer: Any, *, cache_tokens: int) -> Fast:
+    """4-bit base (bitsandbytes, not Unsloth) + the adapter unmerged, compiled."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from core.inference.cuda import restore_stock_rotary
+
+    config = json.loads((Path(base_path) / "config.json").read_text())
+    quant: dict[str, Any] = {}
+    if "quantization_config" not in config:  # a bnb-4bit checkpoint brings its own
+        quant["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_bf16(),
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype=_bf16(), device_map={"": 0}, **quant
+    )
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    restore_stock_rotary(model.get_base_model())
+    decoder, fullgraph = _decoder(model, tokenizer, cache_tokens=cache_tokens)
+    return Fast(decoder, "lora_4bit", fullgraph)
+
+
+def build_export(merged_dir: str, *, cache_tokens: int) -> Fast:
+    """A job's merged_16bit export (the original fast path), compiled and recorded in place."""
+    from core.inference.cuda import StaticCompiled
+
+    compiled = StaticCompiled(merged_dir, max_cache_tokens=cache_tokens)
+    compiled.warm_up()
+    return Fast(compiled.decoder, "merged_export")
+
+
+Builder = Callable[..., Fast]
+
+
+class FastPaths:
+    """The fast models of one engine: built in the background, installed on the model thread.
+
+    ``run_on_model_thread(fn)`` queues ``fn`` on the engine's model thread. ``enabled`` false
+    (MEDTUNE_INFER_FAST=off, or no CUDA) builds nothing; merged exports still load on demand.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_on_model_thread: Callable[[Callable[[], None]], Any],
+        loads: Counter[str],
+        enabled: bool,
+        capacity: int = 1,
+        cache_tokens: int = STATIC_CACHE_TOKENS,
+        builders: dict[str, Builder] | None = None,
+        memory: Callable[[], tuple[int, int]] = gpu_memory,
+    ) -> None:
+        self._run = run_on_model_thread
+        self.loads = loads
+        self.enabled = enabled
+        self.capacity = capacity
+        self.cache_tokens = cache_tokens
+        self.builders = builders or {"merged_bf16": build_merged, "lora_4bit": build_lora_4bit}
+        self.memory = memory
+        self.reserved = 0  # bytes a training job on this card may still take (warm message)
+        self._ready: OrderedDict[str, Fast] = OrderedDict()
+        self._building: set[str] = set()
+        self.notes: dict[str, str] = {}  # adapter folder -> what was decided (why not, failures)
+        self._lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+
+    def get(self, key: str | None) -> Fast | None:
+        """The ready fast model of an adapter folder (or merged export), marked recently used."""
+        if key is None:
+            return None
+        with self._lock:
+            fast = self._ready.get(key)
+            if fast is not None:
+                self._ready.move_to_end(key)
+            return fast
+
+    def export(self, merged_dir: str) -> Fast:
+        """A merged export's model, loaded and recorded now (on the model thread)."""
+        fast = self.get(merged_dir)
+        if fast is None:
+            fast = build_export(merged_dir, cache_tokens=self.cache_tokens)
+            self.loads["merged"] += 1
+            self._keep(merged_dir, fast)
+        return fast
+
+    def plan(self, base_path: str) -> tuple[str | None, str]:
+        """Which fast model fits this card now (None: none) and why."""
+        shape = model_shape(base_path)
+        if shape is None:
+            return None, "the base's config.json gives no shape to size the fast path by"
+        free, total = self.memory()
+        reasons = []
+        for kind in self.builders:
+            need = inference_bytes(
+                shape, four_bit=kind == "lora_4bit", cache_tokens=self.cache_tokens
+            )
+            why = room(need, free=free, total=total, reserved=self.reserved)
+            if why is None:
+                return kind, f"{kind}: {need / GIB:.1f} GiB fits"
+            reasons.append(f"{kind} {why}")
+        return None, "no fast path: " + "; ".join(reasons)
+
+    def want(self, base_path: str, adapter_dir: str, tokenizer: Any) -> bool:
+        """Start building the adapter's fast model unless it is ready, building or refused.
+        Returns whether a build started."""
+        with self._lock:
+            if (
+                not self.enabled
+                or adapter_dir in self._ready
+                or adapter_dir in self._building
+                or adapter_dir in self.notes
+            ):
+                return False
+            self._building.add(adapter_dir)
+        kind, why = self.plan(base_path)
+        if kind is None:
+            log.info("fast path for %s not built: %s", adapter_dir, why)
+            with self._lock:
+                self._building.discard(adapter_dir)
+                self.notes[adapter_dir] = why
+            return False
+        log.info("fast path for %s: building %s (%s)", adapter_dir, kind, why)
+        thread = threading.Thread(
+            target=self._build,
+            args=(kind, base_path, adapter_dir, tokenizer),
+            name="medtune-fast-build",
+            daemon=True,
+        )
+        self.threads.append(thread)
+        thread.start()
+        return True
+
+    def _build(self, kind: str, base_path: str, adapter_dir: str, tokenizer: Any) -> None:
+        try:
+            fast = self.builders[kind](
+                base_path, adapter_dir, tokenizer, cache_tokens=self.cache_tokens
+            )
+        except Exception as exc:
+            log.exception("fast path for %s failed to build", adapter_dir)
+            with self._lock:
+                self._building.discard(adapter_dir)
+                self.notes[adapter_dir] = f"{kind} failed: {type(exc).__name__}: {exc}"[:300]
+            return
+        self._run(lambda: self.install(adapter_dir, fast))
+
+    def install(self, key: str, fast: Fast) -> None:
+        """On the model thread: record the graphs with a short answer, then serve from it."""
+        try:
+            fast.generate(GenerationRequest(messages=_WARM_MESSAGES, max_new_tokens=4))
+        except Exception as exc:
+            with self._lock:
+                self._building.discard(key)
+                self.notes[key] = f"{fast.kind} failed on its first answer: {exc}"[:300]
+            raise
+        self.loads["fast"] += 1
+        self._keep(key, fast)
+        with self._lock:
+            self._building.discard(key)
+        log.info("fast path for %s ready (%s, fullgraph %s)", key, fast.kind, fast.fullgraph)
+
+    def _keep(self, key: str, fast: Fast) -> None:
+        with self._lock:
+            self._ready[key] = fast
+            evicted = []
+            while len(self._ready) > self.capacity:
+                evicted.append(self._ready.popitem(last=False))
+        for old, _ in evicted:
+            self.loads["fast_evicted"] += 1
+            log.info("fast path for %s evicted (least recently used)", old)
+        if evicted:
+            del evicted
+            _free_cuda()
+
+
+def _free_cuda() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
