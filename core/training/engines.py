@@ -6,12 +6,15 @@ the API and CPU workers never load it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from core.base_models import hub_call
 from core.errors import SpecError
 from core.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,6 +23,7 @@ class Loaded:
     tokenizer: Any
     engine: str
     notes: list[str] = field(default_factory=list)
+    kept: Any = None  # base_cache.Kept: the base to put back for the next job (load(keep=True))
 
 
 def cuda_available() -> bool:
@@ -52,20 +56,89 @@ def compute_dtype(spec: JobSpec) -> Any:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load(spec: JobSpec, model_path: str, *, init_adapter: str | None = None) -> Loaded:
+def load(
+    spec: JobSpec, model_path: str, *, init_adapter: str | None = None, keep: bool = False
+) -> Loaded:
     """The base with a trainable LoRA adapter: fresh, or ``init_adapter``'s weights (a folder
-    saved by an earlier job) to continue from."""
+    saved by an earlier job) to continue from.
+
+    ``keep`` (a training worker): reuse the base a previous job of this process left on the
+    same base (``core.training.base_cache``) instead of loading it, and make the base of this
+    job reusable; the caller hands it back with :func:`give_back` when the job is over.
+    """
     import torch
+
+    from core.training import base_cache
 
     check_loftq(spec, cuda=torch.cuda.is_available())
     engine = pick_engine(spec)
-    if engine == "unsloth":
-        loaded = _load_unsloth(spec, model_path, init_adapter)
+    key = base_key(spec, model_path, engine)
+    kept = base_cache.take(key) if keep else None
+    if kept is not None:
+        base, tokenizer = kept.model, kept.job_tokenizer()
+        notes = [
+            *kept.notes,
+            "base model reused: this worker kept it loaded after its previous job on it",
+        ]
+        log.info("base model %s reused from the previous job (not loaded again)", model_path)
     else:
-        loaded = _load_transformers(spec, model_path, init_adapter)
+        loader = _base_unsloth if engine == "unsloth" else _base_transformers
+        base, tokenizer, notes = loader(spec, model_path)
+        if keep and keepable(spec, engine):
+            kept = base_cache.Kept.of(key, base, tokenizer, notes)
+    try:
+        if engine == "unsloth":
+            model = _adapter_unsloth(spec, base, init_adapter)
+        else:
+            model = _adapter_transformers(spec, base, init_adapter)
+    except BaseException:
+        if kept is not None:
+            base_cache.give_back(kept)
+        raise
+    name = "unsloth" if engine == "unsloth" else "transformers+peft"
+    if engine != "unsloth" and key.load_in_4bit:
+        name += "+bnb4bit"
+    loaded = Loaded(model, tokenizer, name, notes, kept=kept)
     if init_adapter:
         loaded.notes.append(f"started from the adapter of job {spec.model.init_adapter}")
     return loaded
+
+
+def base_key(spec: JobSpec, model_path: str, engine: str) -> Any:
+    """Everything that changes what loading ``model_path`` for ``spec`` puts in memory."""
+    import torch
+
+    from core.training.base_cache import BaseKey
+
+    cuda = torch.cuda.is_available()
+    return BaseKey(
+        engine=engine,
+        path=model_path,
+        revision=spec.model.revision,
+        load_in_4bit=spec.model.load_in_4bit and cuda,
+        dtype=str(compute_dtype(spec)),
+        max_seq_length=spec.model.max_seq_length if engine == "unsloth" else None,
+        device="cuda" if cuda else "cpu",
+    )
+
+
+def keepable(spec: JobSpec, engine: str) -> bool:
+    """Whether a job leaves its base as it found it: LoftQ rewrites the base weights, a trained
+    bias is a base weight, and peft's merge (a merged export) folds LoRA into the base. The
+    base's checksum catches anything else that writes into it."""
+    merges = any(f != "lora" for f in spec.export.formats) and engine != "unsloth"
+    return spec.lora.loftq_config is None and spec.lora.bias == "none" and not merges
+
+
+def give_back(loaded: Loaded) -> None:
+    """After a job: put its base back for the next job (if it was loaded to be kept), and free
+    the adapter, its optimizer state and whatever else the job held."""
+    from core.training import base_cache
+
+    kept, loaded.kept, loaded.model = loaded.kept, None, None
+    if kept is not None:
+        base_cache.give_back(kept)
+    base_cache.free_memory()
 
 
 def _lora_error(exc: Exception) -> SpecError:
@@ -88,15 +161,8 @@ def check_loftq(spec: JobSpec, *, cuda: bool) -> None:
         )
 
 
-def _load_transformers(spec: JobSpec, model_path: str, init_adapter: str | None) -> Loaded:
+def _base_transformers(spec: JobSpec, model_path: str) -> tuple[Any, Any, list[str]]:
     import torch
-    from peft import (
-        LoftQConfig,
-        LoraConfig,
-        PeftModel,
-        get_peft_model,
-        prepare_model_for_kbit_training,
-    )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     notes: list[str] = []
@@ -129,8 +195,22 @@ def _load_transformers(spec: JobSpec, model_path: str, init_adapter: str | None)
     )
     if cuda and not quantized:
         model = model.to("cuda")
-    checkpointing = bool(spec.lora.use_gradient_checkpointing)
-    if quantized:
+    return model, tokenizer, notes
+
+
+def _adapter_transformers(spec: JobSpec, model: Any, init_adapter: str | None) -> Any:
+    import torch
+    from peft import (
+        LoftQConfig,
+        LoraConfig,
+        PeftModel,
+        get_peft_model,
+        prepare_model_for_kbit_training,
+    )
+    from transformers import set_seed
+
+    if spec.model.load_in_4bit and torch.cuda.is_available():  # quantized by _base_transformers
+        checkpointing = bool(spec.lora.use_gradient_checkpointing)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     lora = spec.lora
     config = LoraConfig(
@@ -145,17 +225,18 @@ def _load_transformers(spec: JobSpec, model_path: str, init_adapter: str | None)
         init_lora_weights="loftq" if lora.loftq_config else True,
         loftq_config=LoftQConfig(**lora.loftq_config.model_dump()) if lora.loftq_config else {},
     )
+    # The adapter's initial weights follow the job's seed (as Unsloth's random_state does), so
+    # a job starts the same whether its base was loaded now or kept from an earlier job.
+    set_seed(spec.training.seed)
     try:
         if init_adapter:  # the earlier job's weights, trainable, instead of a fresh adapter
-            model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
-        else:
-            model = get_peft_model(model, config)
+            return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        return get_peft_model(model, config)
     except (ValueError, TypeError) as exc:
         raise _lora_error(exc) from exc
-    return Loaded(model, tokenizer, "transformers+peft" + ("+bnb4bit" if quantized else ""), notes)
 
 
-def _load_unsloth(spec: JobSpec, model_path: str, init_adapter: str | None) -> Loaded:
+def _base_unsloth(spec: JobSpec, model_path: str) -> tuple[Any, Any, list[str]]:
     import torch
     from unsloth import FastLanguageModel
 
@@ -168,6 +249,16 @@ def _load_unsloth(spec: JobSpec, model_path: str, init_adapter: str | None) -> L
         load_in_4bit=spec.model.load_in_4bit,
         **({"revision": spec.model.revision} if spec.model.revision else {}),
     )
+    return model, tokenizer, []
+
+
+def _adapter_unsloth(spec: JobSpec, model: Any, init_adapter: str | None) -> Any:
+    """Unsloth's peft model on a plain base (a kept base is plain again: get_peft_model on a
+    model that still had an adapter would reuse that adapter instead of making a fresh one)."""
+    from unsloth import FastLanguageModel
+
+    if hasattr(model, "peft_config"):
+        raise RuntimeError("the base still carries an adapter; it must be loaded fresh")
     lora = spec.lora
     try:
         model = FastLanguageModel.get_peft_model(
@@ -190,7 +281,7 @@ def _load_unsloth(spec: JobSpec, model_path: str, init_adapter: str | None) -> L
         raise _lora_error(exc) from exc
     if init_adapter:
         _load_adapter_weights(model, init_adapter)
-    return Loaded(model, tokenizer, "unsloth")
+    return model
 
 
 def _load_adapter_weights(model: Any, folder: str) -> None:
