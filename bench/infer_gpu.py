@@ -9,9 +9,17 @@ transformers when imported) through the service's own code (core.inference.cuda 
 forward; ``bf16_graph_loop`` is the engine's fast path (core/inference/static_decode.py: one
 CUDA-graph replay per token), the one ``/infer`` uses for a merged export.
 
-    python bench/infer_gpu.py make TOKENIZER_DIR WORK_DIR     # WORK_DIR/model, WORK_DIR/adapter
-    python bench/infer_gpu.py run PATH WORK_DIR [--tokens 128]
+    python bench/infer_gpu.py make TOKENIZER_DIR WORK_DIR [--adapters N]
+        # WORK_DIR/model, WORK_DIR/adapter (and adapter_1 .. adapter_{N-1}, other seeds)
+    python bench/infer_gpu.py run PATH WORK_DIR [--tokens 128] [--runs 3] [--cap-gib 15]
     PATH: unsloth_4bit_lora | hf_4bit_peft | bf16_eager | bf16_static_compiled | bf16_graph_loop
+          | bf16_merged_graph | bnb4_lora_graph
+
+``bf16_merged_graph`` and ``bnb4_lora_graph`` are the engine's own fast paths for an adapter
+(core/inference/fast.py, issue #14): the adapter merged in memory into a bf16 copy of the base,
+or applied unmerged to the base in 4-bit (bitsandbytes), each through the CUDA-graph loop.
+``bnb4_lora_graph`` imports Unsloth first when installed, as an inference worker has.
+``--cap-gib`` caps the process's CUDA memory (a T4 holds 15 GiB).
 
 Prints one JSON line per run (appended to $BENCH_OUT if set): time to first token (prefill +
 first token) and decode tokens/s, medians of 3 after a warm-up. The random weights stand in for
@@ -40,6 +48,8 @@ PATHS = (
     "bf16_eager",
     "bf16_static_compiled",
     "bf16_graph_loop",
+    "bf16_merged_graph",
+    "bnb4_lora_graph",
 )
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTION = "What are the symptoms of iron deficiency anemia, and how is it treated?"
@@ -54,8 +64,8 @@ def emit(record: dict[str, Any]) -> None:
             fh.write(line + "\n")
 
 
-def make(tokenizer_dir: str, work: str) -> None:
-    """The 8B-shaped model (bench/gpu_train.py's shape) and a random LoRA adapter for it."""
+def make(tokenizer_dir: str, work: str, *, adapters: int = 1) -> None:
+    """The 8B-shaped model (bench/gpu_train.py's shape) and random LoRA adapters for it."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -67,11 +77,15 @@ def make(tokenizer_dir: str, work: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16, device_map={"": 0}
     )
-    lora = LoraConfig(
-        r=16, lora_alpha=16, target_modules=PROJECTIONS, init_lora_weights=False
-    )  # non-zero B: the adapter really computes
-    get_peft_model(model, lora).save_pretrained(adapter_dir)
-    emit({"made": "adapter", "dir": str(adapter_dir)})
+    for n in range(adapters):
+        torch.manual_seed(n)
+        lora = LoraConfig(
+            r=16, lora_alpha=16, target_modules=PROJECTIONS, init_lora_weights=False
+        )  # non-zero B: the adapter really computes
+        peft = get_peft_model(model, lora)
+        peft.save_pretrained(adapter_dir if n == 0 else Path(work) / f"adapter_{n}")
+        model = peft.unload()  # the bare base again, for the next seed
+    emit({"made": "adapters", "count": adapters, "dir": str(adapter_dir)})
 
 
 def _load(path: str, work: Path) -> tuple[Callable[[GenerationRequest], Generation], str | None]:
@@ -82,6 +96,18 @@ def _load(path: str, work: Path) -> tuple[Callable[[GenerationRequest], Generati
     from core.inference.cuda import StaticCompiled, attach_adapter, load_base
 
     model_dir, adapter_dir = str(work / "model"), str(work / "adapter")
+    if path in ("bf16_merged_graph", "bnb4_lora_graph"):
+        from core.inference import fast
+
+        if path == "bnb4_lora_graph":
+            from core.inference.cuda import unsloth_available
+
+            unsloth_available()  # imports Unsloth if installed: the worker has its patches on
+        build = fast.build_merged if path == "bf16_merged_graph" else fast.build_lora_4bit
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        built = build(model_dir, adapter_dir, tokenizer, cache_tokens=fast.STATIC_CACHE_TOKENS)
+        emit({"path": path, "built": built.kind, "fullgraph": built.fullgraph})
+        return built.generate, None
     if path in ("unsloth_4bit_lora", "hf_4bit_peft"):
         unsloth = path == "unsloth_4bit_lora"
         model, tokenizer = load_base(model_dir, load_in_4bit=True, unsloth=unsloth)
@@ -112,9 +138,14 @@ def _through_generate(
     return answer
 
 
-def run(path: str, work: str, *, tokens: int) -> None:
+def run(
+    path: str, work: str, *, tokens: int, repeats: int = 3, cap_gib: float | None = None
+) -> None:
     import torch
 
+    if cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
     started = time.perf_counter()
     answer, adapter = _load(path, Path(work))
     load_s = time.perf_counter() - started
@@ -129,7 +160,7 @@ def run(path: str, work: str, *, tokens: int) -> None:
         answer(request)
     warm_s = time.perf_counter() - warm
     runs = []
-    for _ in range(3):
+    for _ in range(repeats):
         torch.cuda.synchronize()
         runs.append(answer(request))
     decode = [
@@ -140,6 +171,7 @@ def run(path: str, work: str, *, tokens: int) -> None:
     emit(
         {
             "path": path,
+            "cap_gib": cap_gib,
             "gpu": torch.cuda.get_device_name(0),
             "prompt_tokens": runs[0].prompt_tokens,
             "new_tokens": runs[0].completion_tokens,
@@ -163,15 +195,18 @@ def main() -> None:
     made = sub.add_parser("make")
     made.add_argument("tokenizer_dir")
     made.add_argument("work")
+    made.add_argument("--adapters", type=int, default=1)
     ran = sub.add_parser("run")
     ran.add_argument("path", choices=PATHS)
     ran.add_argument("work")
     ran.add_argument("--tokens", type=int, default=128)
+    ran.add_argument("--runs", type=int, default=3)
+    ran.add_argument("--cap-gib", type=float, default=None)
     args = parser.parse_args()
     if args.command == "make":
-        make(args.tokenizer_dir, args.work)
+        make(args.tokenizer_dir, args.work, adapters=args.adapters)
     else:
-        run(args.path, args.work, tokens=args.tokens)
+        run(args.path, args.work, tokens=args.tokens, repeats=args.runs, cap_gib=args.cap_gib)
 
 
 if __name__ == "__main__":

@@ -110,10 +110,16 @@ def _bf16() -> Any:
 def _decoder(model: Any, tokenizer: Any, *, cache_tokens: int) -> tuple[Any, bool]:
     """A compiled StaticDecoder whose step has been traced and compiled (not yet recorded: a
     two-token answer runs the compiled step once, which cudagraph trees run eagerly)."""
-    import torch
+    import torch._dynamo
 
     from core.inference.static_decode import StaticDecoder
 
+    # Every fast model compiles the same step function anew (its guards hold the model): a
+    # long-lived worker must not reach dynamo's recompile limit (8) and fall back to eager.
+    config = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if getattr(config, limit, 64) < 64:
+            setattr(config, limit, 64)
     warm = GenerationRequest(messages=_WARM_MESSAGES, max_new_tokens=2)
     for fullgraph in (True, False):
         decoder = StaticDecoder(
@@ -126,7 +132,6 @@ def _decoder(model: Any, tokenizer: Any, *, cache_tokens: int) -> tuple[Any, boo
             if not fullgraph:
                 raise
             log.warning("fast path: the step does not compile whole (%s); with graph breaks", exc)
-            torch._dynamo.reset()
     raise AssertionError("unreachable")
 
 

@@ -3,12 +3,14 @@
 A small random Llama with its own byte-level BPE tokenizer and ChatML template is built in the
 test (no hub, nothing to carry): weights do not matter for what is checked here, that the CUDA
 code paths run and keep the engine's promises (adapters loaded once, batching, stops, the
-static-cache compiled path).
+static-cache compiled path, the fast paths the engine builds for an adapter: merged in memory,
+or the 4-bit base with the LoRA unmerged, both through the CUDA-graph loop).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +189,10 @@ def test_static_cache_compiled_path_answers_like_eager(tiny_model: Path, tmp_pat
     assert engine.loads["merged"] == 1  # compiled once, reused
     # The tests above loaded Unsloth in this process, which swaps transformers' rotary class;
     # the static path must have put the stock one back to capture its step in one graph.
-    (compiled,) = engine._static.values()
-    rotary = compiled.model.model.rotary_emb
-    assert type(rotary).__module__ == type(compiled.model).__module__
+    compiled = engine.fast.get(str(tiny_model))
+    assert compiled is not None and compiled.kind == "merged_export"
+    rotary = compiled.decoder.model.model.rotary_emb
+    assert type(rotary).__module__ == type(compiled.decoder.model).__module__
     eager = generate_one(
         _eager(tiny_model),
         AutoTokenizer.from_pretrained(tiny_model),
@@ -199,3 +202,82 @@ def test_static_cache_compiled_path_answers_like_eager(tiny_model: Path, tmp_pat
     assert fast["answer"] == again["answer"]
     # Same greedy tokens at the start (bf16 kernels may differ by rounding further on).
     assert fast["answer"][:8] == eager.text[:8]
+
+
+# --- the adapter's fast paths (issue #14): built by the engine itself, switched to when ready --
+
+
+def _eager_with_adapter(tiny_model: Path, adapter: Path, question: str) -> str:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.inference.generate import GenerationRequest, generate_one
+
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model, dtype=torch.bfloat16, device_map={"": 0}
+    ).eval()
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    gen = generate_one(
+        model,
+        AutoTokenizer.from_pretrained(tiny_model),
+        GenerationRequest(messages=ask(question), max_new_tokens=16),
+    )
+    return gen.text
+
+
+def test_engine_builds_the_fast_path_and_switches_to_it(
+    tiny_model: Path, adapters: list[Path], tmp_path: Path
+) -> None:
+    from core.inference.engine import InferenceEngine
+
+    engine = InferenceEngine(models_dir=tmp_path)
+    adapter = adapters[0]
+    done = engine.warm(
+        str(tiny_model), load_in_4bit=False, adapter_dir=str(adapter), adapter_name="a0"
+    ).result()
+    assert done["fast_build_started"], engine.fast.notes
+    common: dict[str, Any] = {
+        "base_model": str(tiny_model),
+        "messages": ask("fever?"),
+        "adapter_dir": str(adapter),
+        "adapter_name": "a0",
+        "max_new_tokens": 16,
+        "load_in_4bit": False,
+    }
+    loads = dict(engine.loads)
+    slow = engine.answer(**common)  # while the fast model builds, or after: never a load
+    deadline = time.monotonic() + 300
+    while engine.fast.get(str(adapter)) is None and time.monotonic() < deadline:
+        assert str(adapter) not in engine.fast.notes, engine.fast.notes
+        time.sleep(0.5)
+    fast = engine.answer(**common)
+    sampled = engine.answer(**{**common, "temperature": 0.8, "top_p": 0.9})
+    assert fast["backend"] == "cuda_static" and fast["fast_path"] == "merged_bf16"
+    assert sampled["backend"] == "cuda_static"
+    assert {k: v for k, v in engine.loads.items() if k in ("base", "adapter")} == {
+        k: v for k, v in loads.items() if k in ("base", "adapter")
+    }
+    assert engine.loads["fast"] == 1
+    eager = _eager_with_adapter(tiny_model, adapter, "fever?")
+    # Same greedy tokens at the start (bf16 kernels may differ by rounding further on).
+    assert fast["answer"][:8] == eager[:8]
+    assert slow["answer"]
+
+
+def test_4bit_base_with_unmerged_lora_runs_the_graph_loop(
+    tiny_model: Path, adapters: list[Path]
+) -> None:
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoTokenizer
+
+    from core.inference.fast import build_lora_4bit
+    from core.inference.generate import GenerationRequest
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    fast = build_lora_4bit(str(tiny_model), str(adapters[0]), tokenizer, cache_tokens=512)
+    request = GenerationRequest(messages=ask("fever?"), max_new_tokens=16)
+    first = fast.generate(request)  # records the graphs (this thread's tree)
+    again = fast.generate(request)  # replays them
+    assert first.text == again.text and again.completion_tokens > 0
+    assert fast.kind == "lora_4bit"

@@ -4,7 +4,7 @@ What runs on the CPU: the memory plan, the background build and its LRU (with a 
 builder), the static loop over a peft adapter, unmerged and merged in memory, answering token
 for token like the engine's transformers path, the engine switching an adapter's requests to a
 ready fast model, and the warm task loading a base and an adapter so the first question loads
-nothing. The CUDA side (compile, graphs, bitsandbytes) is tests/gpu/test_fast_path_gpu.py.
+nothing. The CUDA side (compile, graphs, bitsandbytes) is tests/gpu/test_inference_gpu.py.
 """
 
 from __future__ import annotations
