@@ -20,10 +20,12 @@ The manifest has one entry per format (``lora``, ``merged_16bit``, ``merged_4bit
     {"status": "failed", "error": {"code", "message"}}
     {"status": "running"}          while a worker exports it
 
-Each artifact is smoke-tested after it is written: loaded by the loader its users use (peft,
-transformers, llama.cpp) and asked the two fixed medical questions; the answers and whether
-each stopped at the end-of-turn token go into the manifest. A failed format fails alone, with a
-code; a later export (``POST /jobs/{id}/exports``) updates its own entries and keeps the rest.
+Each artifact is smoke-tested after it is written: loaded by the loader its users use
+(transformers, llama.cpp) and asked the two fixed medical questions (the LoRA adapter: its files
+are checked to hold exactly the model in memory, which then answers, so nothing is loaded
+again); the answers and whether each stopped at the end-of-turn token go into the manifest. A
+failed format fails alone, with a code; a later export (``POST /jobs/{id}/exports``) updates
+its own entries and keeps the rest.
 """
 
 from __future__ import annotations
@@ -117,13 +119,43 @@ def load_kwargs() -> dict[str, Any]:
     return {"dtype": torch.float32}
 
 
-def _smoke_lora(folder: Path, base_path: str, system: str, max_new_tokens: int) -> list[Any]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_saved_adapter(model: Any, folder: Path) -> None:
+    """The adapter folder holds exactly the in-memory adapter: its config reads back, and every
+    saved tensor equals the model's (so the model in memory answers as the files would)."""
+    import torch
+    from peft import PeftConfig, get_peft_model_state_dict
+    from safetensors.torch import load_file
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, **load_kwargs())
-    model = PeftModel.from_pretrained(base, str(folder)).eval()
-    return _ask(model, AutoTokenizer.from_pretrained(folder), system, max_new_tokens=max_new_tokens)
+    try:
+        PeftConfig.from_pretrained(str(folder))
+        saved = load_file(str(folder / "adapter_model.safetensors"))
+    except Exception as exc:
+        raise ExportError(
+            f"the saved adapter cannot be read back ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
+            field="export_config.formats",
+            code="adapter_invalid",
+        ) from exc
+    current = get_peft_model_state_dict(model)
+    differing = sorted(set(saved) ^ set(current)) or [
+        name
+        for name, tensor in saved.items()
+        if not torch.equal(tensor, current[name].detach().to("cpu", tensor.dtype))
+    ]
+    if differing:
+        raise ExportError(
+            f"the saved adapter differs from the trained one ({differing[0]}); train the job again",
+            field="export_config.formats",
+            code="adapter_invalid",
+        )
+
+
+def _smoke_lora(loaded: Any, folder: Path, system: str, max_new_tokens: int) -> list[Any]:
+    """The saved adapter is checked to be the model in memory, which then answers: loading the
+    base and the adapter again would give the same answers (the recipe's 8B base: 16 GB read)."""
+    check_saved_adapter(loaded.model, folder)
+    loaded.model.eval()
+    return _ask(loaded.model, loaded.tokenizer, system, max_new_tokens=max_new_tokens)
 
 
 def _smoke_merged(folder: Path, system: str, max_new_tokens: int) -> list[Any]:
@@ -349,7 +381,7 @@ def export_all(
             lambda: _entry(
                 adapter_dir,
                 describe(adapter_dir),
-                _smoke_lora(adapter_dir, base_path, system_prompt, max_new_tokens),
+                _smoke_lora(loaded, adapter_dir, system_prompt, max_new_tokens),
             ),
         )
     if "merged_16bit" in formats:
