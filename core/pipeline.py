@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core import job_start
 from core.base_models import allowed_model_roots, hub_call, resolve
 from core.continuation import adapter_path
 from core.data.prepare import Prepared, prepare
@@ -152,19 +153,6 @@ class StageClock:
             jobs.set_fields(s, self.job_id, stage_seconds=dict(self.seconds), **fields)
 
 
-def _release_previous_model() -> None:
-    """Free what the worker's last job left: its trainer and callback refer to each other, so
-    its model waits for the cycle collector (the H200 run's second job peaked at 21 GiB with
-    both models resident, which no T4 holds)."""
-    import gc
-
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _run_stages(
     job_id: str, spec: JobSpec, job_dir: Path, settings: Settings, *, lease: LeaseKeeper
 ) -> str:
@@ -176,17 +164,18 @@ def _run_stages(
     model_path = resolve(
         spec.model.base_model, models_dir=settings.models_dir, roots=allowed_model_roots(settings)
     )
-    try:
-        prepared = _prepare_data(spec, model_path)
-    except MedtuneError as exc:
-        # A dataset the gate refuses keeps its statistics: GET /jobs/{id}/dataset shows why.
-        if stats := getattr(exc, "dataset_stats", None):
-            with session_scope(url) as s:
-                jobs.set_fields(s, job_id, dataset_stats=stats)
-        raise
-    clock.start("loading_model", dataset_stats=prepared.stats, stage=JobStage.training)
-    _release_previous_model()
-    loaded = engines.load(spec, model_path, init_adapter=adapter_path(url, spec))
+    # The data is prepared while the model loads; the worker's kept base is reused if it fits.
+    prepared, loaded = job_start.data_and_model(
+        job_id,
+        spec,
+        model_path,
+        settings=settings,
+        job_dir=job_dir,
+        clock=clock,
+        load_model=lambda: engines.load(
+            spec, model_path, init_adapter=adapter_path(url, spec), keep=settings.keep_base_model
+        ),
+    )
     ensure_chat_template(loaded.tokenizer, spec.dataset.chat_template)
     clock.start("training", engine=loaded.engine)
     send_warm(settings, spec, job_id=job_id, model_path=model_path, engine=loaded.engine)
@@ -216,6 +205,7 @@ def _run_stages(
     # The webhook secret masked: the job folder is copied and shared; the row keeps the secret.
     (job_dir / "spec.json").write_text(json.dumps(public_spec(spec.to_json()), indent=2))
     clock.start(None)
+    job_start.give_back()  # the adapter and optimizer state go; the base stays for the next job
     write_job_plots(url, job_id, job_dir)  # plots/training.png, throughput.png; never raises
     status = JobStatus.cancelled if outcome.cancelled else JobStatus.succeeded
     _finish(

@@ -93,7 +93,13 @@ def sweep(session: Session, settings: Settings, *, days: float, dry_run: bool = 
     done = Plan(cutoff=todo.cutoff)
     for entry in todo.jobs:
         try:
-            purge.delete_job(session, entry["id"], owner=None, artifacts_dir=settings.artifacts_dir)
+            purge.delete_job(
+                session,
+                entry["id"],
+                owner=None,
+                artifacts_dir=settings.artifacts_dir,
+                prepared_cache_dir=settings.prepared_cache_dir,
+            )
         except MedtuneError as exc:
             session.rollback()
             log.info("retention kept job %s: %s", entry["id"], exc.code)

@@ -111,6 +111,19 @@ class Settings(BaseSettings):
         description="How long a worker waits for an unreachable database (retrying with "
         "backoff) before a write fails: a database restart pauses a job instead of failing it.",
     )
+    keep_base_model: bool = Field(
+        default=True,
+        description="A training worker keeps its last job's base model loaded (the adapter "
+        "removed, the base restored as loaded and checked) and reuses it for the next job on "
+        "the same base; a job on another base frees it first.",
+    )
+    prepared_cache_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=0,
+        description="Prepared (tokenized) datasets kept under $MEDTUNE_HOME/cache/prepared, by "
+        "content, so a job on data prepared before skips the data stage; least recently used "
+        "entries go past this size; deleting a job deletes the entry it used; 0: no cache.",
+    )
     visibility_timeout_s: float = Field(
         default=24 * 3600.0,
         gt=0,
@@ -248,6 +261,11 @@ class Settings(BaseSettings):
     def uploads_dir(self) -> Path:
         """Uploaded dataset files (POST /files), one folder per file id; named by id only."""
         return self.data_dir / "uploads"
+
+    @property
+    def prepared_cache_dir(self) -> Path:
+        """Prepared datasets by content hash (core.data.prepared_cache)."""
+        return self.home / "cache" / "prepared"
 
     def llama_threads(self, *, inference_only: bool, cpus: int | None = None) -> int:
         """``infer_threads`` when set, else the default for the role (see its description)."""

@@ -2,9 +2,11 @@
 
 Medical training data must be removable. A job's folder (``$MEDTUNE_HOME/jobs/<id>/``) holds
 everything the job wrote: checkpoints, the adapter, exports, the evaluation with its answers,
-TensorBoard event files and the spec; the job store holds its row and metric rows. Deleting a
-job removes all of these and nothing else: uploaded files are the uploader's to delete
-(``DELETE /files/{id}``), or go with retention (core.retention).
+TensorBoard event files and the spec; the job store holds its row and metric rows; the
+prepared-data cache may hold its tokenized data (``core.data.prepared_cache``, an entry shared
+with the jobs that prepared the same data). Deleting a job removes all of these and nothing else:
+uploaded files are the uploader's to delete (``DELETE /files/{id}``), or go with retention
+(core.retention).
 
 Only a terminal job may go: a queued or running one is still written to (409 ``job_not_finished``:
 cancel it first). The rows go first, in one transaction, then the folder: a crash in between
@@ -21,6 +23,7 @@ from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
 from core.continuation import continuing_jobs
+from core.data.prepared_cache import forget_for_jobs
 from core.errors import ConflictError
 from core.export.formats import MANIFEST
 from core.store.jobs import get_job
@@ -63,9 +66,15 @@ def _export_running(job: Job, artifacts_dir: Path) -> bool:
 
 
 def delete_job(
-    session: Session, job_id: str, *, owner: str | None, artifacts_dir: Path
+    session: Session,
+    job_id: str,
+    *,
+    owner: str | None,
+    artifacts_dir: Path,
+    prepared_cache_dir: Path | None = None,
 ) -> list[Path]:
-    """Delete a terminal job's rows and folder; returns the folders removed.
+    """Delete a terminal job's rows, folder and prepared-data cache entry; returns the folders
+    removed. ``prepared_cache_dir``: default the settings' (``$MEDTUNE_HOME/cache/prepared``).
 
     404 for a job the caller does not own; 409 ``job_not_finished`` while it is queued or
     running, ``export_running`` while a later export writes into its folder.
@@ -97,6 +106,11 @@ def delete_job(
     session.execute(delete(IdempotencyKey).where(col(IdempotencyKey.job_id) == job_id))
     session.execute(delete(Job).where(col(Job.id) == job_id))
     session.commit()
+    if prepared_cache_dir is None:
+        from core.settings import get_settings
+
+        prepared_cache_dir = get_settings().prepared_cache_dir
+    forget_for_jobs(folders, prepared_cache_dir)  # the key is in the folder: first
     removed = []
     for folder in folders:
         if folder.exists():
