@@ -8,7 +8,9 @@ A request that can never share a batch (``batchable`` false: llama.cpp, the CUDA
 does not wait out the window: it runs with whatever was already queued.
 
 ``waiting`` tells a long generation that a request from outside waits, so it can end its turn
-and ``requeue`` itself behind that request (core/inference/engine.py).
+and ``requeue`` itself behind that request (core/inference/engine.py). ``settle`` turns a
+generation into its Future's answer (or ``InferenceCancelled``); ``chain`` hands a request on
+to another lane's Future.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.errors import MedtuneError
+from core.inference.generate import Generation
+
 log = logging.getLogger(__name__)
+
+
+class InferenceCancelled(MedtuneError):
+    """Nobody waits for the answer any more (the API timed out, the client went away)."""
+
+    code = "inference_cancelled"
+    status = 499
 
 
 @dataclass
@@ -110,3 +122,26 @@ class Batcher:
                     for pending in group:
                         if not pending.future.done():
                             pending.future.set_exception(exc)
+
+
+def settle(
+    pending: Pending, gen: Generation, *, backend: str, batch_size: int, **extra: Any
+) -> None:
+    if gen.cancelled:  # nobody reads this answer: the task logs it and publishes nothing
+        detail = f"stopped after {gen.completion_tokens} tokens: nobody waits for the answer"
+        pending.future.set_exception(InferenceCancelled(detail))
+    else:
+        pending.future.set_result(gen.as_result(backend=backend, batch_size=batch_size, **extra))
+
+
+def chain(source: Future[Any], target: Future[Any]) -> None:
+    """Settle ``target`` with whatever ``source`` ends with."""
+
+    def done(f: Future[Any]) -> None:
+        error = f.exception()
+        if error is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(f.result())
+
+    source.add_done_callback(done)

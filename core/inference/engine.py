@@ -18,8 +18,10 @@ Backends, chosen per request (``backend``) or automatically:
 ``warm`` loads a base (and an adapter) before anyone asks: the training worker sends it when a
 job starts training and when its adapter is saved (core/inference/warm.py).
 
-Two lanes, so one slow request cannot hold the others: llama.cpp has a thread of its own (its
-models and KV caches share nothing with the torch ones), and the model thread answers in turns.
+Three lanes, so one slow request cannot hold the others: llama.cpp has a thread of its own (its
+models and KV caches share nothing with the torch ones), so do the CUDA-graph models (built,
+recorded and replayed on one thread: core/inference/fast.py), and the model thread answers in
+turns.
 A transformers batch that has made ``TURN_TOKENS`` tokens while a new request waits ends its
 turn and is requeued behind that request, keeping its tokens and KV cache; its next turn
 recomputes nothing. A short question thus waits at most one turn (plus the prefill of the
@@ -41,12 +43,11 @@ from core.base_models import hub_call, resolve
 from core.data.tokenize import ensure_chat_template, saved_chat_template
 from core.errors import MedtuneError
 from core.inference.adapters import activate
-from core.inference.batching import Batcher, Pending
+from core.inference.batching import Batcher, InferenceCancelled, Pending, chain, settle
 from core.inference.context import PromptCounter, check_fits
 from core.inference.fast import FastPaths
 from core.inference.generate import (
     Batch,
-    Generation,
     GenerationRequest,
     batch_results,
     run_turn,
@@ -59,13 +60,6 @@ log = logging.getLogger(__name__)
 Backend = Literal["auto", "transformers", "llama_cpp"]
 BACKENDS: tuple[str, ...] = ("auto", "transformers", "llama_cpp")
 TURN_TOKENS = 16  # tokens a batch makes before it may yield the model to a waiting request
-
-
-class InferenceCancelled(MedtuneError):
-    """Nobody waits for the answer any more (the API timed out, the client went away)."""
-
-    code = "inference_cancelled"
-    status = 499
 
 
 @dataclass
@@ -158,8 +152,18 @@ class InferenceEngine:
             wait_s=batch_wait_s,
             batchable=lambda request: getattr(request, "backend", None) == "transformers",
         )
+        # CUDA-graph trees keep their state per thread: one thread compiles, records and
+        # replays every fast model (and builds them, while the model thread answers).
+        self.fast_lane = Batcher(
+            self._run_group,
+            self._group_key,
+            max_batch=1,
+            wait_s=0.0,
+            name="medtune-cuda-static",
+            batchable=lambda request: False,
+        )
         self.fast = FastPaths(
-            run_on_model_thread=lambda fn: self.batcher.submit(_Call(fn)),
+            run_on_lane=lambda fn: self.fast_lane.submit(_Call(fn)),
             loads=self.loads,
             enabled=fast,
         )
@@ -178,7 +182,8 @@ class InferenceEngine:
         """Queue a request; the Future holds the answer dict or raises a MedtuneError."""
         request.backend = self.choose_backend(request)
         self.check_context(request)
-        lane = self.llama_lane if request.backend == "llama_cpp" else self.batcher
+        lanes = {"llama_cpp": self.llama_lane, "cuda_static": self.fast_lane}
+        lane = lanes.get(request.backend, self.batcher)
         return lane.submit(request)
 
     def answer(self, **kwargs: Any) -> dict[str, Any]:
@@ -252,7 +257,9 @@ class InferenceEngine:
                 )
             return "llama_cpp"
         if wanted == "auto":
-            if self.cuda and (request.merged_dir or self.fast.get(request.adapter_dir)):
+            # While the lane builds a fast model (a minute), answers come from the model thread.
+            ready = request.merged_dir or self.fast.get(request.adapter_dir)
+            if self.cuda and ready and not self.fast.busy:
                 return "cuda_static"
             if not self.cuda and request.gguf_path and llama_cpp_available():
                 return "llama_cpp"
@@ -375,7 +382,7 @@ class InferenceEngine:
             return
         gens = batch_results(paused.batch)
         for pending, gen in zip(paused.pending, gens, strict=True):
-            _settle(pending, gen, backend="transformers", batch_size=len(gens))
+            settle(pending, gen, backend="transformers", batch_size=len(gens))
 
     def _run_llama(self, pending: Pending) -> None:
         req: InferenceRequest = pending.request
@@ -388,23 +395,23 @@ class InferenceEngine:
         except MedtuneError as exc:
             pending.future.set_exception(exc)
             return
-        _settle(pending, gen, backend="llama_cpp", batch_size=1)
+        settle(pending, gen, backend="llama_cpp", batch_size=1)
 
     def _run_static(self, pending: Pending) -> None:
         req: InferenceRequest = pending.request
         try:
             fast = self.fast.export(req.merged_dir) if req.merged_dir else None
             fast = fast or self.fast.get(req.adapter_dir)
-            if fast is None:  # evicted since it was chosen: the adapter's slower path answers
+            if fast is None:  # evicted since it was chosen: the model thread answers
                 req.backend = "transformers"
-                self._run_transformers([pending])
+                chain(self.batcher.submit(req), pending.future)
                 return
             tokenizer = fast.decoder.tokenizer
             gen = fast.generate(self._generation(req, None, tokenizer))
         except MedtuneError as exc:  # a prompt too long for the static cache
             pending.future.set_exception(exc)
             return
-        _settle(pending, gen, backend="cuda_static", batch_size=1, fast_path=fast.kind)
+        settle(pending, gen, backend="cuda_static", batch_size=1, fast_path=fast.kind)
 
     def _want_fast(self, base_model: str, base: _Base, adapter_dir: str) -> bool:
         """Start the adapter's fast model in the background (CUDA; MEDTUNE_INFER_FAST)."""
@@ -468,16 +475,6 @@ class InferenceEngine:
             max_adapters=self.max_adapters,
             loads=self.loads,
         )
-
-
-def _settle(
-    pending: Pending, gen: Generation, *, backend: str, batch_size: int, **extra: Any
-) -> None:
-    if gen.cancelled:  # nobody reads this answer: the task logs it and publishes nothing
-        detail = f"stopped after {gen.completion_tokens} tokens: nobody waits for the answer"
-        pending.future.set_exception(InferenceCancelled(detail))
-    else:
-        pending.future.set_result(gen.as_result(backend=backend, batch_size=batch_size, **extra))
 
 
 def resolve_base(request: InferenceRequest, models_dir: Path) -> str:

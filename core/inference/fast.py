@@ -14,11 +14,15 @@ that adapter and the engine switches the adapter's requests to it once it is rea
   dynamo fail to trace the step whole, the step is compiled with graph breaks instead (each
   piece its own graph), and the build notes it.
 
-The build runs off the model thread: loading, merging and torch.compile's tracing and code
-generation (tens of seconds, mostly CPU). CUDA-graph trees keep their state per thread, so the
-graphs themselves are recorded on the model thread, by a short generation queued there once the
-build is done (``install``); only then do requests switch. At most ``capacity`` fast models are
-kept (least recently used out), since each holds a copy of the base.
+Everything about fast models runs on one thread of their own, the engine's CUDA-graph lane:
+loading, merging, torch.compile's tracing and code generation (tens of seconds, mostly CPU),
+recording the graphs with a short answer (``install``), and every later answer. Inductor's
+CUDA-graph trees keep their state per thread (a graph recorded on one thread cannot be
+replayed from another, and a thread that did not import them has no state: ``own_graph_trees``
+gives the lane its own). Meanwhile the engine's model thread keeps answering through
+``for_inference``, and the engine routes nothing to the lane while it builds (``busy``). At
+most ``capacity`` fast models are kept (least recently used out): each holds a copy of the
+base.
 
 Memory: a build starts only if the card's free memory holds the copy, its KV cache and a margin
 (``room``); a job training on the same card may still grow, so the warm message that names one
@@ -107,9 +111,33 @@ def _bf16() -> Any:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def own_graph_trees() -> None:
+    """Give this thread CUDA-graph tree state of its own if it has none.
+
+    torch._inductor.cudagraph_trees keeps its tree managers in a ``threading.local`` filled in
+    by the thread that imported the module (and copied into autograd's threads); any other
+    thread fails ``assert torch._C._is_key_in_tls(...)`` at its first compiled call.
+    """
+    from collections import defaultdict
+
+    import torch
+
+    try:
+        from torch._inductor import cudagraph_trees as trees
+    except ImportError:
+        return
+    local = getattr(trees, "local", None)
+    if local is None or hasattr(local, "tree_manager_containers"):
+        return
+    if torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = defaultdict(threading.Lock)
+
+
 def _decoder(model: Any, tokenizer: Any, *, cache_tokens: int) -> tuple[Any, bool]:
-    """A compiled StaticDecoder whose step has been traced and compiled (not yet recorded: a
-    two-token answer runs the compiled step once, which cudagraph trees run eagerly)."""
+    """A compiled StaticDecoder whose step has been traced and compiled (a two-token answer runs
+    the compiled step once, which cudagraph trees run eagerly; ``install`` records)."""
     import torch._dynamo
 
     from core.inference.static_decode import StaticDecoder
@@ -180,6 +208,7 @@ def build_export(merged_dir: str, *, cache_tokens: int) -> Fast:
     """A job's merged_16bit export (the original fast path), compiled and recorded in place."""
     from core.inference.cuda import StaticCompiled
 
+    own_graph_trees()
     compiled = StaticCompiled(merged_dir, max_cache_tokens=cache_tokens)
     compiled.warm_up()
     return Fast(compiled.decoder, "merged_export")
@@ -189,16 +218,16 @@ Builder = Callable[..., Fast]
 
 
 class FastPaths:
-    """The fast models of one engine: built in the background, installed on the model thread.
+    """The fast models of one engine, built and served on its CUDA-graph lane.
 
-    ``run_on_model_thread(fn)`` queues ``fn`` on the engine's model thread. ``enabled`` false
-    (MEDTUNE_INFER_FAST=off, or no CUDA) builds nothing; merged exports still load on demand.
+    ``run_on_lane(fn)`` queues ``fn`` on that lane (returns a Future). ``enabled`` false
+    (MEDTUNE_INFER_FAST=off) builds nothing; merged exports still load on demand.
     """
 
     def __init__(
         self,
         *,
-        run_on_model_thread: Callable[[Callable[[], None]], Any],
+        run_on_lane: Callable[[Callable[[], None]], Any],
         loads: Counter[str],
         enabled: bool,
         capacity: int = 1,
@@ -206,7 +235,7 @@ class FastPaths:
         builders: dict[str, Builder] | None = None,
         memory: Callable[[], tuple[int, int]] = gpu_memory,
     ) -> None:
-        self._run = run_on_model_thread
+        self._run = run_on_lane
         self.loads = loads
         self.enabled = enabled
         self.capacity = capacity
@@ -218,7 +247,12 @@ class FastPaths:
         self._building: set[str] = set()
         self.notes: dict[str, str] = {}  # adapter folder -> what was decided (why not, failures)
         self._lock = threading.Lock()
-        self.threads: list[threading.Thread] = []
+        self.builds: list[Any] = []  # the Futures of the builds queued on the lane
+
+    @property
+    def busy(self) -> bool:
+        """A build is queued or running on the lane: send nothing there meanwhile."""
+        return bool(self._building)
 
     def get(self, key: str | None) -> Fast | None:
         """The ready fast model of an adapter folder (or merged export), marked recently used."""
@@ -276,18 +310,13 @@ class FastPaths:
                 self.notes[adapter_dir] = why
             return False
         log.info("fast path for %s: building %s (%s)", adapter_dir, kind, why)
-        thread = threading.Thread(
-            target=self._build,
-            args=(kind, base_path, adapter_dir, tokenizer),
-            name="medtune-fast-build",
-            daemon=True,
-        )
-        self.threads.append(thread)
-        thread.start()
+        self.builds.append(self._run(lambda: self._build(kind, base_path, adapter_dir, tokenizer)))
         return True
 
     def _build(self, kind: str, base_path: str, adapter_dir: str, tokenizer: Any) -> None:
+        """On the lane: build, then record and serve (``install``)."""
         try:
+            own_graph_trees()
             fast = self.builders[kind](
                 base_path, adapter_dir, tokenizer, cache_tokens=self.cache_tokens
             )
@@ -297,10 +326,10 @@ class FastPaths:
                 self._building.discard(adapter_dir)
                 self.notes[adapter_dir] = f"{kind} failed: {type(exc).__name__}: {exc}"[:300]
             return
-        self._run(lambda: self.install(adapter_dir, fast))
+        self.install(adapter_dir, fast)
 
     def install(self, key: str, fast: Fast) -> None:
-        """On the model thread: record the graphs with a short answer, then serve from it."""
+        """On the lane: record the graphs with a short answer, then serve from it."""
         try:
             fast.generate(GenerationRequest(messages=_WARM_MESSAGES, max_new_tokens=4))
         except Exception as exc:

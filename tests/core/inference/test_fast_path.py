@@ -68,7 +68,7 @@ def _paths(memory: tuple[int, int], **kwargs: Any) -> FastPaths:
         return build
 
     paths = FastPaths(
-        run_on_model_thread=lambda fn: fn(),
+        run_on_lane=lambda fn: fn(),  # the lane runs it at once
         loads=Counter(),
         enabled=True,
         builders={"merged_bf16": builder("merged_bf16"), "lora_4bit": builder("lora_4bit")},
@@ -77,11 +77,6 @@ def _paths(memory: tuple[int, int], **kwargs: Any) -> FastPaths:
     )
     paths.built = built  # type: ignore[attr-defined]
     return paths
-
-
-def _settle(paths: FastPaths) -> None:
-    for thread in paths.threads:
-        thread.join(timeout=10)
 
 
 def test_the_plan_takes_bf16_on_an_h200_and_4bit_within_a_t4(llama8b_dir: Path) -> None:
@@ -111,13 +106,11 @@ def test_estimates_are_the_sizes_of_an_8b() -> None:
 def test_a_build_runs_once_and_the_lru_keeps_one(llama8b_dir: Path) -> None:
     paths = _paths((130 * GIB, 140 * GIB))
     assert paths.want(str(llama8b_dir), "/jobs/a/adapter", None)
-    _settle(paths)
     fast = paths.get("/jobs/a/adapter")
     assert fast is not None and fast.kind == "merged_bf16"
     assert fast.decoder.calls == 1  # install recorded the graphs with one short answer
     assert not paths.want(str(llama8b_dir), "/jobs/a/adapter", None)  # ready: nothing to do
     assert paths.want(str(llama8b_dir), "/jobs/b/adapter", None)
-    _settle(paths)
     assert paths.get("/jobs/a/adapter") is None and paths.get("/jobs/b/adapter") is not None
     assert paths.loads["fast"] == 2 and paths.loads["fast_evicted"] == 1
     assert paths.built == ["merged_bf16:adapter", "merged_bf16:adapter"]  # type: ignore[attr-defined]
@@ -135,7 +128,6 @@ def test_no_room_and_failures_are_noted_not_retried(llama8b_dir: Path) -> None:
 
     broken.builders = {"merged_bf16": fail}
     assert broken.want(str(llama8b_dir), "/jobs/c/adapter", None)
-    _settle(broken)
     assert broken.get("/jobs/c/adapter") is None
     assert "no bitsandbytes" in broken.notes["/jobs/c/adapter"]
 
@@ -298,4 +290,17 @@ def test_send_warm_goes_to_the_inference_queue(monkeypatch: pytest.MonkeyPatch) 
 def test_fast_builds_do_not_start_on_the_cpu(model_cache: Path, adapter: Path) -> None:
     engine = InferenceEngine(models_dir=model_cache, max_batch=1)  # fast paths enabled
     done = engine.warm(BASE, adapter_dir=str(adapter), adapter_name="job_fast").result()
-    assert done["fast_build_started"] is False and engine.fast.threads == []
+    assert done["fast_build_started"] is False and engine.fast.builds == []
+
+
+def test_the_worker_task_warms_its_engine_and_never_raises(
+    model_cache: Path, adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import tasks
+
+    engine = InferenceEngine(models_dir=model_cache, max_batch=1, fast=False)
+    monkeypatch.setattr(tasks, "_engine", lambda: engine)
+    done = tasks.warm_task(BASE, adapter_dir=str(adapter), adapter_name="job_fast")
+    assert done["warmed"] and engine.loads["base"] == 1 and engine.loads["adapter"] == 1
+    gone = tasks.warm_task(BASE, adapter_dir=str(adapter.parent / "deleted"), adapter_name="x")
+    assert gone["warmed"] is False and "AdapterMissing" in gone["why"]
