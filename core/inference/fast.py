@@ -142,6 +142,7 @@ def _decoder(model: Any, tokenizer: Any, *, cache_tokens: int) -> tuple[Any, boo
 
     from core.inference.static_decode import StaticDecoder
 
+    own_graph_trees()  # whichever thread builds (the lane, a benchmark's main thread)
     # Every fast model compiles the same step function anew (its guards hold the model): a
     # long-lived worker must not reach dynamo's recompile limit (8) and fall back to eager.
     config = torch._dynamo.config
