@@ -11,10 +11,11 @@ batch 2 x accumulation 4, packing off, AdamW 8-bit, lr 2e-4, linear schedule, 5 
         runs them; --cap-gib caps this process's CUDA memory (a T4 holds 15 GiB).
     python bench/recipe_job.py job MODEL_DIR DATA.jsonl --steps N [--jobs 2] [--port 8765]
         Starts `medtune up` on its embedded defaults (SQLite, SQLite broker) in a fresh
-        MEDTUNE_HOME, POSTs the recipe's config N times one after the other (the first meets a
-        freshly started worker, the next ones a worker that already served a job on the base),
-        and reports POST -> terminal wall time, GET /jobs/{id}'s stage_seconds and the
-        trainer's own seconds per step.
+        MEDTUNE_HOME, POSTs the recipe's config N times one after the other, each once the one
+        before ended (the first meets a freshly started worker, the next ones a worker that
+        kept the base and the prepared data of the job before), and reports POST -> terminal
+        wall time, GET /jobs/{id}'s stage_seconds, whether the base and the data were reused,
+        and the trainer's own seconds per step.
 
 Each prints JSON lines (and appends them to $BENCH_OUT if set). The notebook's side is
 ../shared/gpu/notebook_baseline.py, run in the same device run (bench/gpu_recipe_job.sh).
@@ -208,6 +209,10 @@ def _one_job(client: Any, spec: dict[str, Any], *, timeout_s: float) -> dict[str
         "peak_memory_gib": round(max(r.get("peak_memory_mb") or 0 for r in rows) / 1024, 2)
         if rows
         else None,
+        # What the worker kept from the job before (issue 13): the base and the prepared data.
+        "base_reused": any(n.startswith("base model reused") for n in job.get("notes") or []),
+        "data_reused": any(n.startswith("prepared data reused") for n in job.get("notes") or []),
+        "goal_s": None,
         "notes": job.get("notes"),
     }
 
@@ -240,6 +245,8 @@ def job(model_dir: str, data: str, *, steps: int, jobs: int, port: int, timeout_
             emit({"bench": "recipe_job", "up_s": round(time.perf_counter() - started, 1)})
             for n in range(1, jobs + 1):
                 record = _one_job(client, spec, timeout_s=timeout_s)
+                # Issue 13's goals for the recipe's 250-step job, POST -> succeeded.
+                record["goal_s"] = 220 if n == 1 else 150
                 emit(
                     {
                         "bench": "recipe_job",
@@ -249,6 +256,8 @@ def job(model_dir: str, data: str, *, steps: int, jobs: int, port: int, timeout_
                         **record,
                     }
                 )
+                if record["status"] not in ("succeeded", "failed", "cancelled"):
+                    break  # the next job would queue behind this one: its time would mean nothing
     finally:
         proc.send_signal(signal.SIGINT)
         try:
