@@ -123,7 +123,7 @@ class Kept:
     tokenizer: Any  # as loaded; each job gets a copy (a job may set its chat template)
     snapshot: Snapshot
     notes: list[str] = field(default_factory=list)
-    loaded_tokenizer: Any = None  # the object the model's Unsloth patches refer to
+    loaded_tokenizer: Any = None  # the object the model (Unsloth's patches) refers to as loaded
 
     @classmethod
     def of(cls, key: BaseKey, model: Any, tokenizer: Any, notes: list[str]) -> Kept:
@@ -134,9 +134,9 @@ class Kept:
         tokenizer = copy.deepcopy(self.tokenizer)
         for module in self.model.modules():
             for name, value in list(vars(module).items()):
-                if value is self.loaded_tokenizer:  # Unsloth's _saved_temp_tokenizer
+                # Unsloth's _saved_temp_tokenizer; the restore put the loaded one back.
+                if value is self.loaded_tokenizer:
                     setattr(module, name, tokenizer)
-        self.loaded_tokenizer = tokenizer
         return tokenizer
 
 

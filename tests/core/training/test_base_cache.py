@@ -183,3 +183,22 @@ def test_a_job_on_another_base_frees_the_kept_one(model_dir: Path) -> None:
     )
     assert not engines.keepable(merged, "transformers")
     assert engines.keepable(spec, "transformers")
+
+
+def test_each_job_gets_its_own_tokenizer_where_the_model_refers_to_it(model_dir: Path) -> None:
+    spec = _spec(model_dir)
+    base, tokenizer, notes = engines._base_transformers(spec, str(model_dir))
+    base.model._saved_temp_tokenizer = tokenizer  # as Unsloth's from_pretrained leaves it
+    kept = base_cache.Kept.of(
+        engines.base_key(spec, str(model_dir), "transformers"), base, tokenizer, notes
+    )
+    seen = []
+    for _ in range(2):  # a job, then the next on the restored base
+        assert kept.snapshot.restore() is None
+        job = kept.job_tokenizer()
+        assert base.model._saved_temp_tokenizer is job and job is not tokenizer
+        assert job not in seen and job.chat_template == tokenizer.chat_template
+        ensure_chat_template(job, "chatml")  # a job's change stays its own
+        seen.append(job)
+    assert kept.snapshot.restore() is None
+    assert base.model._saved_temp_tokenizer is tokenizer
