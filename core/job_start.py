@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 from core.base_models import hub_call
 from core.data import prepared_cache
+from core.data.preference import prepare_pairs
 from core.data.prepare import Prepared, prepare
 from core.errors import MedtuneError
 from core.settings import Settings
@@ -29,7 +31,16 @@ from core.store.models import JobStage
 
 log = logging.getLogger(__name__)
 
-_running: list[Any] = []  # the Loaded of the job this process runs, until it is handed back
+# The Loaded of the job this thread runs, until it is handed back (a training worker runs one
+# job at a time, in one thread; per thread, a job never hands back another one's model).
+_local = threading.local()
+
+
+def _running() -> list[Any]:
+    if not hasattr(_local, "running"):
+        _local.running = []
+    running: list[Any] = _local.running
+    return running
 
 
 class Clock(Protocol):
@@ -40,8 +51,9 @@ def give_back() -> None:
     """Hand back the model of the job that ran last (its base is kept if it was loaded to be)."""
     from core.training import engines
 
-    while _running:
-        engines.give_back(_running.pop())
+    running = _running()
+    while running:
+        engines.give_back(running.pop())
 
 
 def _tokenizer(spec: JobSpec, model_path: str) -> Any:
@@ -56,6 +68,8 @@ def _tokenizer(spec: JobSpec, model_path: str) -> Any:
 
 
 def _prepare(spec: JobSpec, tokenizer: Any, key: str | None, settings: Settings) -> Prepared:
+    if spec.training.method != "sft":  # dpo / orpo pairs (core.data.preference): not cached
+        return prepare_pairs(spec, tokenizer)  # type: ignore[return-value]
     prepared = prepare(
         spec.dataset,
         tokenizer,
@@ -72,7 +86,7 @@ def _prepare(spec: JobSpec, tokenizer: Any, key: str | None, settings: Settings)
 def _cached(
     spec: JobSpec, tokenizer: Any, settings: Settings, job_dir: Path
 ) -> tuple[str | None, Prepared | None]:
-    if not settings.prepared_cache_bytes:
+    if not settings.prepared_cache_bytes or spec.training.method != "sft":
         return None, None
     key = prepared_cache.cache_key(spec, tokenizer)
     if key is None:
@@ -115,7 +129,7 @@ def data_and_model(
     try:
         clock.start("loading_model", stage=JobStage.training)
         loaded = load_model()
-        _running.append(loaded)
+        _running().append(loaded)
         if future is not None:
             clock.start("preparing_data")
             prepared = future.result()

@@ -205,7 +205,6 @@ def _run_stages(
     # The webhook secret masked: the job folder is copied and shared; the row keeps the secret.
     (job_dir / "spec.json").write_text(json.dumps(public_spec(spec.to_json()), indent=2))
     clock.start(None)
-    job_start.give_back()  # the adapter and optimizer state go; the base stays for the next job
     write_job_plots(url, job_id, job_dir)  # plots/training.png, throughput.png; never raises
     status = JobStatus.cancelled if outcome.cancelled else JobStatus.succeeded
     _finish(
@@ -218,6 +217,8 @@ def _run_stages(
         stop_reason=outcome.stop_reason,
         kept_step=outcome.kept_step,
     )
+    # After the job is reported: the adapter and optimizer state go, the base stays loaded.
+    job_start.give_back()
     log.info(
         "job %s %s after %d steps (loss %s)", job_id, status, outcome.steps, outcome.final_loss
     )
