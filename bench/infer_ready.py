@@ -72,12 +72,15 @@ def _stream(client: Any, path: str, body: dict[str, Any], since: float) -> dict[
                 first = first or time.perf_counter()
             if "answer" in data or "usage" in data:
                 done = data
+            elif "code" in data and "status" in data:  # an error event: a problem's fields
+                done = {"error": data}
     return {
         "first_text_s": round(first - since, 3) if first else None,
         "end_s": round(time.perf_counter() - since, 3),
         "pieces": pieces,
         "backend": done.get("backend"),
         "usage": done.get("usage"),
+        "error": done.get("error"),
     }
 
 
@@ -117,6 +120,17 @@ def _until_succeeded(client: Any, job_id: str, timeout_s: float) -> tuple[dict[s
     raise SystemExit(f"job {job_id} not finished in {timeout_s} s: {job.get('status')}")
 
 
+def _wait_for(log: Path, text: bytes, proc: Any, timeout_s: float) -> None:
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"medtune up exited with {proc.returncode}")
+        if text in log.read_bytes():
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"medtune up did not log {text!r} in {timeout_s} s")
+
+
 def live(model_dir: str, data: str, *, steps: int, port: int, fast_wait_s: float) -> None:
     import httpx
 
@@ -137,11 +151,14 @@ def live(model_dir: str, data: str, *, steps: int, port: int, fast_wait_s: float
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    started = time.perf_counter()
     spec = recipe(str(Path(model_dir).resolve()), str(Path(data).resolve()), steps=steps)
     record: dict[str, Any] = {"bench": "infer_ready_live", "max_steps": steps}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             _wait_up(client, proc, 120)
+            _wait_for(home / "up.log", b"is up", proc, 180)  # both workers ready too
+            record["up_s"] = round(time.perf_counter() - started, 1)
             created = client.post("/jobs", json=spec)
             if created.status_code != 201:
                 raise SystemExit(f"POST /jobs: {created.status_code} {created.text}")
