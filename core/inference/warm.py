@@ -77,11 +77,22 @@ def send_warm(
     try:
         gib = _training_gib(spec, model_path, engine) if model_path and not adapter_dir else None
         kwargs = warm_kwargs(spec, job_id=job_id, adapter_dir=adapter_dir, training_gib=gib)
-        make_celery(settings).send_task(
+        _sender(settings).send_task(
             WARM_TASK, kwargs=kwargs, queue=INFER_QUEUE, ignore_result=True, retry=False
         )
     except Exception as exc:
         log.warning("job %s: warm message not sent (%s)", job_id, exc)
+
+
+_senders: dict[str, Any] = {}
+
+
+def _sender(settings: Settings) -> Any:
+    """One Celery app per broker for this process's warm messages (its connection pool)."""
+    url = settings.celery_broker_url
+    if url not in _senders:
+        _senders[url] = make_celery(settings)
+    return _senders[url]
 
 
 def reserved_bytes(training: dict[str, Any] | None, *, my_device: str | None) -> int:

@@ -271,7 +271,7 @@ def test_send_warm_goes_to_the_inference_queue(monkeypatch: pytest.MonkeyPatch) 
         def send_task(self, name: str, **kwargs: Any) -> None:
             sent.append({"name": name, **kwargs})
 
-    monkeypatch.setattr(warm_module, "make_celery", lambda settings: Queue())
+    monkeypatch.setattr(warm_module, "_sender", lambda settings: Queue())
     spec = JobSpec.model_validate({"model_config": {"base_model": BASE}})
     send_warm(Settings(infer_warm=False), spec, job_id="j1")
     assert sent == []
@@ -283,7 +283,7 @@ def test_send_warm_goes_to_the_inference_queue(monkeypatch: pytest.MonkeyPatch) 
     def broken(settings: Any) -> Any:
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr(warm_module, "make_celery", broken)
+    monkeypatch.setattr(warm_module, "_sender", broken)
     send_warm(Settings(), spec, job_id="j1")  # logged, never raised into the job
 
 
