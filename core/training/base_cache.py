@@ -126,8 +126,15 @@ class Kept:
     loaded_tokenizer: Any = None  # the object the model (Unsloth's patches) refers to as loaded
 
     @classmethod
-    def of(cls, key: BaseKey, model: Any, tokenizer: Any, notes: list[str]) -> Kept:
-        return cls(key, model, copy.deepcopy(tokenizer), Snapshot(model), list(notes), tokenizer)
+    def of(cls, key: BaseKey, model: Any, tokenizer: Any, notes: list[str]) -> Kept | None:
+        """The base to keep; None (the job runs, its base is not kept) if it cannot be
+        snapshotted."""
+        try:
+            pristine = copy.deepcopy(tokenizer)
+            return cls(key, model, pristine, Snapshot(model), list(notes), tokenizer)
+        except Exception as exc:
+            log.warning("base model %s will not be kept: %s: %s", key.path, type(exc).__name__, exc)
+            return None
 
     def job_tokenizer(self) -> Any:
         """A fresh copy of the tokenizer as loaded, also where the model refers to it."""

@@ -189,9 +189,9 @@ def test_each_job_gets_its_own_tokenizer_where_the_model_refers_to_it(model_dir:
     spec = _spec(model_dir)
     base, tokenizer, notes = engines._base_transformers(spec, str(model_dir))
     base.model._saved_temp_tokenizer = tokenizer  # as Unsloth's from_pretrained leaves it
-    kept = base_cache.Kept.of(
-        engines.base_key(spec, str(model_dir), "transformers"), base, tokenizer, notes
-    )
+    key = engines.base_key(spec, str(model_dir), "transformers")
+    kept = base_cache.Kept.of(key, base, tokenizer, notes)
+    assert kept is not None
     seen = []
     for _ in range(2):  # a job, then the next on the restored base
         assert kept.snapshot.restore() is None
