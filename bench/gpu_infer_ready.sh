@@ -10,12 +10,12 @@
 #  3 t4     under a 15 GiB cap: 4-bit + LoRA through the CUDA-graph loop vs for_inference
 #  4 multi  8 questions to 8 adapters, one after another vs at once; peft's mixed batch
 #  5 merged the in-memory merged bf16 path alone (the live part's fast path, in-process)
-# BUDGET_S (default 450) bounds the whole run: a part gets at most what is left, and a part
+# BUDGET_S (default 480) bounds the whole run: a part gets at most what is left, and a part
 # with under 40 s left is skipped (said so), so the run ends within the device's 10 minutes.
 set -uo pipefail
 WORK=$1 TOKS=$2 DATA=$(realpath "$3")
 export BENCH_OUT=${BENCH_OUT:-$WORK/results.jsonl} PYTHONUNBUFFERED=1
-END=$((SECONDS + ${BUDGET_S:-450}))
+END=$((SECONDS + ${BUDGET_S:-480}))
 mkdir -p "$WORK"
 part() {  # part NAME LIMIT_S CMD...
   local name=$1 limit=$2; shift 2
@@ -37,6 +37,6 @@ part make 150 python3 bench/infer_gpu.py make "$TOKS/llama3" "$WORK" --adapters 
 part live 260 python3 bench/infer_ready.py live "$WORK/model" "$DATA" --steps 5 --fast-wait-s 120
 part t4-graph 130 python3 bench/infer_gpu.py run bnb4_lora_graph "$WORK" --tokens 64 --runs 2 --cap-gib 15
 part t4-for_inference 80 python3 bench/infer_gpu.py run unsloth_4bit_lora "$WORK" --tokens 64 --runs 2 --cap-gib 15
-part multi 120 python3 bench/infer_ready.py multi "$WORK" --adapters 8 --tokens 48
+part multi 110 python3 bench/infer_ready.py multi "$WORK" --adapters 8 --tokens 32
 part merged 110 python3 bench/infer_gpu.py run bf16_merged_graph "$WORK" --tokens 128 --runs 2
 echo "== done $(date +%T); figures in $BENCH_OUT" >&2
