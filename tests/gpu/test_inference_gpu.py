@@ -272,7 +272,7 @@ def test_4bit_base_with_unmerged_lora_runs_the_graph_loop(
     from transformers import AutoTokenizer
 
     from core.inference.fast import build_lora_4bit
-    from core.inference.generate import GenerationRequest
+    from core.inference.generate import GenerationRequest, generate_one
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     fast = build_lora_4bit(str(tiny_model), str(adapters[0]), tokenizer, cache_tokens=512)
@@ -281,3 +281,31 @@ def test_4bit_base_with_unmerged_lora_runs_the_graph_loop(
     again = fast.generate(request)  # replays them
     assert first.text == again.text and again.completion_tokens > 0
     assert fast.kind == "lora_4bit"
+    # The same weights (4-bit base, LoRA layers active) through generate(), eagerly.
+    eager = generate_one(fast.decoder.model, tokenizer, request)
+    assert again.text[:8] == eager.text[:8]
+
+
+def test_concurrent_questions_to_two_adapters_answer_as_one_at_a_time(
+    tiny_model: Path, adapters: list[Path], tmp_path: Path
+) -> None:
+    """Whether they share a batch (peft's mixed adapters) or not (Unsloth's kernels), the
+    answers are the ones each question gets alone, greedy."""
+    from core.inference.engine import InferenceEngine, InferenceRequest
+
+    engine = InferenceEngine(models_dir=tmp_path, max_batch=4, batch_wait_s=0.3, fast=False)
+
+    def request(adapter: Path) -> InferenceRequest:
+        return InferenceRequest(
+            base_model=str(tiny_model),
+            messages=ask("anemia?"),
+            adapter_dir=str(adapter),
+            adapter_name=adapter.name,
+            load_in_4bit=False,
+            max_new_tokens=12,
+        )
+
+    alone = [engine.submit(request(a)).result()["answer"] for a in adapters]
+    together = [f.result()["answer"] for f in [engine.submit(request(a)) for a in adapters]]
+    assert together == alone
+    assert alone[0] != alone[1]  # the adapters do differ: a mix-up would show
