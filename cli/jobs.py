@@ -130,9 +130,20 @@ def show_text(job: dict[str, Any]) -> str:
         fields.append(("dataset", ", ".join(f"{k}={v}" for k, v in flat.items())))
     artifacts = job.get("artifacts") or {}
     fields.append(("adapter", artifacts.get("adapter")))
+    fields += [
+        (name, tracking_line(name, run)) for name, run in (job.get("tracking") or {}).items()
+    ]
     lines = [job["id"]] + [f"  {k:<9} {'-' if v is None else v}" for k, v in fields]
     lines += [f"  note      {note}" for note in job.get("notes") or []]
     return "\n".join(lines)
+
+
+def tracking_line(name: str, run: dict[str, Any]) -> str:
+    """Where a tracker's run is: MLflow's store and run id, or W&B's page (its folder offline)."""
+    if name == "mlflow":
+        return f"run {run.get('run_id')} at {run.get('tracking_uri')}"
+    where = run.get("url") or run.get("dir")
+    return f"run {run.get('run_id')} ({run.get('mode')}) at {where}"
 
 
 def cmd_show(args: argparse.Namespace, client: MedtuneClient) -> int:

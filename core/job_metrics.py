@@ -1,17 +1,22 @@
-"""Where a job's training metrics go: the job store (in batches) and TensorBoard event files."""
+"""Where a job's training metrics go: the job store (in batches), TensorBoard event files, and
+the experiment trackers the job reports to (MLflow, W&B)."""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.settings import Settings
+from core.spec import JobSpec
 from core.store import jobs
 from core.store.db import session_scope
-from core.training.sink import BufferedSink, TeeSink
+from core.training.sink import BufferedSink, MetricsSink, TeeSink
 from core.training.tensorboard import TENSORBOARD_DIR, TensorBoardSink
+from core.training.tracking import JobTracking
 
 
 class DatabaseSink(BufferedSink):
@@ -66,13 +71,49 @@ def job_sink(
     job_dir: Path,
     resume_step: int,
     lease_check: Callable[[], None] | None = None,
+    tracking: JobTracking | None = None,
 ) -> TeeSink:
     """The sink a job's training run reports to; ``close()`` it when the run ends.
 
     ``resume_step``: the checkpoint step the run starts from (0 for a fresh start); TensorBoard
-    drops what an earlier, lost run logged after it.
+    drops what an earlier, lost run logged after it. ``tracking``: the job's tracker runs, each
+    of which gets every row too.
     """
-    return TeeSink(
-        DatabaseSink(url, job_id, lease_check=lease_check),
-        TensorBoardSink(job_dir / TENSORBOARD_DIR, resume_step=resume_step),
+    sinks: list[MetricsSink] = [DatabaseSink(url, job_id, lease_check=lease_check)]
+    if tracking is None or tracking.tensorboard:
+        sinks.append(TensorBoardSink(job_dir / TENSORBOARD_DIR, resume_step=resume_step))
+    if tracking is not None:
+        sinks += tracking.sinks()
+    return TeeSink(*sinks)
+
+
+def start_tracking(settings: Settings, job_id: str, spec: JobSpec, job_dir: Path) -> JobTracking:
+    """Open the job's tracker runs (the ones its row names, for a resumed job) and store where
+    they are on the job row; a tracker that cannot start is a note, not an error."""
+    url = settings.db_url
+    with session_scope(url) as s:
+        previous = jobs.get_job(s, job_id).tracking
+    tracking = JobTracking.start(
+        spec,
+        job_id=job_id,
+        job_dir=job_dir,
+        home=settings.home,
+        mlflow_uri=settings.mlflow_tracking_uri,
+        previous=previous,
+        environ=os.environ,
     )
+    with session_scope(url) as s:
+        jobs.set_fields(s, job_id, tracking=tracking.location())
+        for note in tracking.take_notes():
+            jobs.add_note(s, job_id, note)
+    return tracking
+
+
+def end_tracking(url: str, job_id: str, tracking: JobTracking, status: str) -> None:
+    """Close the runs with the job's status (succeeded, failed, cancelled); note any failure."""
+    tracking.end(status)
+    notes = tracking.take_notes()
+    if notes:
+        with session_scope(url) as s:
+            for note in notes:
+                jobs.add_note(s, job_id, note)

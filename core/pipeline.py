@@ -20,7 +20,7 @@ from core.data.prepare import Prepared, prepare
 from core.data.tokenize import ensure_chat_template
 from core.errors import LeaseLost, MedtuneError, OutOfMemory
 from core.inference.warm import send_warm
-from core.job_metrics import job_sink
+from core.job_metrics import end_tracking, job_sink, start_tracking
 from core.plots import write_job_plots
 from core.settings import Settings
 from core.spec.job import JobSpec, public_spec
@@ -29,6 +29,7 @@ from core.store import jobs
 from core.store.db import session_scope
 from core.store.lease import LeaseKeeper
 from core.store.models import JobStage, JobStatus
+from core.training.tracking import JobTracking
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,15 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
             return status
         spec = JobSpec.model_validate(jobs.get_job(s, job_id).spec)
     job_dir = settings.artifacts_dir / job_id
+    tracking = None
     try:
         with LeaseKeeper(url, job_id, worker=worker, lease_s=settings.lease_seconds) as lease:
             job_dir.mkdir(parents=True, exist_ok=True)
-            return _run_stages(job_id, spec, job_dir, settings, lease=lease)
+            tracking = start_tracking(settings, job_id, spec, job_dir)
+            return _run_stages(job_id, spec, job_dir, settings, lease=lease, tracking=tracking)
     except LeaseLost as exc:  # the job is another worker's now: touch nothing of it
         log.warning("job %s abandoned: %s", job_id, exc.detail)
+        tracking = None  # its runs go on with the worker that holds the job now
         return JobStatus.queued
     except MedtuneError as exc:
         log.warning("job %s failed: %s %s", job_id, exc.code, exc.detail)
@@ -111,6 +115,9 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
             error_code="internal_error",
             error_message=f"{type(exc).__name__}: {str(exc)[:500]}",
         )
+    finally:
+        if tracking is not None:  # runs a succeeded or cancelled job left open: none
+            end_tracking(url, job_id, tracking, JobStatus.failed)
     return JobStatus.failed
 
 
@@ -154,7 +161,13 @@ class StageClock:
 
 
 def _run_stages(
-    job_id: str, spec: JobSpec, job_dir: Path, settings: Settings, *, lease: LeaseKeeper
+    job_id: str,
+    spec: JobSpec,
+    job_dir: Path,
+    settings: Settings,
+    *,
+    lease: LeaseKeeper,
+    tracking: JobTracking,
 ) -> str:
     from core.training import engines
 
@@ -189,6 +202,7 @@ def _run_stages(
         url,
         eval_items=prepared.validation,
         lease=lease,
+        tracking=tracking,
     )
     lease.check()
     _note(url, job_id, *outcome.notes)
@@ -199,6 +213,7 @@ def _run_stages(
     adapter_dir = job_dir / "adapter"
     lease.check()
     _save_adapter(loaded, adapter_dir)
+    tracking.log_folder(adapter_dir, name="adapter")
     if not outcome.cancelled:
         send_warm(settings, spec, job_id=job_id, adapter_dir=str(adapter_dir))
         _export(job_id, spec, loaded, job_dir, adapter_dir, model_path, url)
@@ -207,6 +222,7 @@ def _run_stages(
     clock.start(None)
     write_job_plots(url, job_id, job_dir)  # plots/training.png, throughput.png; never raises
     status = JobStatus.cancelled if outcome.cancelled else JobStatus.succeeded
+    end_tracking(url, job_id, tracking, status)
     _finish(
         url,
         job_id,
@@ -270,6 +286,7 @@ def _train_with_recovery(
     *,
     eval_items: list[Any],
     lease: LeaseKeeper,
+    tracking: JobTracking | None = None,
 ) -> Any:
     """Train, resuming from the last checkpoint after a lost worker or a CUDA out-of-memory.
 
@@ -293,6 +310,7 @@ def _train_with_recovery(
             job_dir=job_dir,
             resume_step=resume.step if resume else 0,
             lease_check=lease.check,
+            tracking=tracking,
         )
         try:
             return trainer.train(

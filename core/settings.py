@@ -172,6 +172,13 @@ class Settings(BaseSettings):
         description="Inference and preview requests per API key per minute (0: no limit).",
     )
 
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="Where jobs log their MLflow runs (a tracking server, databricks, a "
+        "database URL); set, every job reports to MLflow unless its report_to says otherwise. "
+        "Unset: jobs that ask for mlflow use the embedded sqlite:///$MEDTUNE_HOME/mlflow/mlflow.db.",
+    )
+
     retention_days: float = Field(
         default=0,
         ge=0,

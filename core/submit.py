@@ -7,6 +7,7 @@ the job, then queues it. The store is the truth: a broker that is down loses not
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from sqlmodel import Session
@@ -26,6 +27,7 @@ from core.spec import JobSpec
 from core.store import files, idempotency, jobs
 from core.store.models import Job
 from core.training.engines import check_loftq
+from core.training.tracking import check_report_to, installed
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ def submit_job(
     resolve_validation(spec, roots=allowed_roots(settings), uploads=settings.uploads_dir)
     benchmark_files(spec, settings)
     check_init_adapter(session, spec, owner=principal.job_owner)
+    # The package check only where this process has the training stack (`medtune up`): the
+    # API image has none, and the worker notes a tracker it cannot load.
+    check_report_to(spec, environ=os.environ, check_packages=installed("torch"))
     if spec.webhook is not None:
         webhooks.check_target(spec.webhook.url, allow_private=settings.webhook_allow_private)
     local_dir = routing.config_dir(spec.model.base_model, settings.models_dir)

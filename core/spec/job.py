@@ -279,6 +279,13 @@ class TrainingSection(_Section):
         description="Which weights become the adapter: the last step's, or those of the "
         "evaluation with the lowest eval loss ('best' needs a validation split).",
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] | None = Field(
+        default=None,
+        max_length=3,
+        description="Trackers that get every metric row, the spec as params and the adapter: "
+        "exactly these. null: tensorboard, plus mlflow when the worker has "
+        "MEDTUNE_MLFLOW_TRACKING_URI and wandb when it has WANDB_API_KEY.",
+    )
 
     @field_validator("output_dir")
     @classmethod

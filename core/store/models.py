@@ -105,6 +105,8 @@ class Job(SQLModel, table=True):
     # Why training ended (max_steps, epochs, early_stopping, cancelled), whose weights were kept.
     stop_reason: str | None = Field(default=None, max_length=32)
     kept_step: int | None = None
+    # Where the job's tracker runs are: {"mlflow": {tracking_uri, experiment_id, run_id}, ...}.
+    tracking: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     # The API key that created the job; null for jobs created with authentication disabled.
     owner_key_id: str | None = Field(
         default=None,

@@ -120,11 +120,18 @@ def test_gpu_image_installs_the_gpu_extra_from_pyproject() -> None:
     )
     lines = result.stdout.split()
     extras = PYPROJECT["optional-dependencies"]
-    assert lines == PYPROJECT["dependencies"] + extras["gpu"] + extras["gguf"] + extras["export"]
+    assert lines == (
+        PYPROJECT["dependencies"]
+        + extras["gpu"]
+        + extras["gguf"]
+        + extras["export"]
+        + extras["tracking"]
+    )
     pinned = {Requirement(line).name: str(Requirement(line).specifier) for line in lines}
     assert pinned["unsloth"] == "==2026.10.9"
     assert pinned["unsloth-zoo"] == "==2026.10.9"
     assert pinned["torch"] == "==2.13.0"
+    assert {"mlflow-skinny", "wandb"} <= set(pinned)  # the tracking extra: jobs' report_to
     # The build stage compiles the llama-cpp-python wheel that pyproject pins (gguf extra).
     llama_arg = next(v for v in _instructions(DOCKERFILE_GPU, "ARG") if "=" in v and "LLAMA" in v)
     assert f"=={llama_arg.partition('=')[2]}" == pinned["llama-cpp-python"]
