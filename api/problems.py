@@ -35,6 +35,7 @@ _VALIDATION_CODES = {
     "literal_error": "invalid_choice",
     "enum": "invalid_choice",
     "needs_validation": "needs_validation",  # early stopping / keep best without eval losses
+    "method_conflict": "method_conflict",  # a setting the job's training method cannot use
 }
 
 

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PlainValidator,
-    WithJsonSchema,
     field_serializer,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
+from api.openai_method import FineTuningHyperparameters, FineTuningMethod
 from core.spec import DatasetSection, check_model_name
 from core.spec.job import public_spec
 from core.store.models import Job, MetricRow
@@ -168,6 +166,15 @@ class MetricPublic(_Out):
         description="Loss on the held-out split at this step (jobs with a validation_dataset "
         "or a validation_share).",
     )
+    # dpo / orpo jobs: mean rewards of the step's pairs (dpo: beta x log-ratio to the
+    # reference; orpo: beta x mean log-probability), margin (chosen minus rejected), accuracy
+    # (share of pairs whose chosen answer wins), and margin and accuracy on held-out pairs.
+    rewards_chosen: float | None = None
+    rewards_rejected: float | None = None
+    rewards_margin: float | None = None
+    rewards_accuracy: float | None = None
+    eval_rewards_margin: float | None = None
+    eval_rewards_accuracy: float | None = None
     created_at: datetime
 
     @classmethod
@@ -316,51 +323,6 @@ class DatasetPreview(BaseModel):
 # --- OpenAI-compatible fine-tuning (/v1/fine_tuning) ----------------------------------------------
 
 
-def _auto_or_number(*, integer: bool, gt: int, le: int) -> Any:
-    """ "auto" or a number in (gt, le]: one error naming the field, not one per union member."""
-    kind = "an integer" if integer else "a number"
-
-    def check(value: Any) -> Any:
-        if value == "auto":
-            return value
-        ok = isinstance(value, int) or (not integer and isinstance(value, float))
-        if isinstance(value, bool) or not ok:
-            raise PydanticCustomError(
-                "auto_or_number", 'Input should be "auto" or {kind}', {"kind": kind}
-            )
-        if value <= gt:
-            raise PydanticCustomError(
-                "greater_than", "Input should be greater than {gt}", {"gt": gt}
-            )
-        if value > le:
-            raise PydanticCustomError(
-                "less_than_equal", "Input should be less than or equal to {le}", {"le": le}
-            )
-        return value
-
-    number = {"type": "integer" if integer else "number", "exclusiveMinimum": gt, "maximum": le}
-    return Annotated[
-        Any,  # "auto" | int | float: the validator above is the type
-        PlainValidator(check),
-        WithJsonSchema({"anyOf": [{"const": "auto"}, number], "default": "auto"}),
-    ]
-
-
-class FineTuningHyperparameters(BaseModel):
-    """OpenAI's hyperparameters; "auto" keeps medtune's recipe values."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n_epochs: _auto_or_number(integer=True, gt=0, le=1000) = "auto"  # type: ignore[valid-type]
-    batch_size: _auto_or_number(integer=True, gt=0, le=4096) = Field(  # type: ignore[valid-type]
-        default="auto",
-        description="Examples per optimizer step (micro-batch x gradient accumulation).",
-    )
-    learning_rate_multiplier: _auto_or_number(  # type: ignore[valid-type]
-        integer=False, gt=0, le=5000
-    ) = Field(default="auto", description="learning_rate = 2e-4 x this.")
-
-
 class FineTuningJobCreate(BaseModel):
     """OpenAI's create-fine-tuning-job body, plus ``medtune`` for any medtune spec section."""
 
@@ -391,6 +353,12 @@ class FineTuningJobCreate(BaseModel):
     )
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     hyperparameters: FineTuningHyperparameters = Field(default_factory=FineTuningHyperparameters)
+    method: FineTuningMethod | None = Field(
+        default=None,
+        description="OpenAI's method: {type: 'supervised' | 'dpo', <type>: {hyperparameters}}; "
+        "dpo trains on preference pairs (training_config.method 'dpo'), its beta is "
+        "training_config.preference.beta. null: the medtune field's method, else supervised.",
+    )
     medtune: dict[str, Any] | None = Field(
         default=None,
         description="medtune job spec sections (model_config, lora_config, training_dataset, "
@@ -422,6 +390,9 @@ class FineTuningJob(BaseModel):
     seed: int | None
     estimated_finish: int | None
     user_provided_suffix: str | None
+    method: dict[str, Any] | None = Field(
+        default=None, description="{type: supervised | dpo | orpo, <type>: {hyperparameters}}."
+    )
 
 
 class FineTuningJobsPage(BaseModel):

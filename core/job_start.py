@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from core.base_models import hub_call
 from core.data import prepared_cache
+from core.data.preference import prepare_pairs
 from core.data.prepare import Prepared, prepare
 from core.errors import MedtuneError
 from core.settings import Settings
@@ -67,6 +68,8 @@ def _tokenizer(spec: JobSpec, model_path: str) -> Any:
 
 
 def _prepare(spec: JobSpec, tokenizer: Any, key: str | None, settings: Settings) -> Prepared:
+    if spec.training.method != "sft":  # dpo / orpo pairs (core.data.preference): not cached
+        return prepare_pairs(spec, tokenizer)  # type: ignore[return-value]
     prepared = prepare(
         spec.dataset,
         tokenizer,
@@ -83,7 +86,7 @@ def _prepare(spec: JobSpec, tokenizer: Any, key: str | None, settings: Settings)
 def _cached(
     spec: JobSpec, tokenizer: Any, settings: Settings, job_dir: Path
 ) -> tuple[str | None, Prepared | None]:
-    if not settings.prepared_cache_bytes:
+    if not settings.prepared_cache_bytes or spec.training.method != "sft":
         return None, None
     key = prepared_cache.cache_key(spec, tokenizer)
     if key is None:

@@ -50,6 +50,7 @@ _ERROR_PARAMS = {
     "model_not_available": "model",
     "hub_unreachable": "model",
 }
+PREFERENCE_METRICS = ("rewards_margin", "rewards_accuracy", "eval_rewards_margin")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _PHASES = {"created": 0, "started": 1, "step": 2, "finished": 3}
 
@@ -108,8 +109,13 @@ def spec_from_request(
     seed: int | None = None,
     hyperparameters: Mapping[str, Any] | None = None,
     medtune: Mapping[str, Any] | None = None,
+    method: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The medtune job spec (JSON, unvalidated) for an OpenAI create-job body.
+
+    ``method`` is OpenAI's method as ``{"type", "hyperparameters"}``: type "dpo" sets
+    ``training_config.method`` 'dpo' and its beta ``training_config.preference.beta``;
+    "supervised" sets 'sft'. Its other hyperparameters act as the top-level ones do.
 
     ``medtune`` holds spec sections merged first; the OpenAI fields then set their spec fields
     and must agree with what the medtune field says about the same ones. Hyperparameters left
@@ -118,6 +124,13 @@ def spec_from_request(
     ``validation_file`` becomes ``validation_dataset.name``.
     """
     spec: dict[str, Any] = copy.deepcopy(dict(medtune or {}))
+    hyperparameters = _with_method(hyperparameters, method)
+    if method is not None:
+        kind = "dpo" if method["type"] == "dpo" else "sft"
+        _put(spec, "training_config", "method", kind, source="method.type")
+        beta = method["hyperparameters"].get("beta", AUTO)
+        if beta != AUTO:
+            _put_beta(spec, beta)
     _put(spec, "model_config", "base_model", model, source="model")
     finetuned = suffix
     if finetuned is None and "finetuned_model" not in spec.get("model_config", {}):
@@ -152,13 +165,57 @@ def spec_from_request(
     return spec
 
 
+def _with_method(
+    hyperparameters: Mapping[str, Any] | None, method: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The top-level hyperparameters with the method's filled in; both giving one: the same."""
+    merged = dict(hyperparameters or {})
+    if method is None:
+        return merged
+    for key, value in method["hyperparameters"].items():
+        if key == "beta" or value == AUTO:
+            continue
+        if merged.get(key, AUTO) not in (AUTO, value):
+            raise ConflictingFields(
+                f"hyperparameters.{key} is {merged[key]!r} and method.{method['type']}."
+                f"hyperparameters.{key} is {value!r}; give it in one place",
+                field=f"method.{method['type']}.hyperparameters.{key}",
+            )
+        merged[key] = value
+    return merged
+
+
+def _put_beta(spec: dict[str, Any], beta: float) -> None:
+    training = spec.setdefault("training_config", {})
+    if not isinstance(training, dict):
+        return  # the spec validation names the section that is not an object
+    preference = training.get("preference")
+    if preference is None:
+        preference = training["preference"] = {}
+    if not isinstance(preference, dict):
+        return
+    if preference.get("beta", beta) != beta:
+        raise ConflictingFields(
+            f"method.dpo.hyperparameters.beta is {beta!r} but medtune.training_config."
+            f"preference.beta is {preference['beta']!r}; give it in one place",
+            field="medtune.training_config.preference.beta",
+        )
+    preference["beta"] = beta
+
+
 def request_field(
     spec_field: str,
     *,
     hyperparameters: Mapping[str, Any] | None = None,
     validation_file: str | None = None,
+    method: Mapping[str, Any] | None = None,
 ) -> str:
     """The OpenAI body field a spec error is about (``medtune.<field>`` when it came from there)."""
+    if method is not None and spec_field == "training_config.method":
+        return "method.type"
+    beta = (method or {}).get("hyperparameters", {}).get("beta", AUTO)
+    if beta != AUTO and spec_field.startswith("training_config.preference"):
+        return "method.dpo.hyperparameters.beta"
     if spec_field in _TOP_LEVEL_FIELDS:
         return _TOP_LEVEL_FIELDS[spec_field]
     if validation_file is not None and spec_field in _VALIDATION_FILE_FIELDS:
@@ -248,7 +305,18 @@ def job_object(job: Job, recent: Sequence[MetricRow] = ()) -> dict[str, Any]:
         "seed": spec.get("training_config", {}).get("seed"),
         "estimated_finish": estimated_finish(job, recent),
         "user_provided_suffix": job.finetuned_model,
+        "method": method_object(spec),
     }
+
+
+def method_object(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``method`` of a job: supervised, dpo (with beta), or medtune's orpo."""
+    training = spec.get("training_config", {})
+    kind = {"sft": "supervised"}.get(training.get("method", "sft"), training.get("method"))
+    hyperparameters = hyperparameters_of(spec)
+    if kind != "supervised":
+        hyperparameters["beta"] = (training.get("preference") or {}).get("beta", 0.1)
+    return {"type": kind, kind: {"hyperparameters": hyperparameters}}
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -316,6 +384,9 @@ def metric_event(job: Job, row: MetricRow) -> dict[str, Any]:
         "epoch": row.epoch,
         "tokens_per_second": row.tokens_per_second,
     }
+    for name in PREFERENCE_METRICS:  # dpo / orpo jobs only
+        if getattr(row, name, None) is not None:
+            data[name] = getattr(row, name)
     return _event(
         job,
         "step",

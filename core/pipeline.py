@@ -16,7 +16,8 @@ from typing import Any
 from core import job_start
 from core.base_models import allowed_model_roots, hub_call, resolve
 from core.continuation import adapter_path
-from core.data.prepare import Prepared, prepare
+from core.data.preference import prepare_job
+from core.data.prepare import Prepared
 from core.data.tokenize import ensure_chat_template
 from core.errors import LeaseLost, MedtuneError, OutOfMemory
 from core.inference.warm import send_warm
@@ -44,12 +45,7 @@ def _prepare_data(spec: JobSpec, model_path: str) -> Prepared:
         model_path,
         revision=spec.model.revision,
     )
-    return prepare(
-        spec.dataset,
-        tokenizer,
-        max_seq_length=spec.model.max_seq_length,
-        validation=spec.validation_dataset,
-    )
+    return prepare_job(spec, tokenizer)  # sft examples, or dpo / orpo pairs
 
 
 def _save_adapter(loaded: Any, target: Path) -> None:
@@ -295,7 +291,9 @@ def _train_with_recovery(
     """
     import torch
 
-    from core.training import checkpoints, trainer
+    from core.training import checkpoints, preference, trainer
+
+    fit = trainer.train if spec.training.method == "sft" else preference.train  # dpo, orpo: TRL
 
     output_dir = job_dir / spec.training.output_dir
     resume = checkpoints.latest(checkpoints.checkpoint_dir(output_dir))
@@ -313,7 +311,7 @@ def _train_with_recovery(
             tracking=tracking,
         )
         try:
-            return trainer.train(
+            return fit(
                 spec,
                 loaded,
                 items,

@@ -15,6 +15,7 @@ from sqlmodel import Session
 from core import auth, routing, webhooks
 from core.base_models import allowed_model_roots, check_base_model
 from core.continuation import check_init_adapter
+from core.data.preference_rows import check_rows
 from core.data.sources import allowed_roots, resolve_local
 from core.data.validation import resolve_validation
 from core.embedded_model import is_embedded
@@ -58,8 +59,11 @@ def submit_job(
     # Uploaded files the spec names must be the caller's; their rows stay share-locked until
     # the job is committed, so a concurrent DELETE sees the job and refuses (file_in_use).
     files.check_spec_files(session, spec.to_json(), owner=principal.job_owner)
-    resolve_local(spec.dataset, roots=allowed_roots(settings), uploads=settings.uploads_dir)
-    resolve_validation(spec, roots=allowed_roots(settings), uploads=settings.uploads_dir)
+    roots = allowed_roots(settings)
+    # A dpo / orpo job's file must hold preference pairs (its first row is read).
+    check_rows(spec, resolve_local(spec.dataset, roots=roots, uploads=settings.uploads_dir))
+    held_out = resolve_validation(spec, roots=roots, uploads=settings.uploads_dir)
+    check_rows(spec, held_out, validation=True)
     benchmark_files(spec, settings)
     check_init_adapter(session, spec, owner=principal.job_owner)
     # The package check only where this process has the training stack (`medtune up`): the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from fastapi.exceptions import RequestValidationError
@@ -71,14 +71,22 @@ def _job(session: Session, job: Job) -> FineTuningJob:
     return FineTuningJob.model_validate(shapes.job_object(job, recent))
 
 
+def _method(body: FineTuningJobCreate) -> dict[str, Any] | None:
+    """OpenAI's method as core.openai_shapes takes it: its type and hyperparameters."""
+    if body.method is None:
+        return None
+    return {"type": body.method.type, "hyperparameters": body.method.hyperparameters()}
+
+
 @contextmanager
 def _as_request_fields(body: FineTuningJobCreate) -> Iterator[None]:
     """Errors about the spec name the OpenAI body field the client sent, not the spec field."""
     hp = body.hyperparameters.model_dump()
+    method = _method(body)
 
     def request_field(spec_field: str) -> str:
         return shapes.request_field(
-            spec_field, hyperparameters=hp, validation_file=body.validation_file
+            spec_field, hyperparameters=hp, validation_file=body.validation_file, method=method
         )
 
     try:
@@ -128,6 +136,7 @@ def create_fine_tuning_job(
                 seed=body.seed,
                 hyperparameters=body.hyperparameters.model_dump(),
                 medtune=body.medtune,
+                method=_method(body),
             )
         )
         # The same checks, routing and queueing as POST /jobs: one way in for every job.

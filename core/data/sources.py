@@ -25,7 +25,10 @@ from core.settings import Settings, get_settings
 from core.spec import DATA_SUFFIXES, SOURCE_FIELDS, DatasetSection
 from core.store import files
 
-SAMPLES = {"medical_qa": "medical_qa_sample.jsonl"}
+SAMPLES = {
+    "medical_qa": "medical_qa_sample.jsonl",
+    "medical_preference": "medical_preference_sample.jsonl",  # dpo / orpo pairs
+}
 FIELD = "training_dataset"
 CSV_FIELD_LIMIT = 64 * 2**20  # characters in one CSV cell
 _EXTRA_CELLS = "_extra_cells"  # DictReader's key for cells past the header's width

@@ -27,6 +27,7 @@ from core.spec.dataset import (
     ValidationDataset,
     looks_like_path,
 )
+from core.spec.preference import PreferenceFields, check_method
 
 MAX_TARGET_MODULES = 64
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -212,7 +213,7 @@ class EarlyStoppingSection(_Section):
     )
 
 
-class TrainingSection(_Section):
+class TrainingSection(PreferenceFields):
     per_device_train_batch_size: Int = Field(default=2, ge=1, le=1024)
     gradient_accumulation_steps: Int = Field(default=4, ge=1, le=4096)
     warmup_steps: Int = Field(default=5, ge=0, le=1_000_000)
@@ -470,6 +471,11 @@ class JobSpec(_Section):
                 "training_config.eval_strategy to 'steps'",
             )
         return cfg
+
+    @field_validator("training")
+    @classmethod
+    def _method_fits(cls, cfg: TrainingSection, info: ValidationInfo) -> TrainingSection:
+        return check_method(cfg, info)  # dpo / orpo: no packing, no mix (core/spec/preference.py)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

@@ -28,6 +28,12 @@ METRIC_FIELDS = (
     "peak_memory_mb",
     "eta_seconds",
     "eval_loss",
+    "rewards_chosen",
+    "rewards_rejected",
+    "rewards_margin",
+    "rewards_accuracy",
+    "eval_rewards_margin",
+    "eval_rewards_accuracy",
 )
 DEFAULT_LEASE_S = 300.0  # a worker renews its lease every third of this
 TERMINAL = [s.value for s in JobStatus if s.terminal]

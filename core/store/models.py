@@ -139,6 +139,13 @@ class MetricRow(SQLModel, table=True):
     peak_memory_mb: float | None = None
     eta_seconds: float | None = None
     eval_loss: float | None = None
+    # Preference jobs (dpo, orpo): TRL's rewards of the step's pairs, and of the held-out pairs.
+    rewards_chosen: float | None = None
+    rewards_rejected: float | None = None
+    rewards_margin: float | None = None
+    rewards_accuracy: float | None = None
+    eval_rewards_margin: float | None = None
+    eval_rewards_accuracy: float | None = None
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
     )

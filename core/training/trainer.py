@@ -175,17 +175,20 @@ def training_arguments(
     output_dir: Path,
     notes: list[str],
     rows_per_step: int | None = None,
+    args_class: Any = None,
+    **extra: Any,
 ) -> Any:
     """transformers' TrainingArguments for the spec on this host (precision and optimizer as the
     host allows, each fallback noted). ``rows_per_step``: each optimizer step accumulates that
-    many padding-free rows (``step_rows``) instead of the spec's padded micro-batches."""
+    many padding-free rows (``step_rows``) instead of the spec's padded micro-batches.
+    ``args_class`` (a TrainingArguments subclass such as TRL's DPOConfig) gets ``extra`` too."""
     import torch
     from transformers import TrainingArguments
 
     cfg = spec.training
     fp16, bf16 = _precision(spec, notes)
     micro_batch = 1 if cfg.packing or rows_per_step else cfg.per_device_train_batch_size
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(
         output_dir=str(output_dir),
         per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=rows_per_step or cfg.gradient_accumulation_steps,
@@ -210,6 +213,7 @@ def training_arguments(
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
+        **extra,
     )
 
 

@@ -41,6 +41,7 @@ JOB_KEYS = {
     "seed",
     "estimated_finish",
     "user_provided_suffix",
+    "method",
 }
 
 
