@@ -6,6 +6,8 @@ point. Run each measurement in its own process: Unsloth patches transformers whe
 
     python bench/gpu_train.py make llama3-8b TOKENIZER_DIR MODEL_DIR
     python bench/gpu_train.py service MODEL_DIR --engine unsloth|transformers [--steps --bs --seq]
+        [--method sft|dpo|orpo]   (dpo / orpo: --bs random pairs a step, prompt and each answer
+                                   seq/2 tokens, through core.training.preference)
     python bench/gpu_train.py bare MODEL_DIR [--steps --bs --seq]
     python bench/gpu_train.py epoch MODEL_DIR DATA.jsonl [--no-packing]
 
@@ -120,9 +122,13 @@ def _spec(
     grad_accum: int = 1,
     packing: bool = False,
     epochs: float = 1,
+    method: str = "sft",
 ) -> Any:
     from core.spec import JobSpec
 
+    preference = None
+    if method != "sft":  # the prompt and each answer half of max_seq_length
+        preference = {"max_prompt_length": seq // 2, "max_completion_length": seq // 2}
     return JobSpec.model_validate(
         {
             "model_config": {"base_model": model_dir, "max_seq_length": seq, "load_in_4bit": True},
@@ -144,6 +150,9 @@ def _spec(
                 "logging_steps": 1,
                 "engine": engine,
                 "packing": packing,
+                "method": method,
+                "preference": preference,
+                "save_steps": 0,
             },
         }
     )
@@ -157,24 +166,51 @@ def _synthetic(vocab: int, *, n: int, seq: int) -> list[Any]:
     return [Encoded(ids, ids, False) for ids in rows]
 
 
-def service(model_dir: str, *, engine: str, steps: int, bs: int, seq: int) -> None:
-    """The worker's own code path: engines.load + trainer.train with the sink it reports to."""
+def _synthetic_pairs(vocab: int, *, n: int, seq: int) -> list[Any]:
+    """Random preference pairs: a seq/2-token prompt and two seq/2-token answers."""
+    from core.data.preference import EncodedPair
+    from core.data.tokenize import Encoded
+
+    rng = random.Random(1)
+
+    def ids(count: int) -> list[int]:
+        return [rng.randrange(10, vocab - 300) for _ in range(count)]
+
+    empty = Encoded([], [], False)
+    return [
+        EncodedPair(ids(seq // 2), ids(seq // 2), ids(seq // 2), chosen=empty, rejected=empty)
+        for _ in range(n)
+    ]
+
+
+def service(
+    model_dir: str, *, engine: str, steps: int, bs: int, seq: int, method: str = "sft"
+) -> None:
+    """The worker's own code path: engines.load + trainer.train (dpo / orpo:
+    preference.train) with the sink it reports to."""
     import torch
 
-    from core.training import engines, trainer
+    from core.training import engines, preference, trainer
     from core.training.sink import ListSink
 
-    spec = _spec(model_dir, engine=engine, bs=bs, seq=seq, steps=steps)
+    spec = _spec(model_dir, engine=engine, bs=bs, seq=seq, steps=steps, method=method)
     started = time.time()
     loaded = engines.load(spec, model_dir)
     load_s = time.time() - started
-    items = _synthetic(len(loaded.tokenizer), n=steps * bs, seq=seq)
     sink = ListSink()
-    trainer.train(spec, loaded, items, output_dir=Path("/tmp/bench-out"), sink=sink)
+    out = Path("/tmp/bench-out")
+    if method == "sft":
+        items = _synthetic(len(loaded.tokenizer), n=steps * bs, seq=seq)
+        trainer.train(spec, loaded, items, output_dir=out, sink=sink)
+    else:
+        pairs = _synthetic_pairs(len(loaded.tokenizer), n=steps * bs, seq=seq)
+        preference.train(spec, loaded, pairs, output_dir=out, sink=sink)
     rates = [r["tokens_per_second"] for r in sink.rows[2:]]
     emit(
         {
             "bench": "service",
+            "method": method,
+            "rewards_margin_last": sink.rows[-1].get("rewards_margin"),
             "engine": loaded.engine,
             "model": Path(model_dir).name,
             "bs": bs,
@@ -336,6 +372,7 @@ def main() -> None:
         p.add_argument("--seq", type=int, default=2048)
         if name == "service":
             p.add_argument("--engine", choices=["unsloth", "transformers"], default="unsloth")
+            p.add_argument("--method", choices=["sft", "dpo", "orpo"], default="sft")
     p = sub.add_parser("epoch")
     p.add_argument("model_dir")
     p.add_argument("data")
@@ -348,7 +385,14 @@ def main() -> None:
     if args.cmd == "make":
         make(args.shape, args.tokenizer_dir, args.out)
     elif args.cmd == "service":
-        service(args.model_dir, engine=args.engine, steps=args.steps, bs=args.bs, seq=args.seq)
+        service(
+            args.model_dir,
+            engine=args.engine,
+            steps=args.steps,
+            bs=args.bs,
+            seq=args.seq,
+            method=args.method,
+        )
     elif args.cmd == "bare":
         bare(args.model_dir, steps=args.steps, bs=args.bs, seq=args.seq)
     else:
