@@ -80,6 +80,8 @@ class Snapshot:
                 if c is not None and hasattr(c, "__dict__")
             }.values()
         ]
+        self.module_ids = {id(m) for m, _, _ in self.modules}
+        self.had_peft_config = hasattr(model, "peft_config")
         self.checksums = _checksums(model)
 
     def restore(self) -> str | None:
@@ -102,12 +104,10 @@ class Snapshot:
         return self.check()
 
     def check(self) -> str | None:
-        leftovers = [
-            name for name, m in self.model.named_modules() if "lora" in type(m).__name__.lower()
-        ]
+        leftovers = [n for n, m in self.model.named_modules() if id(m) not in self.module_ids]
         if leftovers:
-            return f"adapter modules left in the base ({leftovers[0]})"
-        if hasattr(self.model, "peft_config"):
+            return f"modules the job added are left in the base ({leftovers[0]})"
+        if hasattr(self.model, "peft_config") and not self.had_peft_config:
             return "peft_config left on the base"
         if _checksums(self.model) != self.checksums:
             return "the base weights changed during the job (a merge, LoftQ or a trained bias)"

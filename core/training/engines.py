@@ -253,12 +253,10 @@ def _base_unsloth(spec: JobSpec, model_path: str) -> tuple[Any, Any, list[str]]:
 
 
 def _adapter_unsloth(spec: JobSpec, model: Any, init_adapter: str | None) -> Any:
-    """Unsloth's peft model on a plain base (a kept base is plain again: get_peft_model on a
-    model that still had an adapter would reuse that adapter instead of making a fresh one)."""
+    """Unsloth's peft model on a plain base (a kept base is plain again, its modules as loaded:
+    on a model that is still a PeftModel, get_peft_model would keep that adapter)."""
     from unsloth import FastLanguageModel
 
-    if hasattr(model, "peft_config"):
-        raise RuntimeError("the base still carries an adapter; it must be loaded fresh")
     lora = spec.lora
     try:
         model = FastLanguageModel.get_peft_model(
