@@ -19,3 +19,6 @@ class Example:
     messages: list[Message] | None = None
     text: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Raw text for continued pretraining (format "text"): a long one is split into windows of
+    # max_seq_length tokens instead of being cut (core.data.text).
+    raw: bool = False

@@ -120,6 +120,9 @@ def check_example(
     ids = item.full_ids or item.input_ids
     labels = item.full_labels or item.labels
     where = _where(index, example)
+    raw = example is not None and example.raw
+    if raw and example is not None and example.meta.get("window", 0) > 0:
+        return None  # a later window of a long document: mid-text, no BOS, no end yet
     if rules.bos_id is not None:
         expected = 1
         if rules.bos_per_user_turn and example is not None and example.messages is not None:
@@ -139,6 +142,8 @@ def check_example(
                 "string, or it was added twice",
                 index,
             )
+    if raw:
+        return None  # continued pretraining: the encoder appends EOS; no turns to close
     if rules.eot_id is None:
         return Finding(
             "eot_missing",

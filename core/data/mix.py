@@ -18,6 +18,7 @@ from core.data.cleaning import Seen, dedupe
 from core.data.conversations import to_examples
 from core.data.example import Example
 from core.data.sources import FIELD, load, scoped, source_section
+from core.data.text import text_examples
 from core.errors import DatasetError
 from core.spec import DatasetSection
 
@@ -93,12 +94,15 @@ def _joined(values: Any) -> str:
 
 def _read(section: DatasetSection, *, index: int, weight: float, seen: Seen) -> Part:
     loaded = load(section)
-    conv = to_examples(
-        loaded.rows,
-        system_prompt=section.system_prompt,
-        input_field=section.input_field,
-        system_prompt_source=section.system_prompt_source,
-    )
+    if loaded.format == "text":  # format "text", or .txt files: documents, no conversations
+        conv = text_examples(loaded.rows, input_field=section.input_field)
+    else:
+        conv = to_examples(
+            loaded.rows,
+            system_prompt=section.system_prompt,
+            input_field=section.input_field,
+            system_prompt_source=section.system_prompt_source,
+        )
     examples, duplicates = dedupe(conv.examples, section.dedupe, seen=seen)
     return Part(
         index=index,

@@ -18,6 +18,7 @@ from core.data.example import Example
 from core.data.gate import DatasetGateError, TokenRules, enforce, inspect, token_rules
 from core.data.mix import Collected, by_dataset, collect
 from core.data.stats import dataset_stats
+from core.data.text import split_windows
 from core.data.tokenize import IGNORE_INDEX, Encoded, encode_all, ensure_chat_template
 from core.data.validation import FIELD as VALIDATION_FIELD
 from core.data.validation import scoped as validation_scoped
@@ -65,7 +66,8 @@ def render_dataset(
         max_length=max_seq_length,
         train_on_prompt=section.train_on_prompt,
     )
-    items = encoded.items
+    # Raw-text documents longer than max_seq_length become windows of it (format "text").
+    examples, items = split_windows(examples, encoded.items, max_length=max_seq_length)
     if section.min_tokens or section.max_tokens:
         low, high = section.min_tokens or 0, section.max_tokens or float("inf")
         keep = []

@@ -25,6 +25,9 @@ from core.settings import Settings, get_settings
 from core.spec import DATA_SUFFIXES, SOURCE_FIELDS, DatasetSection
 from core.store import files
 
+# Plain text: one document per file, read for format "text" (and a .txt file under "auto").
+TEXT_SUFFIX = ".txt"
+
 SAMPLES = {
     "medical_qa": "medical_qa_sample.jsonl",
     "medical_preference": "medical_preference_sample.jsonl",  # dpo / orpo pairs
@@ -165,7 +168,7 @@ def load(section: DatasetSection) -> Loaded:
     fmt = "records"
     if (
         path is not None
-        and section.format != "records"
+        and section.format not in ("records", "text")
         and (section.format == "medquad" or is_medquad(path))
     ):
         medquad = read_medquad(path, skip_bad=section.on_bad_rows == "skip")
@@ -178,10 +181,14 @@ def load(section: DatasetSection) -> Loaded:
         )
         rows, dropped, fmt = medquad.rows, medquad.dropped + medquad.bad, "medquad"
     elif path is not None:
-        rows, dropped, first = good_rows(_read_path(path), section)
+        text = section.format == "text" or (section.format == "auto" and _is_txt(path))
+        rows, dropped, first = good_rows(_read_path(path, text=text), section)
         check_bad_share(dropped, good=len(rows), first=first, section=section)
+        fmt = "text" if text else fmt
     else:
         rows = _read_hub(section)
+    if section.format == "text":
+        fmt = "text"
     if section.max_samples is not None:
         rows = rows[: section.max_samples]
     if not rows:
@@ -255,19 +262,22 @@ def _missing_column(column: str, where: str, columns: set[str]) -> DatasetError:
     )
 
 
-def _read_path(path: Path) -> Iterator[Row | BadRow]:
+def _read_path(path: Path, *, text: bool = False) -> Iterator[Row | BadRow]:
+    """Rows of a file or of a folder's data files; ``text`` (format "text") reads .txt files
+    too, each one document (elsewhere a folder's README.txt is not data)."""
+    suffixes = DATA_SUFFIXES + ((TEXT_SUFFIX,) if text else ())
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in DATA_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
         if not files:
             raise DatasetError(
-                f"folder {path.name!r} holds no {', '.join(DATA_SUFFIXES)} files",
+                f"folder {path.name!r} holds no {', '.join(suffixes)} files",
                 field="training_dataset.name",
                 code="dataset_empty",
             )
         for file in files:
-            yield from _read_file(file)
+            yield from _read_file(file, text=text)
     else:
-        yield from _read_file(path)
+        yield from _read_file(path, text=text)
 
 
 def _bad(path: Path, what: str, code: str = "dataset_format") -> DatasetError:
@@ -298,7 +308,7 @@ def _text_lines(path: Path, fh: Iterator[str]) -> Iterator[str]:
         yield line
 
 
-def _read_file(path: Path) -> Iterator[Row | BadRow]:
+def _read_file(path: Path, *, text: bool = False) -> Iterator[Row | BadRow]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
@@ -309,6 +319,8 @@ def _read_file(path: Path) -> Iterator[Row | BadRow]:
             yield from _read_csv(path)
         elif suffix == ".parquet":
             yield from _read_parquet(path)
+        elif suffix == TEXT_SUFFIX and text:
+            yield _read_txt(path)
         else:
             raise _bad(path, f"is of an unsupported file type; use {', '.join(DATA_SUFFIXES)}")
     except UnicodeError as exc:
@@ -332,6 +344,16 @@ def _parse_json(path: Path, text: str, where: str = "") -> Any:
     except (ValueError, RecursionError) as exc:
         # Integers past Python's digit limit, arrays nested thousands deep.
         raise _bad(path, f"{where}is not JSON medtune can read: {str(exc)[:120]}") from exc
+
+
+def _is_txt(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == TEXT_SUFFIX
+
+
+def _read_txt(path: Path) -> Row:
+    """A plain-text file is one document (a long one is split into windows when tokenized)."""
+    with path.open(encoding=_encoding(path)) as fh:
+        return {"text": "".join(_text_lines(path, fh)), "document": path.name}
 
 
 def _read_json(path: Path) -> Iterator[Row | BadRow]:

@@ -106,7 +106,7 @@ class _SourceFields(_Section):
     max_samples: Int | None = Field(
         default=None, ge=1, description="Read only the first N rows of this dataset."
     )
-    format: Literal["auto", "medquad", "records"] = "auto"
+    format: Literal["auto", "medquad", "records", "text"] = "auto"
     rename_columns: dict[str, str] = Field(default_factory=dict, max_length=100)
     remove_columns: list[str] = Field(default_factory=list, max_length=100)
     columns: ColumnMap | None = None
@@ -146,7 +146,8 @@ class DatasetSection(_Section):
         min_length=1,
         max_length=1000,
         description="An uploaded file's id ('file-...' or 'file:file-...', from POST /files), "
-        "a local file (.jsonl/.json/.csv/.parquet) or folder, MedQuAD as published "
+        "a local file (.jsonl/.json/.csv/.parquet; .txt for format 'text') or folder, MedQuAD "
+        "as published "
         "(a folder or .zip of its XML files), 'sample:medical_qa' for the shipped sample, or a "
         "Hugging Face Hub dataset id.",
     )
@@ -173,10 +174,13 @@ class DatasetSection(_Section):
         "system_prompt fills in elsewhere. job: system_prompt is every example's system turn, "
         "an Alpaca instruction joins the user turn. The dataset stats count which applied.",
     )
-    format: Literal["auto", "medquad", "records"] = Field(
+    format: Literal["auto", "medquad", "records", "text"] = Field(
         default="auto",
-        description="auto: MedQuAD XML when the folder or zip holds .xml files, else records "
-        "(JSON, JSONL, CSV, Parquet or Hub rows).",
+        description="auto: MedQuAD XML when the folder or zip holds .xml files, raw text for a "
+        ".txt file, else records (JSON, JSONL, CSV, Parquet or Hub rows). text: continued "
+        "pretraining on raw documents (the input_field column, else 'text'; each .txt file, "
+        "also in a folder, is one document): no chat template, every token trained, EOS "
+        "appended, a document longer than max_seq_length split into windows of it.",
     )
     rename_columns: dict[str, str] = Field(
         default_factory=dict,
