@@ -45,6 +45,27 @@ def test_report_to_a_tracker_the_server_cannot_start_is_refused(
     assert api.client.post("/jobs", json=spec).status_code == 422
 
 
+def test_a_failed_job_ends_its_mlflow_run_failed(
+    api: Api, tmp_path: Path, model_cache: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    spec = recipe_spec(_corpus(tmp_path / "corpus.jsonl"), max_steps=1, report_to=["mlflow"])
+    spec["training_dataset"].update(format="text", min_examples=1000)  # fails before the model
+    created = api.client.post("/jobs", json=spec)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    home = tmp_path / "home"
+    settings = Settings(home=home, database_url=api.db_url, model_cache=model_cache)
+    assert run_job(job_id, settings, worker="w") == JobStatus.failed
+    job = api.client.get(f"/jobs/{job_id}").json()
+    assert job["error"]["code"] == "dataset_too_small"
+    where = job["tracking"]["mlflow"]
+    run = MlflowClient(tracking_uri=where["tracking_uri"]).get_run(where["run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["medtune.job_id"] == job_id
+    assert not (home / "jobs" / job_id / "tensorboard").exists()  # report_to: mlflow only
+
+
 @pytest.mark.slow
 def test_a_text_job_trains_every_token_and_reports_to_every_tracker(
     api: Api, tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
