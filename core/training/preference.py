@@ -19,6 +19,7 @@ exports hold the trained adapter alone.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,13 @@ def _trainer_class(method: str, engine: str) -> Any:
 
         def tokenize_row(self, feature: Any, model: Any = None) -> Any:
             return feature  # ORPO: medtune's pairs are tokenized already
+
+        def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+            # A checkpoint holds the trained adapter alone: transformers resumes a folder that
+            # has adapter subfolders by loading those only, so TRL's "ref" copy there would
+            # leave the trained weights behind. The reference is set again on resume.
+            super()._save(output_dir, state_dict)
+            shutil.rmtree(Path(output_dir or self.args.output_dir) / REFERENCE, ignore_errors=True)
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             # TRL adds the step's averaged rewards to ``logs`` before the callbacks see it;

@@ -18,6 +18,7 @@ from core.store.db import session_scope
 from core.store.models import JobStatus
 from core.training import engines, preference
 from core.training.sink import ListSink
+from core.training.sink_callback import FAULT_OOM_ENV
 from tests.helpers import ROOT, recipe_spec
 
 SAMPLE = ROOT / "core" / "samples" / "medical_preference_sample.jsonl"
@@ -109,6 +110,31 @@ def test_dpo_from_an_adapter_scores_against_it_and_raises_the_margin(
     assert list(loaded.model.peft_config) == ["default"]  # the frozen reference copy is gone
     after = dict(loaded.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.slow
+def test_after_an_out_of_memory_retry_dpo_still_scores_against_the_start(
+    tmp_path: Path, sqlite_url: str, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry builds a second trainer on trained weights; its reference must still be the
+    adapter as loaded (zero here), or the retried step's rewards would be 0."""
+    monkeypatch.setenv(FAULT_OOM_ENV, "2")
+    spec = preference_spec(pairs_file(tmp_path / "pairs.jsonl", 8), "dpo", max_steps=2)
+    spec["training_config"]["save_steps"] = 1
+    with session_scope(sqlite_url) as s:
+        job_id = jobs.create_job(s, JobSpec.model_validate(spec)).id
+    settings = Settings(home=tmp_path, database_url=sqlite_url, model_cache=model_cache)
+    status = run_job(job_id, settings, worker="w")
+    with session_scope(sqlite_url) as s:
+        job = jobs.get_job(s, job_id)
+        rows, _ = jobs.metrics_page(s, job_id, after_step=-1, limit=100)
+    assert status == JobStatus.succeeded, (job.error_code, job.error_message)
+    assert any("retrying from step 1 with micro-batch 1" in n for n in job.notes), job.notes
+    assert [r.step for r in rows] == [1, 2] and rows[0].rewards_margin == 0.0
+    assert rows[1].rewards_chosen != 0.0 and rows[1].rewards_margin != 0.0
+    # Checkpoints hold the trained adapter alone (a "ref" subfolder is what a resume loads).
+    saved = list((tmp_path / "jobs" / job_id / "outputs").rglob("adapter_model.safetensors"))
+    assert saved and all(p.parent.name.startswith("checkpoint-") for p in saved), saved
 
 
 @pytest.mark.slow
