@@ -124,6 +124,8 @@ def estimate(
     lora_bytes = lora_params * (4 + 4 + (2 if eight_bit else 8))
     if tokens is None:
         tokens = spec.training.per_device_train_batch_size * spec.model.max_seq_length
+        if spec.training.method != "sft":  # dpo / orpo: a pair is two sequences in one batch
+            tokens *= 2
     if engine == "unsloth":
         act = tokens * shape.hidden_size * _UNSLOTH_ACT_PER_TOKEN_HIDDEN
     else:

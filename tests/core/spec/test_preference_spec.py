@@ -77,3 +77,13 @@ def test_prompt_and_answer_budgets_fit_max_seq_length() -> None:
     spec = JobSpec.model_validate(spec_of(method="dpo", preference={"max_prompt_length": 100}))
     assert lengths(spec.training.preference, spec.model.max_seq_length) == (100, 156)
     assert lengths(None, 256) == (128, 128)
+
+
+def test_a_preference_job_is_routed_for_two_sequences_a_pair() -> None:
+    from core.memory import KNOWN_SHAPES, estimate
+
+    shape = next(iter(KNOWN_SHAPES.values()))
+    sft = estimate(JobSpec.model_validate(spec_of()), shape)
+    dpo = estimate(JobSpec.model_validate(spec_of(method="dpo")), shape)
+    assert dpo.activations_gib == pytest.approx(2 * sft.activations_gib)
+    assert dpo.weights_gib == sft.weights_gib
