@@ -47,6 +47,7 @@ _HYPERPARAMETER_FIELDS = {
 _ERROR_PARAMS = {
     "dataset_not_found": "training_file",
     "dataset_invalid": "training_file",
+    "dataset_not_preference": "training_file",
     "model_not_available": "model",
     "hub_unreachable": "model",
 }

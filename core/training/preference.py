@@ -4,8 +4,9 @@ to the same metrics sink, checkpoints and cancel checks as SFT (CountingTrainer,
 One path on every engine: the pairs are tokenized by medtune (core.data.preference) and handed
 to TRL as ids, so the chat template, the gate and the budgets are the ones the job's data stage
 used. DPO is trl.DPOTrainer; ORPO is trl.experimental.orpo.ORPOTrainer (TRL 1.x keeps ORPO
-among its experimental trainers only). On CUDA with Unsloth, Unsloth's PatchDPOTrainer is
-applied first.
+among its experimental trainers only). With the Unsloth engine, Unsloth's PatchDPOTrainer is
+called first, as its DPO recipe does (recent releases patch TRL's trainers when unsloth is
+imported, and keep PatchDPOTrainer as a no-op).
 
 The DPO reference costs no second model: with a peft model and no ref_model, TRL 1.x adds a
 frozen adapter named "ref", a copy of the trainable one taken when the trainer is built, and
