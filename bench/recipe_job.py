@@ -47,7 +47,9 @@ def emit(record: dict[str, Any]) -> None:
             fh.write(line + "\n")
 
 
-def recipe(model_dir: str, data: str, *, steps: int, cuda: bool = True) -> dict[str, Any]:
+def recipe(
+    model_dir: str, data: str, *, steps: int, cuda: bool = True, checkpointing: Any = None
+) -> dict[str, Any]:
     """The recipe's config as a user POSTs it (on the CPU: no 4-bit, no 8-bit optimizer)."""
     return {
         "model_config": {
@@ -63,7 +65,9 @@ def recipe(model_dir: str, data: str, *, steps: int, cuda: bool = True) -> dict[
             "lora_alpha": 16,
             "lora_dropout": 0,
             "bias": "none",
-            "use_gradient_checkpointing": "unsloth" if cuda else True,
+            "use_gradient_checkpointing": ("unsloth" if cuda else True)
+            if checkpointing is None
+            else checkpointing,
             "use_rslora": False,
             "loftq_config": None,
         },
@@ -107,7 +111,15 @@ class TimedSink:
         self.inner.log(step, values)
 
 
-def train(model_dir: str, data: str, *, steps: int, layout: str, cap_gib: float | None) -> None:
+def train(
+    model_dir: str,
+    data: str,
+    *,
+    steps: int,
+    layout: str,
+    cap_gib: float | None,
+    checkpointing: Any = None,
+) -> None:
     """The worker's own stages in this process: prepare, load, train."""
     import torch
 
@@ -119,7 +131,8 @@ def train(model_dir: str, data: str, *, steps: int, layout: str, cap_gib: float 
     if cap_gib and cuda:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
-    spec = JobSpec.model_validate(recipe(model_dir, data, steps=steps, cuda=cuda))
+    raw = recipe(model_dir, data, steps=steps, cuda=cuda, checkpointing=checkpointing)
+    spec = JobSpec.model_validate(raw)
     started = time.perf_counter()
     prepared = _prepare_data(spec, model_dir)
     prep_s = time.perf_counter() - started
@@ -146,6 +159,7 @@ def train(model_dir: str, data: str, *, steps: int, layout: str, cap_gib: float 
             "stack": f"medtune trainer ({loaded.engine}), layout {layout}",
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             "cap_gib": cap_gib,
+            "gradient_checkpointing": spec.lora.use_gradient_checkpointing,
             "examples": len(prepared.train),
             "prep_s": round(prep_s, 1),
             "load_s": round(load_s, 1),
@@ -180,6 +194,8 @@ def _wait_up(client: Any, proc: subprocess.Popen[bytes], timeout_s: float) -> No
 
 
 def _one_job(client: Any, spec: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+    from bench.infer_ready import QUESTION, _stream  # it imports this module
+
     started = time.perf_counter()
     created = client.post("/jobs", json=spec)
     if created.status_code != 201:
@@ -190,8 +206,19 @@ def _one_job(client: Any, spec: dict[str, Any], *, timeout_s: float) -> dict[str
         job = client.get(f"/jobs/{job_id}").json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             break
-        time.sleep(0.25)
+        time.sleep(0.1)
     wall = time.perf_counter() - started
+    # Issue 14: the first streamed answer, timed from the poll that read `succeeded`.
+    first_answer = (
+        _stream(
+            client,
+            "/infer",
+            {"job_id": job_id, "question": QUESTION, "max_new_tokens": 64, "stream": True},
+            since=time.perf_counter(),
+        )
+        if job.get("status") == "succeeded"
+        else None
+    )
     rows = client.get(f"/jobs/{job_id}/metrics", params={"limit": 1000}).json().get("data", [])
     # The trainer's own rate per logging step: a full step holds 8 examples.
     step_s = [8 / r["samples_per_second"] for r in rows if r.get("samples_per_second")]
@@ -213,6 +240,7 @@ def _one_job(client: Any, spec: dict[str, Any], *, timeout_s: float) -> dict[str
         "base_reused": any(n.startswith("base model reused") for n in job.get("notes") or []),
         "data_reused": any(n.startswith("prepared data reused") for n in job.get("notes") or []),
         "goal_s": None,
+        "first_answer": first_answer,
         "notes": job.get("notes"),
     }
 
@@ -284,12 +312,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--layout", choices=["steps", "padded"], default="steps")
     parser.add_argument("--cap-gib", type=float, default=None)
+    parser.add_argument(
+        "--checkpointing", choices=["unsloth", "true", "false"], help="train: override the recipe's"
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--timeout-s", type=float, default=560)
     args = parser.parse_args()
     if args.cmd == "train":
-        train(args.model_dir, args.data, steps=args.steps, layout=args.layout, cap_gib=args.cap_gib)
+        checkpointing = {"true": True, "false": False}.get(args.checkpointing, args.checkpointing)
+        train(
+            args.model_dir,
+            args.data,
+            steps=args.steps,
+            layout=args.layout,
+            cap_gib=args.cap_gib,
+            checkpointing=checkpointing,
+        )
     else:
         job(
             args.model_dir,
