@@ -216,6 +216,7 @@ def cmd_metrics(args: argparse.Namespace, client: MedtuneClient) -> int:
     if not rows:
         print(f"no metric rows yet (job {page['status']})")
         return 0
+    rewards = any(r.get("rewards_margin") is not None for r in rows)  # dpo / orpo jobs
     print(
         table(
             [
@@ -226,10 +227,19 @@ def cmd_metrics(args: argparse.Namespace, client: MedtuneClient) -> int:
                     _num(r.get("grad_norm"), ".3f"),
                     _num(r.get("tokens_per_second"), ".0f"),
                     _num(r.get("peak_memory_mb"), ".0f"),
+                    *(
+                        (
+                            _num(r.get("rewards_margin"), ".3f"),
+                            _num(r.get("rewards_accuracy"), ".2f"),
+                        )
+                        if rewards
+                        else ()
+                    ),
                 )
                 for r in rows
             ],
-            ("STEP", "LOSS", "LR", "GRAD_NORM", "TOK/S", "PEAK_MB"),
+            ("STEP", "LOSS", "LR", "GRAD_NORM", "TOK/S", "PEAK_MB")
+            + (("MARGIN", "ACC") if rewards else ()),
         )
     )
     if page["has_more"]:
