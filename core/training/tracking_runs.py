@@ -24,6 +24,7 @@ _BATCH_PARAMS = 100
 # Key names whose values are credentials (webhook secret, Hub tokens, passwords); "max_tokens"
 # and other counts of tokens are not.
 _SECRET_KEY = re.compile(r"(?:^|_)(?:secret|password|passwd|token|api_key|apikey|credentials?)$")
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PARAM_VALUE_MAX = 6000  # MLflow refuses longer param values
 # What MLflow's run status is when the job ends with each status.
 MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
@@ -45,7 +46,9 @@ def flat_params(spec: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and value:
+        # Spec sections are flattened; a map of the user's own keys (rename_columns: column
+        # names MLflow may refuse as param keys) stays one JSON value.
+        if isinstance(value, dict) and value and all(_FIELD_NAME.match(str(k)) for k in value):
             for key, item in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), item)
             return

@@ -24,6 +24,7 @@ SECRET = "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ="
 def _spec(report_to: list[str] | None = None, **extra: Any) -> JobSpec:
     raw = recipe_spec("sample:medical_qa", max_steps=3, report_to=report_to)
     raw["webhook"] = {"url": "https://hooks.example.com/services/T000/B000/XXXX", "secret": SECRET}
+    raw["training_dataset"]["rename_columns"] = {"Question?": "question"}
     raw.update(extra)
     return JobSpec.model_validate(raw)
 
@@ -47,6 +48,8 @@ def test_params_are_the_flattened_spec_with_credentials_masked() -> None:
     # A hook's path is its secret: only the host is kept.
     assert params["webhook.url"] == f"https://hooks.example.com/{SECRET_MASK}"
     assert not any(SECRET[6:20] in value or "XXXX" in value for value in params.values())
+    # The user's own keys (column names) are one JSON value, never MLflow param keys.
+    assert params["training_dataset.rename_columns"] == '{"Question?": "question"}'
     # Counts of tokens are not credentials; tokens are.
     params = flat_params({"evaluation_config": {"max_new_tokens": 128}, "hub": {"hf_token": "x"}})
     assert params == {"evaluation_config.max_new_tokens": "128", "hub.hf_token": SECRET_MASK}
