@@ -71,6 +71,9 @@ def check_init_adapter(session: Session, spec: JobSpec, *, owner: str | None) ->
     differ = [k for k in SHAPE if theirs.get(k) != ours[k]]
     if set(theirs.get("target_modules", [])) != set(ours["target_modules"]):
         differ.append("target_modules")
+    # Specs stored before modules_to_save existed have none.
+    if set(theirs.get("modules_to_save") or []) != set(ours["modules_to_save"]):
+        differ.append("modules_to_save")
     if differ:
         shown = ", ".join(f"{k} {theirs.get(k)!r}" for k in differ)
         raise SpecError(

@@ -122,6 +122,10 @@ def estimate(
     eight_bit = spec.training.optim in ("adamw_8bit", "paged_adamw_8bit")
     # fp32 weights + fp32 grads + two Adam moments (1 byte each in 8-bit, 4 in 32-bit)
     lora_bytes = lora_params * (4 + 4 + (2 if eight_bit else 8))
+    # modules_to_save: a full trainable fp32 copy of each (one for tied embeddings), Adam in 32-bit
+    copies = 1 if shape.tie_word_embeddings else len(spec.lora.modules_to_save)
+    if spec.lora.modules_to_save:
+        lora_bytes += copies * shape.vocab_size * shape.hidden_size * (4 + 4 + 8)
     if tokens is None:
         tokens = spec.training.per_device_train_batch_size * spec.model.max_seq_length
         if spec.training.method != "sft":  # dpo / orpo: a pair is two sequences in one batch

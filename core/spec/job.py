@@ -27,6 +27,7 @@ from core.spec.dataset import (
     ValidationDataset,
     looks_like_path,
 )
+from core.spec.lora_embeddings import EmbeddingFields
 from core.spec.preference import PreferenceFields, check_method
 
 MAX_TARGET_MODULES = 64
@@ -110,7 +111,7 @@ class LoftQSection(_Section):
     loftq_iter: Int = Field(default=1, ge=1, le=20, description="Alternating LoftQ steps.")
 
 
-class LoraSection(_Section):
+class LoraSection(EmbeddingFields):
     r: Int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
         default_factory=lambda: list(ALL_PROJECTIONS),

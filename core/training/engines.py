@@ -224,6 +224,9 @@ def _adapter_transformers(spec: JobSpec, model: Any, init_adapter: str | None) -
         use_dora=lora.use_dora,
         init_lora_weights="loftq" if lora.loftq_config else True,
         loftq_config=LoftQConfig(**lora.loftq_config.model_dump()) if lora.loftq_config else {},
+        # Tied embeddings (SmolLM2) keep one trained copy for both modules.
+        modules_to_save=list(lora.modules_to_save) or None,
+        ensure_weight_tying=bool(lora.modules_to_save),
     )
     # The adapter's initial weights follow the job's seed (as Unsloth's random_state does), so
     # a job starts the same whether its base was loaded now or kept from an earlier job.
@@ -274,6 +277,7 @@ def _adapter_unsloth(spec: JobSpec, model: Any, init_adapter: str | None) -> Any
             loftq_config=lora.loftq_config.model_dump() if lora.loftq_config else {},
             max_seq_length=spec.model.max_seq_length,
             **({"use_dora": True} if lora.use_dora else {}),
+            **({"modules_to_save": list(lora.modules_to_save)} if lora.modules_to_save else {}),
         )
     except (ValueError, TypeError, NotImplementedError) as exc:
         raise _lora_error(exc) from exc
