@@ -124,10 +124,17 @@ def base_key(spec: JobSpec, model_path: str, engine: str) -> Any:
 
 def keepable(spec: JobSpec, engine: str) -> bool:
     """Whether a job leaves its base as it found it: LoftQ rewrites the base weights, a trained
-    bias is a base weight, and peft's merge (a merged export) folds LoRA into the base. The
-    base's checksum catches anything else that writes into it."""
+    bias is a base weight, peft's merge (a merged export) folds LoRA into the base, and
+    modules_to_save wraps the base's embeddings and head (and re-ties them). The base's checksum
+    catches anything else that writes into it."""
     merges = any(f != "lora" for f in spec.export.formats) and engine != "unsloth"
-    return spec.lora.loftq_config is None and spec.lora.bias == "none" and not merges
+    lora = spec.lora
+    return (
+        lora.loftq_config is None
+        and lora.bias == "none"
+        and not lora.modules_to_save
+        and not merges
+    )
 
 
 def give_back(loaded: Loaded) -> None:

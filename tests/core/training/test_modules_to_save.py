@@ -16,6 +16,7 @@ from core.spec import JobSpec
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import JobStatus
+from core.training.engines import keepable
 from tests.helpers import recipe_spec
 
 WORDS = ["anemia", "iron", "ferritin", "hemoglobin", "fatigue", "pallor", "marrow", "folate"]
@@ -34,6 +35,12 @@ def test_only_the_embeddings_and_the_head_and_each_once() -> None:
         _spec("sample:medical_qa", ["q_proj"])
     assert refused.value.errors()[0]["loc"] == ("lora_config", "modules_to_save", 0)
     assert _spec("sample:medical_qa", []).lora.modules_to_save == []
+
+
+def test_a_worker_does_not_keep_a_base_whose_embeddings_a_job_wrapped() -> None:
+    assert keepable(_spec("sample:medical_qa", []), "transformers")
+    assert not keepable(_spec("sample:medical_qa", ["embed_tokens"]), "transformers")
+    assert not keepable(_spec("sample:medical_qa", ["lm_head"]), "unsloth")
 
 
 def test_the_memory_estimate_counts_the_trained_copies(model_dir: Path) -> None:
