@@ -280,3 +280,25 @@ def test_rows_carry_their_own_time(tmp_path: Path) -> None:
     sink.log(1, {"loss": 1.0})
     sink.close()
     assert seen[0]["step"] == 1 and before <= seen[0]["created_at"] <= datetime.now(UTC)
+
+
+def test_a_server_tracking_uri_makes_every_job_report_to_mlflow(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'server.db'}"
+    runs = JobTracking.start(
+        _spec(),  # report_to null: TensorBoard, plus MLflow since the server names a store
+        job_id="job_0123456789abcdef01234567",
+        job_dir=tmp_path / "job",
+        home=tmp_path / "home",
+        mlflow_uri=uri,
+        previous=None,
+        environ={},
+    )
+    location = runs.location()
+    assert runs.tensorboard and location is not None and set(location) == {"mlflow"}
+    assert location["mlflow"]["tracking_uri"] == uri
+    runs.end("failed")
+    run = MlflowClient(tracking_uri=uri).get_run(location["mlflow"]["run_id"])
+    assert run.info.status == "FAILED"
+    assert not (tmp_path / "home" / "mlflow").exists()  # not the embedded store
