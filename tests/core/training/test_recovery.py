@@ -27,7 +27,8 @@ def test_injected_oom_retries_from_checkpoint_with_half_the_micro_batch(
 ) -> None:
     monkeypatch.setenv(FAULT_OOM_ENV, "3")
     data = tiny_dataset(tmp_path / "tiny.jsonl")
-    spec = JobSpec.model_validate(recipe_spec(data, max_steps=4, save_steps=2))
+    raw = recipe_spec(data, max_steps=4, save_steps=2, report_to=["tensorboard", "mlflow"])
+    spec = JobSpec.model_validate(raw)
     with session_scope(sqlite_url) as s:
         job_id = jobs.create_job(s, spec).id
     status = run_job(job_id, _settings(tmp_path, sqlite_url, model_cache), worker="w")
@@ -37,6 +38,15 @@ def test_injected_oom_retries_from_checkpoint_with_half_the_micro_batch(
     assert status == JobStatus.succeeded, (job.error_code, job.error_message)
     assert any("out of memory; retrying from step 2 with micro-batch 1 x 2" in n for n in job.notes)
     assert [r.step for r in rows] == [1, 2, 3, 4]  # nothing lost, nothing doubled
+    # The retry reports to the job's one MLflow run: the same steps, each once.
+    from mlflow.tracking import MlflowClient
+
+    where = (job.tracking or {})["mlflow"]
+    client = MlflowClient(tracking_uri=where["tracking_uri"])
+    history = client.get_metric_history(where["run_id"], "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert [m.value for m in history] == pytest.approx([r.loss for r in rows])
+    assert client.get_run(where["run_id"]).info.status == "FINISHED"
     outputs = tmp_path / "jobs" / job_id / "outputs" / "checkpoints"
     assert sorted(p.name for p in outputs.iterdir() if not p.name.startswith(".")) == [
         "checkpoint-2",
