@@ -39,6 +39,20 @@ def _gpu() -> tuple[str, float] | None:
     return props.name, props.total_memory / 2**30
 
 
+def preload_unsloth() -> bool:
+    """On a CUDA worker with Unsloth installed, import it now (about 20 s on the GPU machine),
+    before the worker takes its first job: a fresh worker's first job (or first warm-up of an
+    inference base) then does not pay for it (issue 13). False where it does not apply."""
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None or _gpu() is None:
+        return False
+    import unsloth  # noqa: F401  (patches transformers, as a job's load would)
+
+    log.info("Unsloth imported at worker start")
+    return True
+
+
 @worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
     """Train workers join their GPU's memory-class queue and announce it; all reconcile."""
@@ -47,6 +61,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     from worker import reconciler, retention, webhooks
 
     settings = get_settings()
+    preload_unsloth()
     consumed = {q.name for q in sender.task_consumer.queues} if sender else set()
     heartbeat = None
     if TRAIN_QUEUE in consumed:
