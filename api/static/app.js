@@ -171,12 +171,31 @@ function jobPage(jobId) {
     return duration(seconds ?? (latest ? latest.eta_seconds : null));
   }
 
+  // Why training ended, and whose weights the adapter holds (keep: best).
+  function stopped(j) {
+    if (!j.stop_reason) return "—";
+    return j.kept_step ? `${j.stop_reason}; adapter from step ${j.kept_step}` : j.stop_reason;
+  }
+
+  // The job's MLflow and W&B runs; a store on the server's disk is named, not its path.
+  function tracking(j) {
+    const t = j.tracking || {};
+    const parts = [];
+    if (t.mlflow) {
+      const remote = /^https?:/.test(t.mlflow.tracking_uri || "");
+      parts.push(`MLflow run ${t.mlflow.run_id}${remote ? ` at ${t.mlflow.tracking_uri}` : " (server's store)"}`);
+    }
+    if (t.wandb) parts.push(`W&B run ${t.wandb.run_id}${t.wandb.url ? ` at ${t.wandb.url}` : ` (${t.wandb.mode})`}`);
+    return parts.length ? parts.join("; ") : "TensorBoard only";
+  }
+
   function renderDetails() {
     const items = [
       ["Status", badge(job.status)], ["Stage", job.stage || "—"], ["Steps", steps(job)],
       ["ETA", eta()], ["Base model", job.base_model], ["Tuned model", job.finetuned_model],
       ["Engine", job.engine || "—"], ["Created", when(job.created_at)],
       ["Started", when(job.started_at)], ["Finished", when(job.finished_at)],
+      ["Stopped", stopped(job)], ["Tracking", tracking(job)],
     ];
     details.replaceChildren(...items.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     document.getElementById("job-status").replaceChildren(badge(job.status));

@@ -294,6 +294,11 @@ def test_a_finished_job_shows_every_card_readably(tab: Any, local: Local) -> Non
     with session_scope(local.db_url) as s:  # set_fields only touches a running job
         job = jobs.get_job(s, job_id)
         job.dataset_stats = MIX_STATS
+        job.stop_reason, job.kept_step = "early_stopping", 12
+        job.tracking = {
+            "mlflow": {"tracking_uri": f"sqlite:///{local.home}/mlflow/mlflow.db", "run_id": "r1"},
+            "wandb": {"run_id": job_id, "mode": "offline", "url": None, "dir": str(local.home)},
+        }
         s.add(job)
         s.commit()
     tab.goto(f"/#/jobs/{job_id}")
@@ -302,6 +307,11 @@ def test_a_finished_job_shows_every_card_readably(tab: Any, local: Local) -> Non
     tab.locator("#dataset-stats").wait_for()
     text = tab.inner_text("main")
     assert "[object " not in text and "undefined" not in text and "NaN" not in text
+    terms, values = (tab.locator(f"#job-details {t}").all_inner_texts() for t in ("dt", "dd"))
+    details = dict(zip(terms, values, strict=True))
+    assert details["Stopped"] == "early_stopping; adapter from step 12"
+    assert details["Tracking"] == f"MLflow run r1 (server's store); W&B run {job_id} (offline)"
+    assert str(local.home) not in details["Tracking"]  # no server paths
 
     # Dataset: a table per source, the gate as passed, the held-out share in words.
     assert tab.locator("#dataset-stats table.source").count() == 2, tab.inner_text("#dataset")
