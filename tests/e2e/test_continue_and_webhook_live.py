@@ -1,5 +1,6 @@
 """On a real worker (SmolLM2, CPU): job B continues job A's adapter and starts lower than A
-did on the same data; A's webhook reaches a loopback receiver that fails twice first, signed."""
+did on the same data; A's webhook reaches a loopback receiver that fails twice first, signed;
+B reports to MLflow's embedded store beside TensorBoard, every metric row at its step."""
 
 from __future__ import annotations
 
@@ -21,6 +22,20 @@ def first_loss(client: object, job_id: str) -> float:
     rows = client.get(f"/jobs/{job_id}/metrics").json()["data"]  # type: ignore[attr-defined]
     assert rows and rows[0]["step"] == 1, rows
     return float(rows[0]["loss"])
+
+
+def assert_in_mlflow(job: dict, rows: list[dict]) -> None:
+    """The worker's MLflow run of ``job``: FINISHED, tagged, each loss at its step, the adapter."""
+    from mlflow.tracking import MlflowClient
+
+    where = job["tracking"]["mlflow"]
+    client = MlflowClient(tracking_uri=where["tracking_uri"])
+    run = client.get_run(where["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["medtune.job_id"] == job["id"]
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert history == pytest.approx({r["step"]: r["loss"] for r in rows if r.get("loss")})
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in artifacts
 
 
 def test_b_continues_a_and_a_webhook_arrives(
@@ -54,7 +69,7 @@ def test_b_continues_a_and_a_webhook_arrives(
             done = wait_status(client, a_id, {"succeeded", "failed", "cancelled"}, timeout_s=600)
             assert done["status"] == "succeeded", stack.tail_logs() + str(done)
 
-            spec_b = recipe_spec(data, max_steps=2)
+            spec_b = recipe_spec(data, max_steps=2, report_to=["tensorboard", "mlflow"])
             spec_b["model_config"]["init_adapter"] = a_id
             b = client.post("/jobs", json=spec_b)
             assert b.status_code == 201, b.text
@@ -64,6 +79,7 @@ def test_b_continues_a_and_a_webhook_arrives(
             assert f"started from the adapter of job {a_id}" in done_b["notes"]
             loss_a, loss_b = first_loss(client, a_id), first_loss(client, b_id)
             assert loss_b < loss_a - 0.05, (loss_a, loss_b)
+            rows_b = client.get(f"/jobs/{b_id}/metrics").json()["data"]
 
             deadline = time.monotonic() + 60
             while (hook := client.get(f"/jobs/{a_id}").json()["webhook"])["state"] == "pending":
@@ -78,6 +94,7 @@ def test_b_continues_a_and_a_webhook_arrives(
         event = json.loads(body)
         assert event["type"] == "job.succeeded" and event["data"]["id"] == a_id
         assert event["data"]["steps_done"] == 4
+    assert_in_mlflow(done_b, rows_b)
     # The job folder's copy of the spec keeps no secret: it is shared with the artifacts.
     stored = json.loads((home / "jobs" / a_id / "spec.json").read_text())
     assert stored["webhook"]["secret"] != SECRET and SECRET not in json.dumps(stored)
