@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw["evaluation_config"]["repetition_penalty"] = args.repetition_penalty
     if args.max_new_tokens:
         raw["evaluation_config"]["max_new_tokens"] = args.max_new_tokens
-    roots = {str(Path(s["name"]).parent) for s in raw["training_dataset"].get("sources", [])}
+    roots = {str(Path(s["name"]).parent) for s in raw["training_dataset"].get("sources") or []}
     roots |= {str(Path(raw["validation_dataset"]["name"]).parent)}
     if raw["training_dataset"].get("name"):
         roots.add(str(Path(raw["training_dataset"]["name"]).parent))
