@@ -16,6 +16,7 @@ entry with it; a later job on the same data prepares it again. The folder is bou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -223,8 +224,9 @@ def read(folder: Path, key: str) -> Prepared | None:
 
 def write(folder: Path, key: str, prepared: Prepared, *, cap_bytes: int) -> bool:
     """Store an entry (atomically), then evict the least recently used ones over ``cap_bytes``.
-    False when the data cannot be stored as JSON (it is then prepared again next time)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    False when the data cannot be stored as JSON, or the cache folder cannot be written (a full
+    or read-only volume): the job goes on with the data it prepared, which is prepared again
+    next time."""
     path = _entry(folder, key)
     try:
         text = json.dumps(dump(prepared))
@@ -234,8 +236,15 @@ def write(folder: Path, key: str, prepared: Prepared, *, cap_bytes: int) -> bool
     if len(text) > cap_bytes:
         return False
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("prepared data not cached: %s", exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return False
     evict(folder, cap_bytes=cap_bytes)
     return True
 

@@ -111,6 +111,15 @@ def test_the_least_recently_used_entries_go_past_the_cap(tmp_path: Path, tokeniz
     assert not prepared_cache.write(folder, "d" * 64, prepared, cap_bytes=size // 2)
 
 
+def test_a_cache_that_cannot_be_written_is_skipped(tmp_path: Path, tokenizer: Any) -> None:
+    # A full or unwritable cache volume must not fail the job whose data was prepared.
+    prepared = _prepared(_spec(_data(tmp_path)), tokenizer)
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder should be")
+    assert not prepared_cache.write(not_a_folder, "a" * 64, prepared, cap_bytes=1 << 30)
+    assert not_a_folder.is_file()
+
+
 def test_deleting_a_job_deletes_its_entry(tmp_path: Path, tokenizer: Any, sqlite_url: str) -> None:
     from core.store import jobs, purge
     from core.store.db import session_scope
