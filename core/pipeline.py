@@ -114,7 +114,17 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
     finally:
         if tracking is not None:  # runs a succeeded or cancelled job left open: none
             end_tracking(url, job_id, tracking, JobStatus.failed)
+        # Whatever the outcome, the job's adapter, optimizer state and gradients go now (not at
+        # the next job's start: a failed job's would hold the card meanwhile); the base stays.
+        _give_back(job_id)
     return JobStatus.failed
+
+
+def _give_back(job_id: str) -> None:
+    try:
+        job_start.give_back()
+    except Exception:  # the job has its status already: a failed restore must not change it
+        log.exception("job %s: its model was not handed back", job_id)
 
 
 def _drop_staging(output_dir: Path) -> None:
@@ -229,8 +239,7 @@ def _run_stages(
         stop_reason=outcome.stop_reason,
         kept_step=outcome.kept_step,
     )
-    # After the job is reported: the adapter and optimizer state go, the base stays loaded.
-    job_start.give_back()
+    # run_job hands the model back once the job is reported (the base stays loaded).
     log.info(
         "job %s %s after %d steps (loss %s)", job_id, status, outcome.steps, outcome.final_loss
     )
