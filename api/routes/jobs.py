@@ -127,7 +127,11 @@ def delete_job(
 ) -> JobDeleted:
     """Delete a finished job: its row, metrics, artifacts, checkpoints, evaluation and logs."""
     purge.delete_job(
-        session, job_id, owner=principal.job_owner, artifacts_dir=settings.artifacts_dir
+        session,
+        job_id,
+        owner=principal.job_owner,
+        artifacts_dir=settings.artifacts_dir,
+        prepared_cache_dir=settings.prepared_cache_dir,
     )
     return JobDeleted(id=job_id)
 

@@ -71,10 +71,10 @@ def delete_job(
     *,
     owner: str | None,
     artifacts_dir: Path,
-    prepared_cache_dir: Path | None = None,
+    prepared_cache_dir: Path,
 ) -> list[Path]:
     """Delete a terminal job's rows, folder and prepared-data cache entry; returns the folders
-    removed. ``prepared_cache_dir``: default the settings' (``$MEDTUNE_HOME/cache/prepared``).
+    removed. ``prepared_cache_dir``: the settings' (``$MEDTUNE_HOME/cache/prepared``).
 
     404 for a job the caller does not own; 409 ``job_not_finished`` while it is queued or
     running, ``export_running`` while a later export writes into its folder.
@@ -106,10 +106,6 @@ def delete_job(
     session.execute(delete(IdempotencyKey).where(col(IdempotencyKey.job_id) == job_id))
     session.execute(delete(Job).where(col(Job.id) == job_id))
     session.commit()
-    if prepared_cache_dir is None:
-        from core.settings import get_settings
-
-        prepared_cache_dir = get_settings().prepared_cache_dir
     forget_for_jobs(folders, prepared_cache_dir)  # the key is in the folder: first
     removed = []
     for folder in folders:

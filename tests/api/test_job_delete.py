@@ -81,6 +81,23 @@ def test_delete_removes_the_job_its_rows_and_only_its_files(api: Api, tmp_path: 
     assert api.client.get(f"/files/{upload.json()['id']}").status_code == 200
 
 
+def test_delete_removes_the_prepared_data_the_job_used(api: Api, tmp_path: Path) -> None:
+    # The entry in the API's own MEDTUNE_HOME (its injected settings), not another home's.
+    from core.data import prepared_cache
+
+    home = tmp_path / "home"
+    job_id = api.create()["id"]
+    folder = finished(api.db_url, job_id, home)
+    key = "ab" * 32
+    prepared_cache.record_for_job(folder, key)
+    entry = home / "cache" / "prepared" / f"{key}.json"
+    entry.parent.mkdir(parents=True)
+    entry.write_text("{}")
+
+    assert api.client.delete(f"/jobs/{job_id}").status_code == 200
+    assert not entry.exists()
+
+
 def test_a_queued_or_running_job_is_refused_until_cancelled(api: Api, tmp_path: Path) -> None:
     queued, running = api.create()["id"], api.create()["id"]
     with session_scope(api.db_url) as s:
