@@ -128,6 +128,7 @@ def run_export(
     from core.base_models import resolve
     from core.store import jobs
     from core.store.db import session_scope
+    from core.training import base_cache
 
     with session_scope(db_url) as s:
         job = jobs.get_job(s, job_id)
@@ -138,6 +139,9 @@ def run_export(
     update_manifest(job_dir, {key: {"status": "running"} for key in keys})
     try:
         base_path = resolve(spec.model.base_model, models_dir=models_dir)
+        # A training worker runs later exports: the base its last job kept loaded gives way to
+        # the export's own (a bf16 base on the card beside it would not fit where jobs do).
+        base_cache.release("a later export loads its own model")
         loaded = _load_finished(base_path, adapter_dir)
     except Exception as exc:
         manifest = update_manifest(job_dir, {k: failed_entry(k, exc) for k in keys})

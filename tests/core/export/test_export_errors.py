@@ -136,3 +136,41 @@ def test_a_failed_push_is_recorded_and_the_artifacts_stay(
 
 def test_the_repository_is_named_from_the_spec() -> None:
     assert hub.repo_id("medtune", "smol-med") == "medtune/smol-med"
+
+
+def test_a_later_export_frees_the_base_a_training_job_kept(
+    tmp_path: Path, sqlite_url: str, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Later exports run on training workers: the kept base goes before the export loads its own.
+    from core.export import run
+    from core.store import jobs
+    from core.store.db import session_scope
+    from core.training import base_cache
+    from tests.helpers import recipe_spec
+
+    events: list[str] = []
+    monkeypatch.setattr(base_cache, "release", lambda reason="": events.append("release"))
+
+    def load(base_path: str, adapter_dir: Path) -> None:
+        events.append("load")
+        raise ExportError("unreadable", field="job_id", code="adapter_invalid")
+
+    monkeypatch.setattr(run, "_load_finished", load)
+    folder = tmp_path / "job"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "adapter_config.json").write_text("{}")
+    with session_scope(sqlite_url) as s:
+        job_id = jobs.create_job(s, JobSpec.model_validate(recipe_spec("sample:medical_qa"))).id
+        assert jobs.claim(s, job_id, worker="w")
+        jobs.finish(
+            s,
+            job_id,
+            JobStatus.succeeded,
+            artifacts_dir=str(folder),
+            adapter_dir=str(folder / "adapter"),
+        )
+    manifest = run.run_export(
+        job_id, sqlite_url, model_cache, formats=["merged_16bit"], gguf_quantizations=[]
+    )
+    assert manifest["merged_16bit"]["status"] == "failed"
+    assert events == ["release", "load"]
