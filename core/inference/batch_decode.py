@@ -73,16 +73,21 @@ class BatchDecoder:
         )
         return out[0][:, -1, :]
 
+    def _prompt(self, request: GenerationRequest) -> list[int]:
+        text = render(
+            self.tokenizer,
+            request.messages,
+            add_generation_prompt=True,
+            chat_template=request.chat_template,
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def fits(self, request: GenerationRequest) -> bool:
+        """Whether the request's prompt and answer fit a row of the cache."""
+        return len(self._prompt(request)) + request.max_new_tokens <= self.max_cache_tokens
+
     def _prompts(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
-        prompts = []
-        for request in requests:
-            text = render(
-                self.tokenizer,
-                request.messages,
-                add_generation_prompt=True,
-                chat_template=request.chat_template,
-            )
-            prompts.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        prompts = [self._prompt(request) for request in requests]
         longest = max(len(p) for p in prompts)
         most = max(r.max_new_tokens for r in requests)
         if longest + most > self.max_cache_tokens:

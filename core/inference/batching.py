@@ -67,6 +67,7 @@ class Batcher:
         self._fresh = 0  # fresh requests in the queue
         self._fresh_lock = threading.Lock()
         self.batch_sizes: list[int] = []  # sizes of the groups run, for tests and benchmarks
+        self._running = False  # a batch is being answered
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -84,6 +85,10 @@ class Batcher:
     def waiting(self) -> bool:
         """Whether a request from outside waits for this thread."""
         return self._fresh > 0
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing being answered (a paused turn counts as queued)."""
+        return not self._running and self._queue.empty()
 
     def _take(self, *, block: bool = True, timeout: float | None = None) -> Pending:
         pending = self._queue.get(block=block, timeout=timeout)
@@ -108,7 +113,9 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
+            self._running = False
             batch = self._collect()
+            self._running = True
             groups: dict[Hashable, list[Pending]] = {}
             for pending in batch:
                 if pending.future.set_running_or_notify_cancel():

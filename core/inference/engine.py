@@ -14,6 +14,11 @@ Backends, chosen per request (``backend``) or automatically:
 - ``cuda_static``: on CUDA, a static KV cache and one CUDA-graph replay per token: a job's
   ``merged_16bit`` export, or the fast model the engine builds itself in the background for an
   adapter it was asked about (core/inference/fast.py); ``auto`` picks it once it is ready.
+  Once two adapters of one base were asked, that base's multi-LoRA model serves every adapter
+  that fits its slots (core/inference/fast_multi.py): requests to different adapters that
+  arrive within the batch window share one batch there (a lone request takes its adapter's
+  own fast model when one is ready). A fast build starts only after the adapter's first answer
+  and once the model thread is idle, so a new job's first answer never waits behind it.
 
 ``warm`` loads a base (and an adapter) before anyone asks: the training worker sends it when a
 job starts training and when its adapter is saved (core/inference/warm.py).
@@ -35,7 +40,7 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +51,7 @@ from core.inference.adapters import activate
 from core.inference.batching import Batcher, InferenceCancelled, Pending, chain, settle
 from core.inference.context import PromptCounter, check_fits
 from core.inference.fast import FastPaths
+from core.inference.fast_multi import answer_batch
 from core.inference.generate import (
     Batch,
     GenerationRequest,
@@ -54,48 +60,13 @@ from core.inference.generate import (
     start_batch,
 )
 from core.inference.llamacpp import LlamaCppBackend, LlamaCppUnavailable, llama_cpp_available
+from core.inference.request import InferenceRequest
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "transformers", "llama_cpp"]
 BACKENDS: tuple[str, ...] = ("auto", "transformers", "llama_cpp")
 TURN_TOKENS = 16  # tokens a batch makes before it may yield the model to a waiting request
-
-
-@dataclass
-class InferenceRequest:
-    base_model: str
-    messages: list[dict[str, str]]
-    adapter_dir: str | None = None  # None: the base model answers
-    adapter_name: str | None = None
-    gguf_path: str | None = None  # a GGUF with the same weights (the llama.cpp backend)
-    merged_dir: str | None = None  # merged weights (the CUDA static-cache backend)
-    backend: str = "auto"
-    load_in_4bit: bool = True  # CUDA only: load the base for adapters in 4-bit
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    on_delta: Callable[[str], None] | None = field(default=None, repr=False)
-    on_start: Callable[[], None] | None = field(default=None, repr=False)  # the model began
-    should_stop: Callable[[], bool] | None = field(default=None, repr=False)  # asked per token
-
-    def generation(self, adapter: str | None) -> GenerationRequest:
-        return GenerationRequest(
-            messages=self.messages,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
-            stop=tuple(self.stop),
-            adapter=adapter,
-            on_delta=self.on_delta,
-            should_stop=self.should_stop,
-        )
-
-    def cancelled(self) -> bool:
-        return self.should_stop is not None and self.should_stop()
 
 
 @dataclass
@@ -153,19 +124,22 @@ class InferenceEngine:
             batchable=lambda request: getattr(request, "backend", None) == "transformers",
         )
         # CUDA-graph trees keep their state per thread: one thread compiles, records and
-        # replays every fast model (and builds them, while the model thread answers).
+        # replays every fast model (and builds them, while the model thread answers). Requests
+        # to the multi-LoRA model wait out the batch window there: different adapters batch.
         self.fast_lane = Batcher(
             self._run_group,
             self._group_key,
-            max_batch=1,
-            wait_s=0.0,
+            max_batch=max_batch,
+            wait_s=batch_wait_s,
             name="medtune-cuda-static",
-            batchable=lambda request: False,
+            batchable=lambda request: getattr(request, "backend", None) == "cuda_multi",
         )
         self.fast = FastPaths(
             run_on_lane=lambda fn: self.fast_lane.submit(_Call(fn)),
             loads=self.loads,
             enabled=fast,
+            rows=max_batch,
+            idle=self.batcher.idle,  # a build starts once the model thread has answered
         )
         self.llama_lane = Batcher(
             self._run_group,
@@ -182,7 +156,11 @@ class InferenceEngine:
         """Queue a request; the Future holds the answer dict or raises a MedtuneError."""
         request.backend = self.choose_backend(request)
         self.check_context(request)
-        lanes = {"llama_cpp": self.llama_lane, "cuda_static": self.fast_lane}
+        lanes = {
+            "llama_cpp": self.llama_lane,
+            "cuda_static": self.fast_lane,
+            "cuda_multi": self.fast_lane,
+        }
         lane = lanes.get(request.backend, self.batcher)
         return lane.submit(request)
 
@@ -211,8 +189,9 @@ class InferenceEngine:
                 hi = [{"role": "user", "content": "Hi"}]
                 gen = GenerationRequest(messages=hi, max_new_tokens=2, adapter=name)
                 run_turn(start_batch(base.model, base.tokenizer, [gen]))
-            started = bool(adapter_dir) and self._want_fast(base_model, base, adapter_dir)
-            return {"loads": dict(self.loads), "fast_build_started": started}
+            # No fast build yet: it would compete with the job's first answer for the card
+            # (and the CPU); it starts once that answer is out (``_turn``).
+            return {"loads": dict(self.loads), "fast_build_started": False}
 
         return self.batcher.submit(_Call(load))
 
@@ -258,9 +237,14 @@ class InferenceEngine:
             return "llama_cpp"
         if wanted == "auto":
             # While the lane builds a fast model (a minute), answers come from the model thread.
-            ready = request.merged_dir or self.fast.get(request.adapter_dir)
-            if self.cuda and ready and not self.fast.busy:
-                return "cuda_static"
+            if self.cuda and not self.fast.busy:
+                if request.merged_dir:
+                    return "cuda_static"
+                base = resolve_base(request, self.models_dir)
+                if self.fast.serves(base, request.adapter_dir):
+                    return "cuda_multi"  # batched with other adapters' requests
+                if self.fast.get(request.adapter_dir):
+                    return "cuda_static"
             if not self.cuda and request.gguf_path and llama_cpp_available():
                 return "llama_cpp"
         return "transformers"
@@ -297,6 +281,8 @@ class InferenceEngine:
             # Unsloth's fast LoRA kernels serve one adapter at a time: no mixed batches there.
             adapter = request.adapter_dir if self._unsloth else None
             return ("transformers", request.base_model, request.load_in_4bit, sampling, adapter)
+        if request.backend == "cuda_multi":
+            return ("cuda_multi", request.base_model, request.generation(None).sampling_key())
         return (request.backend, id(request))  # llama.cpp and static graphs: one at a time
 
     def _run_group(self, group: Sequence[Pending]) -> None:
@@ -325,6 +311,8 @@ class InferenceEngine:
             self._run_llama(group[0])
         elif first.backend == "cuda_static":
             self._run_static(group[0])
+        elif first.backend == "cuda_multi":
+            self._run_multi(group)
         else:
             self._run_transformers(group)
 
@@ -352,9 +340,6 @@ class InferenceEngine:
                 pending.future.set_exception(exc)
         if not ready:
             return
-        for req in {p.request.adapter_dir: p.request for p, name in ready if name}.values():
-            assert req.adapter_dir
-            self._want_fast(req.base_model, base, req.adapter_dir)
         batch = start_batch(
             base.model,
             base.tokenizer,
@@ -383,6 +368,10 @@ class InferenceEngine:
         gens = batch_results(paused.batch)
         for pending, gen in zip(paused.pending, gens, strict=True):
             settle(pending, gen, backend="transformers", batch_size=len(gens))
+        # Answered: now an adapter's fast model may be built (never before its first answer).
+        for req in {p.request.adapter_dir: p.request for p in paused.pending}.values():
+            if req.adapter_dir:
+                self._want_fast(req.base_model, paused.base, req.adapter_dir)
 
     def _run_llama(self, pending: Pending) -> None:
         req: InferenceRequest = pending.request
@@ -412,6 +401,30 @@ class InferenceEngine:
             pending.future.set_exception(exc)
             return
         settle(pending, gen, backend="cuda_static", batch_size=1, fast_path=fast.kind)
+
+    def _run_multi(self, group: Sequence[Pending]) -> None:
+        """Requests to adapters of one base, in batches of the multi-LoRA model's rows."""
+        first: InferenceRequest = group[0].request
+        multi = self.fast.multi(resolve_base(first, self.models_dir))
+        own = self.fast.get(first.adapter_dir) if len(group) == 1 else None
+        if own is not None:  # alone: the adapter's own fast model (merged) is the faster one
+            first.backend = "cuda_static"
+            self._run_static(group[0])
+            return
+        if multi is None:
+            self._to_model_thread(group)
+            return
+        answer_batch(
+            multi,
+            group,
+            generation=lambda req: self._generation(req, None, multi.decoder.tokenizer),
+            fall_back=self._to_model_thread,
+        )
+
+    def _to_model_thread(self, group: Sequence[Pending]) -> None:
+        for pending in group:
+            pending.request.backend = "transformers"
+            chain(self.batcher.submit(pending.request), pending.future)
 
     def _want_fast(self, base_model: str, base: _Base, adapter_dir: str) -> bool:
         """Start the adapter's fast model in the background (CUDA; MEDTUNE_INFER_FAST)."""

@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.inference.fast_multi import MULTI_CACHE_TOKENS, MultiFast, build_multi, slot_bytes
 from core.inference.generate import Generation, GenerationRequest
+from core.inference.graphs import bf16, load_plain, own_graph_trees, raise_recompile_limit
 from core.memory import GIB, ModelShape, shape_from_config
 
 log = logging.getLogger(__name__)
@@ -105,50 +108,13 @@ class Fast:
         return self.decoder.generate(request)
 
 
-def _bf16() -> Any:
-    import torch
-
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def own_graph_trees() -> None:
-    """Give this thread CUDA-graph tree state of its own if it has none.
-
-    torch._inductor.cudagraph_trees keeps its tree managers in a ``threading.local`` filled in
-    by the thread that imported the module (and copied into autograd's threads); any other
-    thread fails ``assert torch._C._is_key_in_tls(...)`` at its first compiled call.
-    """
-    from collections import defaultdict
-
-    import torch
-
-    try:
-        from torch._inductor import cudagraph_trees as trees
-    except ImportError:
-        return
-    local = getattr(trees, "local", None)
-    if local is None or hasattr(local, "tree_manager_containers"):
-        return
-    if torch._C._is_key_in_tls("tree_manager_containers"):
-        return
-    local.tree_manager_containers = {}
-    local.tree_manager_locks = defaultdict(threading.Lock)
-
-
 def _decoder(model: Any, tokenizer: Any, *, cache_tokens: int) -> tuple[Any, bool]:
     """A compiled StaticDecoder whose step has been traced and compiled (a two-token answer runs
     the compiled step once, which cudagraph trees run eagerly; ``install`` records)."""
-    import torch._dynamo
-
     from core.inference.static_decode import StaticDecoder
 
     own_graph_trees()  # whichever thread builds (the lane, a benchmark's main thread)
-    # Every fast model compiles the same step function anew (its guards hold the model): a
-    # long-lived worker must not reach dynamo's recompile limit (8) and fall back to eager.
-    config = torch._dynamo.config
-    for limit in ("recompile_limit", "cache_size_limit"):
-        if getattr(config, limit, 64) < 64:
-            setattr(config, limit, 64)
+    raise_recompile_limit()
     warm = GenerationRequest(messages=_WARM_MESSAGES, max_new_tokens=2)
     for fullgraph in (True, False):
         decoder = StaticDecoder(
@@ -171,7 +137,7 @@ def build_merged(base_path: str, adapter_dir: str, tokenizer: Any, *, cache_toke
 
     from core.inference.cuda import restore_stock_rotary
 
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=_bf16(), device_map={"": 0})
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=bf16(), device_map={"": 0})
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
     restore_stock_rotary(model)
     decoder, fullgraph = _decoder(model, tokenizer, cache_tokens=cache_tokens)
@@ -180,27 +146,10 @@ def build_merged(base_path: str, adapter_dir: str, tokenizer: Any, *, cache_toke
 
 def build_lora_4bit(base_path: str, adapter_dir: str, tokenizer: Any, *, cache_tokens: int) -> Fast:
     """4-bit base (bitsandbytes, not Unsloth) + the adapter unmerged, compiled."""
-    import json
-
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from core.inference.cuda import restore_stock_rotary
-
-    config = json.loads((Path(base_path) / "config.json").read_text())
-    quant: dict[str, Any] = {}
-    if "quantization_config" not in config:  # a bnb-4bit checkpoint brings its own
-        quant["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=_bf16(),
-        )
-    model = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype=_bf16(), device_map={"": 0}, **quant
-    )
+    model = load_plain(base_path, four_bit=True)
     model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    restore_stock_rotary(model.get_base_model())
     decoder, fullgraph = _decoder(model, tokenizer, cache_tokens=cache_tokens)
     return Fast(decoder, "lora_4bit", fullgraph)
 
@@ -223,6 +172,13 @@ class FastPaths:
 
     ``run_on_lane(fn)`` queues ``fn`` on that lane (returns a Future). ``enabled`` false
     (MEDTUNE_INFER_FAST=off) builds nothing; merged exports still load on demand.
+
+    Once two adapters of one base have been asked, the base's multi-LoRA model is built too
+    (core/inference/fast_multi.py, one base at a time): every adapter that fits its slots is
+    then served by it, concurrent requests to different adapters in one batch (``serves``).
+
+    A build waits (up to ``idle_wait_s``) until ``idle()`` says the model thread has nothing
+    to answer, so it does not start while a question (a new job's first) is being answered.
     """
 
     def __init__(
@@ -235,6 +191,10 @@ class FastPaths:
         cache_tokens: int = STATIC_CACHE_TOKENS,
         builders: dict[str, Builder] | None = None,
         memory: Callable[[], tuple[int, int]] = gpu_memory,
+        multi_builder: Callable[..., MultiFast] = build_multi,
+        rows: int = 8,
+        idle: Callable[[], bool] = lambda: True,
+        idle_wait_s: float = 30.0,
     ) -> None:
         self._run = run_on_lane
         self.loads = loads
@@ -249,6 +209,13 @@ class FastPaths:
         self.notes: dict[str, str] = {}  # adapter folder -> what was decided (why not, failures)
         self._lock = threading.Lock()
         self.builds: list[Any] = []  # the Futures of the builds queued on the lane
+        self.multi_builder = multi_builder
+        self.rows = rows
+        self.idle = idle
+        self.idle_wait_s = idle_wait_s
+        self._multi: dict[str, MultiFast] = {}  # base path -> its multi-LoRA model (one)
+        self._asked: dict[str, set[str]] = {}  # base path -> adapters asked of it
+        self._fits: dict[str, str | None] = {}  # adapter folder -> why its slots refuse it
 
     @property
     def busy(self) -> bool:
@@ -292,8 +259,10 @@ class FastPaths:
         return None, "no fast path: " + "; ".join(reasons)
 
     def want(self, base_path: str, adapter_dir: str, tokenizer: Any) -> bool:
-        """Start building the adapter's fast model unless it is ready, building or refused.
-        Returns whether a build started."""
+        """Start building the adapter's fast model unless it is ready, building or refused (and
+        the base's multi-LoRA model, the second adapter asked of it). Returns whether a build
+        of the adapter's own started."""
+        self._want_multi(base_path, adapter_dir, tokenizer)
         with self._lock:
             if (
                 not self.enabled
@@ -316,6 +285,7 @@ class FastPaths:
 
     def _build(self, kind: str, base_path: str, adapter_dir: str, tokenizer: Any) -> None:
         """On the lane: build, then record and serve (``install``)."""
+        self._wait_idle()
         try:
             own_graph_trees()
             fast = self.builders[kind](
@@ -328,6 +298,92 @@ class FastPaths:
                 self.notes[adapter_dir] = f"{kind} failed: {type(exc).__name__}: {exc}"[:300]
             return
         self.install(adapter_dir, fast)
+
+    def serves(self, base_path: str, adapter_dir: str | None) -> MultiFast | None:
+        """The base's multi-LoRA model, if it is ready and ``adapter_dir`` fits its slots."""
+        multi = self._multi.get(base_path)
+        if multi is None or adapter_dir is None:
+            return None
+        if adapter_dir not in self._fits:
+            self._fits[adapter_dir] = multi.slots.check(adapter_dir)
+            if self._fits[adapter_dir]:
+                log.info("multi-LoRA: %s not in slots: %s", adapter_dir, self._fits[adapter_dir])
+        return None if self._fits[adapter_dir] else multi
+
+    def multi(self, base_path: str) -> MultiFast | None:
+        return self._multi.get(base_path)
+
+    def _want_multi(self, base_path: str, adapter_dir: str, tokenizer: Any) -> None:
+        key = f"multi:{base_path}"
+        with self._lock:
+            asked = self._asked.setdefault(base_path, set())
+            asked.add(adapter_dir)
+            if (
+                not self.enabled
+                or len(asked) < 2
+                or self._multi
+                or key in self._building
+                or key in self.notes
+            ):
+                return
+            self._building.add(key)
+        kind, why = self.plan_multi(base_path)
+        if kind is None:
+            log.info("multi-LoRA for %s not built: %s", base_path, why)
+            with self._lock:
+                self._building.discard(key)
+                self.notes[key] = why
+            return
+        log.info("multi-LoRA for %s: building %s (%s)", base_path, kind, why)
+        four_bit = kind == "multi_4bit"
+        self.builds.append(
+            self._run(lambda: self._build_multi(key, base_path, tokenizer, four_bit=four_bit))
+        )
+
+    def plan_multi(self, base_path: str) -> tuple[str | None, str]:
+        """The multi-LoRA model that fits this card now: bf16, else 4-bit (None: neither)."""
+        shape = model_shape(base_path)
+        if shape is None:
+            return None, "the base's config.json gives no shape to size the multi-LoRA model by"
+        free, total = self.memory()
+        reasons = []
+        for kind in ("multi_bf16", "multi_4bit"):
+            need = inference_bytes(
+                shape, four_bit=kind == "multi_4bit", cache_tokens=MULTI_CACHE_TOKENS * self.rows
+            ) + slot_bytes(shape, slots=16, rank=16)
+            why = room(need, free=free, total=total, reserved=self.reserved)
+            if why is None:
+                return kind, f"{kind}: {need / GIB:.1f} GiB fits"
+            reasons.append(f"{kind} {why}")
+        return None, "no multi-LoRA model: " + "; ".join(reasons)
+
+    def _build_multi(self, key: str, base_path: str, tokenizer: Any, *, four_bit: bool) -> None:
+        """On the lane: build, record the graphs with a short batch, then serve."""
+        self._wait_idle()
+        try:
+            own_graph_trees()
+            multi = self.multi_builder(base_path, tokenizer, four_bit=four_bit, rows=self.rows)
+            warm = GenerationRequest(messages=_WARM_MESSAGES, max_new_tokens=4)
+            multi.decoder.generate([warm], [None])
+        except Exception as exc:
+            log.exception("multi-LoRA for %s failed to build", base_path)
+            with self._lock:
+                self._building.discard(key)
+                self.notes[key] = f"multi-LoRA failed: {type(exc).__name__}: {exc}"[:300]
+            return
+        self.loads["multi"] += 1
+        with self._lock:
+            self._multi[base_path] = multi
+            self._building.discard(key)
+        log.info(
+            "multi-LoRA for %s ready (%s, fullgraph %s)", base_path, multi.kind, multi.fullgraph
+        )
+
+    def _wait_idle(self) -> None:
+        """Let the model thread answer what it has before a build takes the card and the CPU."""
+        deadline = time.monotonic() + self.idle_wait_s
+        while not self.idle() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def install(self, key: str, fast: Fast) -> None:
         """On the lane: record the graphs with a short answer, then serve from it."""

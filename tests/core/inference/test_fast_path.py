@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from core.inference.engine import InferenceEngine
 from core.inference.fast import Fast, FastPaths, inference_bytes, room
+from core.inference.fast_multi import MultiFast
 from core.inference.generate import Generation, GenerationRequest
 from core.inference.static_decode import StaticDecoder
 from core.inference.warm import reserved_bytes, send_warm, warm, warm_kwargs, why_not
@@ -304,3 +306,87 @@ def test_the_worker_task_warms_its_engine_and_never_raises(
     assert done["warmed"] and engine.loads["base"] == 1 and engine.loads["adapter"] == 1
     gone = tasks.warm_task(BASE, adapter_dir=str(adapter.parent / "deleted"), adapter_name="x")
     assert gone["warmed"] is False and "AdapterMissing" in gone["why"]
+
+
+# --- a new job's first answer comes before any fast build (issue #14 (b)) -----------------------
+
+
+class _MultiDecoder:
+    rows = 4
+    tokenizer = None
+
+    def __init__(self) -> None:
+        self.slots = SimpleNamespace(check=lambda adapter_dir: None)
+
+    def generate(self, requests: list[GenerationRequest], adapters: list[Any]) -> list[Generation]:
+        return [
+            Generation("ok", "length", 1, r.max_new_tokens, False, 0.01, 0.001) for r in requests
+        ]
+
+
+def test_fast_builds_start_only_after_the_adapters_first_answer(
+    model_cache: Path, model_dir: Path, adapter: Path, tmp_path: Path
+) -> None:
+    """Warming an adapter builds nothing; its first answer (streamed) comes out, and only then
+    does its fast model build, once the model thread is idle. The second adapter asked of the
+    base then starts the base's multi-LoRA model too."""
+    other = make_adapter(model_dir, tmp_path / "job_other", seed=5)
+    events: list[str] = []
+
+    def build(base: str, adapter_dir: str, tokenizer: Any, *, cache_tokens: int) -> Fast:
+        events.append(f"build:{Path(adapter_dir).name}")
+        return Fast(_Decoder(), "merged_bf16")
+
+    def build_multi(base: str, tokenizer: Any, *, four_bit: bool, rows: int) -> MultiFast:
+        events.append("multi")
+        return MultiFast(_MultiDecoder(), "multi_bf16")
+
+    engine = InferenceEngine(models_dir=model_cache, max_batch=1)  # fast paths enabled
+    engine.fast.builders = {"merged_bf16": build}
+    engine.fast.multi_builder = build_multi
+    engine.fast.memory = lambda: (130 * GIB, 140 * GIB)
+    engine.warm(BASE, load_in_4bit=False).result()  # the base as the CPU loads it
+    engine._cuda = True  # fast builds as on a GPU; the models stay on the CPU
+    try:
+        done = engine.warm(
+            BASE, load_in_4bit=False, adapter_dir=str(adapter), adapter_name="job_fast"
+        ).result()
+        assert done["fast_build_started"] is False and engine.fast.builds == []
+        for folder in (adapter, other):
+            first = engine.answer(
+                base_model=BASE,
+                messages=ask(QUESTIONS[0]),
+                adapter_dir=str(folder),
+                adapter_name=folder.name,
+                max_new_tokens=4,
+                load_in_4bit=False,
+                on_delta=lambda delta, name=folder.name: events.append(f"delta:{name}"),
+            )
+            assert first["backend"] == "transformers"
+            for future in engine.fast.builds:
+                future.result()
+    finally:
+        engine._cuda = False
+    assert events[0] == "delta:job_fast" and events.count("build:job_fast") == 1
+    firsts = [e for e in events if not e.startswith("delta")]
+    assert firsts == ["build:job_fast", "multi", "build:job_other"]
+    # Each build came after every delta of the answer that asked for it.
+    assert events.index("build:job_fast") > max(
+        i for i, e in enumerate(events) if e == "delta:job_fast"
+    )
+    assert events.index("multi") > max(i for i, e in enumerate(events) if e == "delta:job_other")
+
+
+def test_a_build_waits_while_the_model_thread_answers(llama8b_dir: Path) -> None:
+    answering = iter([False, False, False])  # three looks at a busy model thread, then idle
+    looks: list[bool] = []
+
+    def idle() -> bool:
+        looks.append(next(answering, True))
+        return looks[-1]
+
+    paths = _paths((130 * GIB, 140 * GIB), idle=idle)
+    paths.builders["merged_bf16"] = lambda *a, **k: (looks.append(False), Fast(_Decoder(), "x"))[1]
+    assert paths.want(str(llama8b_dir), "/jobs/a/adapter", None)
+    # Four looks (the last one idle), then the build (its False marks when it ran).
+    assert looks == [False, False, False, True, False]

@@ -26,7 +26,7 @@ QUESTIONS = [
     "What causes a fever?",
     "Why?",
 ]
-TOKENS = 10
+TOKENS = 8
 
 
 def make_loras(model_dir: Path, out: Path, shapes: list[tuple[int, list[str]]]) -> list[Path]:
@@ -133,12 +133,12 @@ def test_a_slot_rewritten_after_eviction_is_still_exact(
     _batch(decoder, [(loras[0], QUESTIONS[0]), (loras[1], QUESTIONS[0]), (loras[2], QUESTIONS[0])])
     evicted = slots.loads["slot_evicted"]
     # Three slots are full: the fourth adapter takes the least recently used one not in the batch.
-    rows = [(loras[3], QUESTIONS[1]), (loras[0], QUESTIONS[2])]
+    rows = [(loras[3], QUESTIONS[1]), (loras[0], QUESTIONS[0])]
     _same(_batch(decoder, rows), rows, alone)
     assert slots.loads["slot_evicted"] == evicted + 1
     assert str(loras[1]) not in slots.held() and str(loras[3]) in slots.held()
     # And the evicted one comes back into a rewritten slot, beside the one that replaced it.
-    rows = [(loras[1], QUESTIONS[1]), (loras[3], QUESTIONS[0]), (None, QUESTIONS[1])]
+    rows = [(loras[1], QUESTIONS[1]), (loras[3], QUESTIONS[1]), (None, QUESTIONS[1])]
     _same(_batch(decoder, rows), rows, alone)
     assert slots.loads["slot_evicted"] == evicted + 2 and len(slots.held()) == 3
 
@@ -154,3 +154,50 @@ def test_refused_adapters_say_why(
     assert decoder.slots.check(str(loras[2])) is None
     with pytest.raises(ValueError, match="1 to 4"):
         decoder.generate([], [])
+
+
+def test_the_engine_answers_concurrent_questions_to_different_adapters_in_one_batch(
+    model_cache: Path, decoder: BatchDecoder, loras: list[Path], alone: Any
+) -> None:
+    """With the base's multi-LoRA model ready (here the eager CPU decoder above), requests to
+    three adapters that wait together on the fast lane are answered by one batch, each as its
+    adapter alone; a question to the base stays on the model thread."""
+    import threading
+
+    from core.base_models import resolve
+    from core.inference.engine import InferenceRequest, _Call
+    from core.inference.fast_multi import MultiFast
+
+    engine = InferenceEngine(models_dir=model_cache, max_batch=4, fast=False)
+    engine.warm(BASE, load_in_4bit=False).result()  # the base as the CPU loads it
+    engine.fast._multi[resolve(BASE, models_dir=model_cache)] = MultiFast(decoder, "multi_bf16")
+    rows = [(loras[2], QUESTIONS[3]), (loras[3], QUESTIONS[1]), (loras[0], QUESTIONS[0])]
+    rows.append((None, QUESTIONS[2]))
+    release = threading.Event()
+    engine._cuda = True  # choose the fast lane as on a GPU; the decoder is on the CPU
+    try:
+        held = engine.fast_lane.submit(_Call(release.wait))  # the lane is busy meanwhile
+        futures = [
+            engine.submit(
+                InferenceRequest(
+                    base_model=BASE,
+                    messages=ask(question),
+                    adapter_dir=str(adapter) if adapter else None,
+                    adapter_name=adapter.name if adapter else None,
+                    max_new_tokens=TOKENS,
+                    load_in_4bit=False,
+                )
+            )
+            for adapter, question in rows
+        ]
+        release.set()
+        held.result()
+        got = [future.result() for future in futures]
+    finally:
+        engine._cuda = False
+    for answer, (adapter, question) in zip(got, rows, strict=True):
+        assert answer["answer"] == alone(adapter, question)["answer"]
+        assert answer["usage"] == alone(adapter, question)["usage"]
+    assert [a["fast_path"] for a in got[:3]] == ["multi_bf16"] * 3
+    assert [a["batch_size"] for a in got[:3]] == [3, 3, 3]
+    assert got[3]["backend"] == "transformers" and "fast_path" not in got[3]
