@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 from core.base_models import hub_call
 from core.data import prepared_cache
-from core.data.preference import prepare_pairs
-from core.data.prepare import Prepared, prepare
+from core.data.preference import prepare_job
+from core.data.prepare import Prepared
 from core.errors import MedtuneError
 from core.settings import Settings
 from core.spec.job import JobSpec
@@ -68,19 +68,12 @@ def _tokenizer(spec: JobSpec, model_path: str) -> Any:
 
 
 def _prepare(spec: JobSpec, tokenizer: Any, key: str | None, settings: Settings) -> Prepared:
-    if spec.training.method != "sft":  # dpo / orpo pairs (core.data.preference): not cached
-        return prepare_pairs(spec, tokenizer)  # type: ignore[return-value]
-    prepared = prepare(
-        spec.dataset,
-        tokenizer,
-        max_seq_length=spec.model.max_seq_length,
-        validation=spec.validation_dataset,
-    )
-    if key is not None:
+    prepared = prepare_job(spec, tokenizer)  # sft examples, or dpo / orpo pairs (not cached)
+    if key is not None and isinstance(prepared, Prepared):
         prepared_cache.write(
             settings.prepared_cache_dir, key, prepared, cap_bytes=settings.prepared_cache_bytes
         )
-    return prepared
+    return prepared  # type: ignore[return-value]  # dpo / orpo: PreparedPairs, same fields
 
 
 def _cached(
