@@ -218,7 +218,8 @@ def read(folder: Path, key: str) -> Prepared | None:
         log.warning("prepared-data cache entry %s unreadable (%s): removed", key[:12], exc)
         path.unlink(missing_ok=True)
         return None
-    os.utime(path)  # most recently used: evicted last
+    with contextlib.suppress(OSError):  # evicted or deleted meanwhile: the data is read
+        os.utime(path)  # most recently used: evicted last
     return prepared
 
 

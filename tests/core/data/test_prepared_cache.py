@@ -10,6 +10,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from core.data import prepared_cache
 from core.data.prepare import Prepared, prepare
 from core.data.sources import sample_path
@@ -118,6 +120,26 @@ def test_a_cache_that_cannot_be_written_is_skipped(tmp_path: Path, tokenizer: An
     not_a_folder.write_text("a file where the cache folder should be")
     assert not prepared_cache.write(not_a_folder, "a" * 64, prepared, cap_bytes=1 << 30)
     assert not_a_folder.is_file()
+
+
+def test_an_entry_removed_while_it_is_read_still_gives_its_data(
+    tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another worker's eviction, or DELETE of another job on the same data, between the read
+    # and the touch: the job has its data and goes on.
+    import os
+
+    prepared = _prepared(_spec(_data(tmp_path)), tokenizer)
+    folder = tmp_path / "cache"
+    assert prepared_cache.write(folder, "a" * 64, prepared, cap_bytes=1 << 30)
+
+    def gone(path: Any, *args: Any, **kwargs: Any) -> None:
+        os.unlink(path)
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(prepared_cache.os, "utime", gone)
+    back = prepared_cache.read(folder, "a" * 64)
+    assert back is not None and back.stats == prepared.stats
 
 
 def test_deleting_a_job_deletes_its_entry(tmp_path: Path, tokenizer: Any, sqlite_url: str) -> None:
