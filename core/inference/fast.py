@@ -260,9 +260,13 @@ class FastPaths:
 
     def want(self, base_path: str, adapter_dir: str, tokenizer: Any) -> bool:
         """Start building the adapter's fast model unless it is ready, building or refused (and
-        the base's multi-LoRA model, the second adapter asked of it). Returns whether a build
-        of the adapter's own started."""
+        the base's multi-LoRA model, the second adapter asked of it). An adapter the multi-LoRA
+        model serves (or will: it is being built) gets no model of its own, which would keep
+        the lane busy and hold a copy of the base per adapter. Returns whether a build of the
+        adapter's own started."""
         self._want_multi(base_path, adapter_dir, tokenizer)
+        if f"multi:{base_path}" in self._building or self.serves(base_path, adapter_dir):
+            return False
         with self._lock:
             if (
                 not self.enabled
