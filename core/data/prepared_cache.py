@@ -278,7 +278,8 @@ def record_for_job(job_dir: Path, key: str) -> None:
 
 
 def forget_for_jobs(job_dirs: list[Path], folder: Path) -> list[Path]:
-    """Delete the entries the jobs in ``job_dirs`` recorded; returns the files removed."""
+    """Delete the entries the jobs in ``job_dirs`` recorded, and any half-written copy of them
+    a worker killed while writing left (``<key>.json.<pid>.tmp``); returns the files removed."""
     removed = []
     for job_dir in job_dirs:
         try:
@@ -286,8 +287,9 @@ def forget_for_jobs(job_dirs: list[Path], folder: Path) -> list[Path]:
         except OSError:
             continue
         if len(key) == 64 and all(c in "0123456789abcdef" for c in key):
-            path = _entry(folder, key)
-            if path.exists():
-                path.unlink(missing_ok=True)
-                removed.append(path)
+            entry = _entry(folder, key)
+            for path in [entry, *folder.glob(f"{entry.name}.*.tmp")]:
+                if path.exists():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
     return removed

@@ -159,8 +159,11 @@ def test_deleting_a_job_deletes_its_entry(tmp_path: Path, tokenizer: Any, sqlite
         assert jobs.claim(s, job_id, worker="w")
         jobs.finish(s, job_id, JobStatus.succeeded, artifacts_dir=str(jobs_dir / job_id))
     prepared_cache.record_for_job(jobs_dir / job_id, key)
+    # What a worker killed while writing the same entry left: medical text too.
+    half_written = cache / f"{key}.json.4242.tmp"
+    half_written.write_text('{"format": 1, "examples": [')
     with session_scope(sqlite_url) as s:
         purge.delete_job(s, job_id, owner=None, artifacts_dir=jobs_dir, prepared_cache_dir=cache)
     # The other entry (data no deleted job used) stays.
-    assert sorted(p.name for p in cache.glob("*.json")) == ["e" * 64 + ".json"]
+    assert sorted(p.name for p in cache.iterdir()) == ["e" * 64 + ".json"]
     assert not (jobs_dir / job_id).exists()
