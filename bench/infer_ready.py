@@ -15,6 +15,15 @@
         mixed-adapter batch (one generate, each row its own adapter) under for_inference,
         checked against the one-by-one greedy answers.
 
+    python bench/infer_ready.py multi-lora WORK_DIR [--adapters 8] [--tokens 64] [--four-bit]
+        The batched multi-LoRA fast lane (core/inference/fast_multi.py) through the engine:
+        builds the base's multi-LoRA model (bf16, or 4-bit) on the engine's CUDA-graph lane,
+        fills its slots, then 8 questions to 8 adapters one after another (each a batch of
+        one) vs all at once (one batch of 8), the same lane and graphs; checks that every
+        concurrent answer equals its one-by-one answer token for token, and compares the
+        first ``--reference`` adapters with peft's unmerged LoRA alone (eager, bf16).
+        Goal: concurrent >= 3x sooner than one after another.
+
 WORK_DIR is bench/infer_gpu.py make's (model, adapter, adapter_1 ...). JSON lines on stdout,
 appended to $BENCH_OUT if set; bench/gpu_infer_ready.sh runs every part.
 """
@@ -309,7 +318,24 @@ def main() -> None:
     many.add_argument("work")
     many.add_argument("--adapters", type=int, default=8)
     many.add_argument("--tokens", type=int, default=48)
+    lora = sub.add_parser("multi-lora")
+    lora.add_argument("work")
+    lora.add_argument("--adapters", type=int, default=8)
+    lora.add_argument("--tokens", type=int, default=64)
+    lora.add_argument("--four-bit", action="store_true")
+    lora.add_argument("--reference", type=int, default=2)
     args = parser.parse_args()
+    if args.cmd == "multi-lora":
+        from bench.infer_multi_lora import multi_lora
+
+        multi_lora(
+            args.work,
+            adapters=args.adapters,
+            tokens=args.tokens,
+            four_bit=args.four_bit,
+            reference=args.reference,
+        )
+        return
     if args.cmd == "live":
         live(
             args.model_dir,

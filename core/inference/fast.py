@@ -318,31 +318,35 @@ class FastPaths:
         return self._multi.get(base_path)
 
     def _want_multi(self, base_path: str, adapter_dir: str, tokenizer: Any) -> None:
-        key = f"multi:{base_path}"
         with self._lock:
             asked = self._asked.setdefault(base_path, set())
             asked.add(adapter_dir)
-            if (
-                not self.enabled
-                or len(asked) < 2
-                or self._multi
-                or key in self._building
-                or key in self.notes
-            ):
+            if len(asked) < 2:
                 return
+        self.start_multi(base_path, tokenizer)
+
+    def start_multi(self, base_path: str, tokenizer: Any, *, kind: str | None = None) -> bool:
+        """Queue the base's multi-LoRA build on the lane unless one is ready (for any base),
+        building or refused; returns whether it was queued (its Future: ``builds[-1]``).
+        ``kind`` (multi_bf16, multi_4bit) skips the memory plan (benchmarks)."""
+        key = f"multi:{base_path}"
+        with self._lock:
+            if not self.enabled or self._multi or key in self._building or key in self.notes:
+                return False
             self._building.add(key)
-        kind, why = self.plan_multi(base_path)
+        kind, why = (kind, "asked for") if kind else self.plan_multi(base_path)
         if kind is None:
             log.info("multi-LoRA for %s not built: %s", base_path, why)
             with self._lock:
                 self._building.discard(key)
                 self.notes[key] = why
-            return
+            return False
         log.info("multi-LoRA for %s: building %s (%s)", base_path, kind, why)
         four_bit = kind == "multi_4bit"
         self.builds.append(
             self._run(lambda: self._build_multi(key, base_path, tokenizer, four_bit=four_bit))
         )
+        return True
 
     def plan_multi(self, base_path: str) -> tuple[str | None, str]:
         """The multi-LoRA model that fits this card now: bf16, else 4-bit (None: neither)."""
