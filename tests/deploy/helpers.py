@@ -44,8 +44,10 @@ DOCKERFILE_API = ROOT / "Dockerfile.api"
 DOCKERFILE_GPU = ROOT / "Dockerfile.gpu"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 
-SERVICES = {"postgres", "redis", "migrate", "api", "worker"}
-MEDTUNE_SERVICES = ("migrate", "api", "worker")
+SERVICES = {"postgres", "redis", "migrate", "api", "worker", "infer"}
+MEDTUNE_SERVICES = ("migrate", "api", "worker", "infer")
+# The GPU image's two services, on one GPU: training (worker) and inference (infer).
+GPU_SERVICES = ("worker", "infer")
 # The API must never load these; the API image does not have them.
 FORBIDDEN_IN_API = ("torch", "transformers", "peft", "unsloth")
 # pyproject dependencies that only the worker needs (the training stack). Every other

@@ -12,11 +12,14 @@ from typing import Any
 
 import dotenv
 
+from cli.main import worker_command
+from core.queue import INFER_QUEUE, TRAIN_QUEUE
 from core.settings import Settings
 from tests.deploy.helpers import (
     DOCKERFILE_API,
     DOCKERFILE_GPU,
     ENV_EXAMPLE,
+    GPU_SERVICES,
     MEDTUNE_SERVICES,
     ROOT,
     SERVICES,
@@ -74,19 +77,47 @@ def test_compose_defaults_work_with_only_the_password_set(compose_dir: Path) -> 
         assert env["MEDTUNE_BROKER_URL"] == "redis://redis:6379/0"
 
 
-def test_worker_reserves_one_nvidia_gpu(resolved: dict[str, Any]) -> None:
-    worker = resolved["services"]["worker"]
-    devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert len(devices) == 1
-    device = devices[0]
-    assert device["driver"] == "nvidia"
-    assert device["count"] == 1
-    assert device["capabilities"] == ["gpu"]
-    assert _env(worker)["CUDA_VISIBLE_DEVICES"] == "0"
-    assert worker["build"]["dockerfile"] == "Dockerfile.gpu"
-    # Only the worker gets a GPU.
-    for name in SERVICES - {"worker"}:
+def test_gpu_services_reserve_one_nvidia_gpu(resolved: dict[str, Any]) -> None:
+    for name in GPU_SERVICES:
+        worker = resolved["services"][name]
+        devices = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        device = devices[0]
+        assert device["driver"] == "nvidia", name
+        # A count (not device ids) numbers from the host's first GPU: both get the same card.
+        assert device["count"] == 1, name
+        assert "device_ids" not in device, name
+        assert device["capabilities"] == ["gpu"], name
+        assert _env(worker)["CUDA_VISIBLE_DEVICES"] == "0", name
+        assert worker["build"]["dockerfile"] == "Dockerfile.gpu", name
+    # Only the GPU workers get a GPU.
+    for name in SERVICES - set(GPU_SERVICES):
         assert "deploy" not in resolved["services"][name], name
+
+
+def test_training_and_inference_are_two_workers_as_medtune_up_runs_them(
+    resolved: dict[str, Any],
+) -> None:
+    """worker: the train queue on the solo pool; infer: the infer queue on threads, the same
+    argv as `medtune up`'s workers (cli.main.worker_command), the same image and settings. One
+    worker on both queues would take the warm-up messages only after the training job."""
+    services = resolved["services"]
+    worker, infer = services["worker"], services["infer"]
+    assert worker["command"] == ["celery", *worker_command(TRAIN_QUEUE, "train")[3:]]
+    assert infer["command"] == ["celery", *worker_command(INFER_QUEUE, "infer")[3:]]
+    assert worker["command"][worker["command"].index("-Q") + 1] == TRAIN_QUEUE
+    assert infer["command"][infer["command"].index("--pool") + 1] == "threads"
+    assert infer["image"] == worker["image"]
+    assert infer["build"] == worker["build"]
+    assert _env(infer) == _env(worker)
+    assert infer["volumes"] == worker["volumes"]
+
+
+def test_infer_concurrency_follows_the_setting(compose_dir: Path) -> None:
+    result = _run_compose_config(compose_dir, POSTGRES_PASSWORD="pw", MEDTUNE_INFER_CONCURRENCY="3")
+    assert result.returncode == 0, result.stderr
+    command = json.loads(result.stdout)["services"]["infer"]["command"]
+    assert command[command.index("--concurrency") + 1] == "3"
 
 
 def test_every_long_running_service_has_a_healthcheck(resolved: dict[str, Any]) -> None:
@@ -105,7 +136,8 @@ def test_every_long_running_service_has_a_healthcheck(resolved: dict[str, Any]) 
 
 def test_compose_healthchecks_are_the_images_own(resolved: dict[str, Any]) -> None:
     """The same one-liners as the Dockerfiles' HEALTHCHECK (which the tests below run)."""
-    for name, dockerfile in (("api", DOCKERFILE_API), ("worker", DOCKERFILE_GPU)):
+    images = (("api", DOCKERFILE_API), ("worker", DOCKERFILE_GPU), ("infer", DOCKERFILE_GPU))
+    for name, dockerfile in images:
         test = resolved["services"][name]["healthcheck"]["test"]
         assert test[0] == "CMD", name
         assert test[1:] == _dockerfile_healthcheck(dockerfile), name
@@ -116,7 +148,7 @@ def test_compose_healthchecks_are_the_images_own(resolved: dict[str, Any]) -> No
 def test_restart_policies(resolved: dict[str, Any]) -> None:
     services = resolved["services"]
     assert services["migrate"]["restart"] == "no"
-    for name in ("api", "worker", "postgres", "redis"):
+    for name in ("api", "worker", "infer", "postgres", "redis"):
         assert services[name]["restart"] == "unless-stopped", name
 
 
@@ -135,7 +167,7 @@ def test_depends_on_conditions(resolved: dict[str, Any]) -> None:
         return {dep: spec["condition"] for dep, spec in services[name]["depends_on"].items()}
 
     assert conditions("migrate") == {"postgres": "service_healthy"}
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "infer"):
         assert conditions(name) == {
             "migrate": "service_completed_successfully",
             "postgres": "service_healthy",
@@ -167,12 +199,13 @@ def test_volumes_are_named_and_shared_where_they_must_be(resolved: dict[str, Any
             mounts[name][volume["source"]] = volume["target"]
     assert mounts["postgres"] == {"pgdata": "/var/lib/postgresql/data"}
     assert mounts["redis"] == {"redisdata": "/data"}
-    # MEDTUNE_HOME is one volume, at the same path, for the API and the worker.
-    for name in ("api", "worker", "migrate"):
+    # MEDTUNE_HOME is one volume, at the same path, for the API and the workers.
+    for name in ("api", "worker", "infer", "migrate"):
         assert mounts[name]["artifacts"] == _env(services[name])["MEDTUNE_HOME"], name
     assert _env(services["api"])["MEDTUNE_HOME"] == _env(services["worker"])["MEDTUNE_HOME"]
     # The Hugging Face cache survives worker restarts.
-    assert mounts["worker"]["hf-cache"] == _env(services["worker"])["HF_HOME"]
+    for name in GPU_SERVICES:
+        assert mounts[name]["hf-cache"] == _env(services[name])["HF_HOME"], name
 
 
 def test_api_is_published_on_loopback_port_8000(resolved: dict[str, Any]) -> None:
@@ -183,7 +216,8 @@ def test_api_is_published_on_loopback_port_8000(resolved: dict[str, Any]) -> Non
 
 
 def test_medtune_services_get_their_urls(resolved: dict[str, Any]) -> None:
-    """api, worker and migrate reach postgres and redis by service name, as Settings reads it."""
+    """api, the workers and migrate reach postgres and redis by service name, as Settings reads
+    it."""
     for name in MEDTUNE_SERVICES:
         env = _env(resolved["services"][name])
         settings = Settings(

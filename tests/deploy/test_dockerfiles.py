@@ -11,7 +11,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from core.queue import INFER_QUEUE, TRAIN_QUEUE
+from core.queue import TRAIN_QUEUE
 from tests.deploy.helpers import (
     ALLOWED_COPY_SOURCES,
     DOCKERFILE_API,
@@ -78,10 +78,12 @@ def test_api_image_runs_uvicorn_on_port_8000() -> None:
     assert _dockerfile(DOCKERFILE_API).baseimage.startswith("python:3.12-")
 
 
-def test_gpu_image_runs_a_worker_on_both_queues() -> None:
+def test_gpu_image_runs_the_training_worker() -> None:
+    """The image's own command is the training worker; compose runs the inference one beside
+    it with its own command (a worker on both queues would answer only between jobs)."""
     cmd = _json_array(_instructions(DOCKERFILE_GPU, "CMD")[-1])
     assert cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
-    assert set(cmd[cmd.index("-Q") + 1].split(",")) == {TRAIN_QUEUE, INFER_QUEUE}
+    assert cmd[cmd.index("-Q") + 1] == TRAIN_QUEUE
     assert cmd[cmd.index("--pool") + 1] == "solo"
     assert cmd[cmd.index("--concurrency") + 1] == "1"
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,15 +115,25 @@ def test_worker_healthcheck_passes_when_the_broker_answers(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_worker_cmd_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
-    """Dockerfile.gpu's CMD as is (on the CPU): Celery starts on both queues, SIGTERM ends it."""
+@pytest.mark.parametrize(
+    ("source", "queue", "pool"),
+    [("image", TRAIN_QUEUE, "solo"), ("infer", INFER_QUEUE, "thread")],
+)
+def test_worker_commands_start_and_stop_on_sigterm(
+    tmp_path: Path, resolved: dict[str, Any], source: str, queue: str, pool: str
+) -> None:
+    """Dockerfile.gpu's CMD (the training worker) and compose's infer command, as they are (on
+    the CPU): Celery starts on its one queue, SIGTERM ends it."""
     env = _clean_env(
         MEDTUNE_HOME=str(tmp_path),
         MEDTUNE_DATABASE_URL=f"sqlite:///{tmp_path / 'jobs.db'}",
         MEDTUNE_BROKER_URL=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
         PYTHONPATH=str(ROOT),
     )
-    cmd = _json_array(_instructions(DOCKERFILE_GPU, "CMD")[-1])
+    if source == "image":
+        cmd = _json_array(_instructions(DOCKERFILE_GPU, "CMD")[-1])
+    else:
+        cmd = list(resolved["services"][source]["command"])
     cmd[0] = _tool(cmd[0])
     log = tmp_path / "worker.log"
     with log.open("wb") as fh:
@@ -130,7 +141,9 @@ def test_worker_cmd_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
     try:
         _wait_for(proc, log, " ready.", 120)
         text = log.read_text(errors="replace")
-        assert TRAIN_QUEUE in text and INFER_QUEUE in text
+        consumed = {q for q in (TRAIN_QUEUE, INFER_QUEUE) if f".> {q} " in text}
+        assert consumed == {queue}, text[-3000:]
+        assert f"({pool})" in text, text[-3000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
