@@ -176,8 +176,8 @@ class InferenceEngine:
         adapter_name: str | None = None,
     ) -> Future[dict[str, Any]]:
         """Load a base (and attach an adapter) on the model thread before anyone asks; on CUDA
-        also run two tokens through it (kernels, autotuning) and start the adapter's fast
-        path. The Future holds what was done (``loads``, ``fast``)."""
+        also run two tokens through it (kernels, autotuning). The adapter's fast path starts
+        after its first answer. The Future holds what was done (``loads``)."""
 
         def load() -> dict[str, Any]:
             base = self._base(base_model, load_in_4bit=load_in_4bit)

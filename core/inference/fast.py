@@ -41,7 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.inference.fast_multi import MULTI_CACHE_TOKENS, MultiFast, build_multi, slot_bytes
+from core.inference.fast_multi import (
+    MULTI_CACHE_TOKENS,
+    MULTI_RANK,
+    MULTI_SLOTS,
+    MultiFast,
+    build_multi,
+    slot_bytes,
+)
 from core.inference.generate import Generation, GenerationRequest
 from core.inference.graphs import bf16, load_plain, own_graph_trees, raise_recompile_limit
 from core.memory import GIB, ModelShape, shape_from_config
@@ -358,7 +365,7 @@ class FastPaths:
         for kind in ("multi_bf16", "multi_4bit"):
             need = inference_bytes(
                 shape, four_bit=kind == "multi_4bit", cache_tokens=MULTI_CACHE_TOKENS * self.rows
-            ) + slot_bytes(shape, slots=16, rank=16)
+            ) + slot_bytes(shape, slots=MULTI_SLOTS, rank=MULTI_RANK)
             why = room(need, free=free, total=total, reserved=self.reserved)
             if why is None:
                 return kind, f"{kind}: {need / GIB:.1f} GiB fits"

@@ -2,9 +2,10 @@
 
 A training worker sends ``WARM_TASK`` (core/queue.py, routed to the inference queue) twice per
 job: when the job starts training (load its base: the inference worker loads it while the job
-trains, tens of seconds on an 8B) and when its adapter is saved (attach it, and on CUDA start
-the adapter's fast path, core/inference/fast.py), which is before the job's status turns
-``succeeded``. The first answer then loads nothing. An inference worker may also load a
+trains, tens of seconds on an 8B) and when its adapter is saved (attach it), which is before
+the job's status turns ``succeeded``. The first answer then loads nothing. The adapter's fast
+path (core/inference/fast.py) is built only after that first answer, so as not to compete with
+it for the card. An inference worker may also load a
 configured base when it starts (``MEDTUNE_INFER_PRELOAD``).
 
 On CUDA the worker first checks that its card holds the base beside what a training job on the

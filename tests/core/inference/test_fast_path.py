@@ -19,7 +19,7 @@ import pytest
 
 from core.inference.engine import InferenceEngine
 from core.inference.fast import Fast, FastPaths, inference_bytes, room
-from core.inference.fast_multi import MultiFast
+from core.inference.fast_multi import MultiFast, slot_bytes
 from core.inference.generate import Generation, GenerationRequest
 from core.inference.static_decode import StaticDecoder
 from core.inference.warm import reserved_bytes, send_warm, warm, warm_kwargs, why_not
@@ -391,3 +391,15 @@ def test_a_build_waits_while_the_model_thread_answers(llama8b_dir: Path) -> None
     assert paths.want(str(llama8b_dir), "/jobs/a/adapter", None)
     # Four looks (the last one idle), then the build (its False marks when it ran).
     assert looks == [False, False, False, True, False]
+
+
+def test_the_multi_lora_plan_takes_bf16_on_an_h200_and_nothing_beside_a_t4s_base(
+    llama8b_dir: Path,
+) -> None:
+    kind, why = _paths((130 * GIB, 140 * GIB)).plan_multi(str(llama8b_dir))
+    assert kind == "multi_bf16", why
+    # 16 slots of rank 16 on an 8B's projections: 1.3 GiB of bf16 stacks.
+    assert 1.2 < slot_bytes(LLAMA3_8B, slots=16, rank=16) / GIB < 1.4
+    # A T4 already holding Unsloth's 4-bit base: no room for 8 rows' caches beside a 2nd base.
+    kind, why = _paths((int(9.2 * GIB), 15 * GIB)).plan_multi(str(llama8b_dir))
+    assert kind is None and "multi_4bit needs" in why
