@@ -14,7 +14,7 @@ import contextvars
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +22,6 @@ from core.base_models import hub_call
 from core.data import prepared_cache
 from core.data.preference import prepare_job
 from core.data.prepare import Prepared
-from core.errors import MedtuneError
 from core.settings import Settings
 from core.spec.job import JobSpec
 from core.store import jobs
@@ -67,25 +66,29 @@ def _tokenizer(spec: JobSpec, model_path: str) -> Any:
     )
 
 
-def _prepare(spec: JobSpec, tokenizer: Any, key: str | None, settings: Settings) -> Prepared:
+def _cache_key(spec: JobSpec, tokenizer: Any, settings: Settings, job_dir: Path) -> str | None:
+    if not settings.prepared_cache_bytes or spec.training.method != "sft":
+        return None
+    key = prepared_cache.cache_key(spec, tokenizer)  # hashes every source file
+    if key is not None:
+        prepared_cache.record_for_job(job_dir, key)  # before the entry exists: DELETE finds it
+    return key
+
+
+def _prepare(
+    spec: JobSpec, tokenizer: Any, settings: Settings, job_dir: Path
+) -> tuple[Prepared, bool]:
+    """The job's data and whether it came from the cache. Runs in the prepare thread, the
+    cache key too: hashing the source files must not hold back the model's load."""
+    key = _cache_key(spec, tokenizer, settings, job_dir)
+    if key is not None and (cached := prepared_cache.read(settings.prepared_cache_dir, key)):
+        return cached, True
     prepared = prepare_job(spec, tokenizer)  # sft examples, or dpo / orpo pairs (not cached)
     if key is not None and isinstance(prepared, Prepared):
         prepared_cache.write(
             settings.prepared_cache_dir, key, prepared, cap_bytes=settings.prepared_cache_bytes
         )
-    return prepared  # type: ignore[return-value]  # dpo / orpo: PreparedPairs, same fields
-
-
-def _cached(
-    spec: JobSpec, tokenizer: Any, settings: Settings, job_dir: Path
-) -> tuple[str | None, Prepared | None]:
-    if not settings.prepared_cache_bytes or spec.training.method != "sft":
-        return None, None
-    key = prepared_cache.cache_key(spec, tokenizer)
-    if key is None:
-        return None, None
-    prepared_cache.record_for_job(job_dir, key)  # before the entry exists: DELETE finds it
-    return key, prepared_cache.read(settings.prepared_cache_dir, key)
+    return prepared, False  # type: ignore[return-value]  # dpo / orpo: PreparedPairs
 
 
 def data_and_model(
@@ -107,33 +110,29 @@ def data_and_model(
     if engines.pick_engine(spec) == "unsloth":
         import unsloth  # noqa: F401  (before transformers: it patches it)
     tokenizer = _tokenizer(spec, model_path)
-    key, prepared = _cached(spec, tokenizer, settings, job_dir)
-    notes = []
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-    future: Future[Prepared] | None = None
-    if prepared is not None:
-        notes.append(
-            "prepared data reused: an earlier job prepared the same data (same files, "
-            "tokenizer and dataset settings), so nothing was tokenized"
-        )
-    else:
-        context = contextvars.copy_context()  # the job's id on the thread's log lines
-        future = pool.submit(context.run, _prepare, spec, tokenizer, key, settings)
+    context = contextvars.copy_context()  # the job's id on the thread's log lines
+    future = pool.submit(context.run, _prepare, spec, tokenizer, settings, job_dir)
     try:
         clock.start("loading_model", stage=JobStage.training)
         loaded = load_model()
         _running().append(loaded)
-        if future is not None:
-            clock.start("preparing_data")
-            prepared = future.result()
-    except MedtuneError as exc:
+        clock.start("preparing_data")
+        prepared, reused = future.result()
+    except BaseException as exc:
+        # The job fails now: a model that did not load does not wait for the data (minutes).
+        pool.shutdown(wait=False, cancel_futures=True)
         if stats := getattr(exc, "dataset_stats", None):
             with session_scope(settings.db_url) as s:
                 jobs.set_fields(s, job_id, dataset_stats=stats)
         raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    assert prepared is not None
+    pool.shutdown(wait=True)
+    notes = []
+    if reused:
+        notes.append(
+            "prepared data reused: an earlier job prepared the same data (same files, "
+            "tokenizer and dataset settings), so nothing was tokenized"
+        )
     with session_scope(settings.db_url) as s:
         jobs.set_fields(s, job_id, dataset_stats=prepared.stats)
         for note in notes:
