@@ -114,6 +114,14 @@ def check_method(training: Any, info: ValidationInfo) -> Any:
             f"training_dataset.sources (a mix) is for sft jobs; a {method} job reads one "
             "preference dataset: give it as training_dataset.name"
         )
+    for section in ("training_dataset", "validation_dataset"):
+        data = dataset if section == "training_dataset" else info.data.get(section)
+        if data is not None and data.format == "text":
+            raise _conflict(
+                f'{section}.format "text" is raw documents for continued pretraining (sft); a '
+                f"{method} job reads prompt (or messages), chosen and rejected: set format to "
+                '"auto" or "records"'
+            )
     if dataset is not None and dataset.columns is not None:
         raise _conflict(
             "training_dataset.columns maps question/answer columns; a preference dataset needs "

@@ -68,6 +68,20 @@ def test_a_mix_and_a_column_map_are_refused_for_preference_jobs() -> None:
     assert error["type"] == "method_conflict" and "rename_columns" in error["msg"]
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+@pytest.mark.parametrize("section", ["training_dataset", "validation_dataset"])
+def test_raw_text_is_refused_for_preference_jobs(method: str, section: str) -> None:
+    data = spec_of(method=method)
+    if section == "validation_dataset":
+        data[section] = {"name": "sample:medical_preference"}
+    data[section]["format"] = "text"
+    error = error_of(data)
+    assert error["type"] == "method_conflict"
+    assert f'{section}.format "text"' in error["msg"], error["msg"]
+    data[section]["format"] = "records"
+    assert JobSpec.model_validate(data).training.method == method
+
+
 def test_prompt_and_answer_budgets_fit_max_seq_length() -> None:
     too_long = spec_of(
         method="dpo", preference={"max_prompt_length": 200, "max_completion_length": 100}
