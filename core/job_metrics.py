@@ -102,8 +102,10 @@ def start_tracking(settings: Settings, job_id: str, spec: JobSpec, job_dir: Path
         previous=previous,
         environ=os.environ,
     )
+    # A resumed attempt whose tracker cannot start keeps where the earlier attempt's run is.
+    location = {**(previous or {}), **(tracking.location() or {})} or None
     with session_scope(url) as s:
-        jobs.set_fields(s, job_id, tracking=tracking.location())
+        jobs.set_fields(s, job_id, tracking=location)
         for note in tracking.take_notes():
             jobs.add_note(s, job_id, note)
     return tracking
