@@ -201,3 +201,41 @@ def test_the_engine_answers_concurrent_questions_to_different_adapters_in_one_ba
     assert [a["fast_path"] for a in got[:3]] == ["multi_bf16"] * 3
     assert [a["batch_size"] for a in got[:3]] == [3, 3, 3]
     assert got[3]["backend"] == "transformers" and "fast_path" not in got[3]
+
+
+def test_dynamo_traces_the_step_whole_and_a_new_adapter_needs_no_new_graph(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """What the GPU compiles with fullgraph (mode reduce-overhead there, the eager backend
+    here): a tiny random Llama with LoRA slots, per-row positions and the padding mask."""
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
+    first, second = make_loras(tmp_path / "tiny", tmp_path, [(4, ["q_proj"]), (2, ["down_proj"])])
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "tiny").eval()
+    layers, index = inject(model, slots=1, rank=4, rows=2)
+    decoder = BatchDecoder(
+        model, tokenizer, LoraSlots(layers, index), rows=2, max_cache_tokens=48, compile=False
+    )
+    q = GenerationRequest(messages=ask("Hi"), max_new_tokens=4, ignore_eos=True)
+    eager = [g.text for g in decoder.generate([q, q], [str(first), None])]
+    before = counters["stats"]["unique_graphs"]
+    decoder._decode = torch.compile(decoder._step, backend="eager", fullgraph=True, dynamic=False)
+    assert [g.text for g in decoder.generate([q, q], [str(first), None])] == eager
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == before + 1  # one graph for the step
+    decoder.generate([q, q], [str(second), None])  # the one slot rewritten
+    assert decoder.slots.loads["slot_evicted"] == 1
+    assert counters["stats"]["unique_graphs"] == graphs
