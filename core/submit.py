@@ -28,7 +28,7 @@ from core.spec import JobSpec
 from core.store import files, idempotency, jobs
 from core.store.models import Job
 from core.training.engines import check_loftq
-from core.training.tracking import check_report_to, installed
+from core.training.tracking import check_report_to, distributed
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def submit_job(
     check_init_adapter(session, spec, owner=principal.job_owner)
     # The package check only where this process has the training stack (`medtune up`): the
     # API image has none, and the worker notes a tracker it cannot load.
-    check_report_to(spec, environ=os.environ, check_packages=installed("torch"))
+    check_report_to(spec, environ=os.environ, check_packages=distributed("torch"))
     if spec.webhook is not None:
         webhooks.check_target(spec.webhook.url, allow_private=settings.webhook_allow_private)
     local_dir = routing.config_dir(spec.model.base_model, settings.models_dir)

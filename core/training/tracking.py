@@ -45,7 +45,24 @@ def wanted(spec: JobSpec, *, mlflow_uri: str | None, environ: Mapping[str, str])
 
 
 def installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    """Whether ``name`` can be imported here; a finder that refuses it (ImportError) or a
+    module without a spec (ValueError) counts as not installed, never as a failed request."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def distributed(name: str) -> bool:
+    """Whether the distribution ``name`` is installed, read from its metadata: nothing is
+    imported or even looked up as a module (the API image must not touch torch)."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def wandb_configured(environ: Mapping[str, str]) -> bool:
