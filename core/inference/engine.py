@@ -36,6 +36,7 @@ generation is fast and Unsloth's generate is not known to resume from a cache.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -74,6 +75,9 @@ class _Base:
     model: Any  # a PeftModel once an adapter is attached
     tokenizer: Any
     adapters: OrderedDict[str, str]  # adapter name -> its folder, least recently used first
+    # The CUDA-graph lane's own copy: the model thread sets padding on ``tokenizer`` per batch,
+    # and a Rust tokenizer used from two threads at once raises "Already borrowed".
+    lane_tokenizer: Any = None
 
 
 @dataclass(eq=False)
@@ -431,7 +435,9 @@ class InferenceEngine:
         if not self.cuda:
             return False
         path = resolve(base_model, models_dir=self.models_dir)
-        return self.fast.want(path, adapter_dir, base.tokenizer)
+        if base.lane_tokenizer is None:
+            base.lane_tokenizer = copy.deepcopy(base.tokenizer)
+        return self.fast.want(path, adapter_dir, base.lane_tokenizer)
 
     def _generation(
         self, req: InferenceRequest, adapter: str | None, base: Any

@@ -333,12 +333,16 @@ def test_fast_builds_start_only_after_the_adapters_first_answer(
     other = make_adapter(model_dir, tmp_path / "job_other", seed=5)
     events: list[str] = []
 
+    lane_tokenizers: list[Any] = []
+
     def build(base: str, adapter_dir: str, tokenizer: Any, *, cache_tokens: int) -> Fast:
         events.append(f"build:{Path(adapter_dir).name}")
+        lane_tokenizers.append(tokenizer)
         return Fast(_Decoder(), "merged_bf16")
 
     def build_multi(base: str, tokenizer: Any, *, four_bit: bool, rows: int) -> MultiFast:
         events.append("multi")
+        lane_tokenizers.append(tokenizer)
         return MultiFast(_MultiDecoder(), "multi_bf16")
 
     engine = InferenceEngine(models_dir=model_cache, max_batch=1)  # fast paths enabled
@@ -376,6 +380,12 @@ def test_fast_builds_start_only_after_the_adapters_first_answer(
         i for i, e in enumerate(events) if e == "delta:job_fast"
     )
     assert events.index("multi") > max(i for i, e in enumerate(events) if e == "delta:job_other")
+    # The lane encodes with its own copy of the base's tokenizer (one per base), never the one
+    # the model thread pads per batch: a Rust tokenizer is not for two threads at once.
+    [base] = engine._bases.values()
+    assert len(lane_tokenizers) == 2 and lane_tokenizers[0] is lane_tokenizers[1]
+    assert lane_tokenizers[0] is not base.tokenizer
+    assert lane_tokenizers[0].get_vocab() == base.tokenizer.get_vocab()
 
 
 def test_a_build_waits_while_the_model_thread_answers(llama8b_dir: Path) -> None:
