@@ -291,8 +291,13 @@ class FastPaths:
                 self.notes[adapter_dir] = why
             return False
         log.info("fast path for %s: building %s (%s)", adapter_dir, kind, why)
-        self.builds.append(self._run(lambda: self._build(kind, base_path, adapter_dir, tokenizer)))
+        self._queue_build(lambda: self._build(kind, base_path, adapter_dir, tokenizer))
         return True
+
+    def _queue_build(self, fn: Any) -> None:
+        # Finished builds are dropped: a long-lived worker would keep every Future otherwise.
+        running = [f for f in self.builds if f is not None and not f.done()]
+        self.builds = [*running, self._run(fn)]
 
     def _build(self, kind: str, base_path: str, adapter_dir: str, tokenizer: Any) -> None:
         """On the lane: build, then record and serve (``install``)."""
@@ -350,9 +355,7 @@ class FastPaths:
             return False
         log.info("multi-LoRA for %s: building %s (%s)", base_path, kind, why)
         four_bit = kind == "multi_4bit"
-        self.builds.append(
-            self._run(lambda: self._build_multi(key, base_path, tokenizer, four_bit=four_bit))
-        )
+        self._queue_build(lambda: self._build_multi(key, base_path, tokenizer, four_bit=four_bit))
         return True
 
     def plan_multi(self, base_path: str) -> tuple[str | None, str]:

@@ -116,6 +116,8 @@ def test_a_build_runs_once_and_the_lru_keeps_one(llama8b_dir: Path) -> None:
     assert paths.get("/jobs/a/adapter") is None and paths.get("/jobs/b/adapter") is not None
     assert paths.loads["fast"] == 2 and paths.loads["fast_evicted"] == 1
     assert paths.built == ["merged_bf16:adapter", "merged_bf16:adapter"]  # type: ignore[attr-defined]
+    # Finished builds are not kept: the list holds the last one queued, not every Future.
+    assert len(paths.builds) == 1
 
 
 def test_no_room_and_failures_are_noted_not_retried(llama8b_dir: Path) -> None:
