@@ -37,6 +37,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,7 +297,7 @@ class FastPaths:
 
     def _queue_build(self, fn: Any) -> None:
         # Finished builds are dropped: a long-lived worker would keep every Future otherwise.
-        running = [f for f in self.builds if f is not None and not f.done()]
+        running = [f for f in self.builds if isinstance(f, Future) and not f.done()]
         self.builds = [*running, self._run(fn)]
 
     def _build(self, kind: str, base_path: str, adapter_dir: str, tokenizer: Any) -> None:
