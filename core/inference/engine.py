@@ -23,15 +23,13 @@ Backends, chosen per request (``backend``) or automatically:
 ``warm`` loads a base (and an adapter) before anyone asks: the training worker sends it when a
 job starts training and when its adapter is saved (core/inference/warm.py).
 
-Three lanes, so one slow request cannot hold the others: llama.cpp has a thread of its own (its
-models and KV caches share nothing with the torch ones), so do the CUDA-graph models (built,
-recorded and replayed on one thread: core/inference/fast.py), and the model thread answers in
-turns.
-A transformers batch that has made ``TURN_TOKENS`` tokens while a new request waits ends its
-turn and is requeued behind that request, keeping its tokens and KV cache; its next turn
-recomputes nothing. A short question thus waits at most one turn (plus the prefill of the
-batch in progress) for a long generation, whichever arrived first. Turns are CPU-only: on CUDA
-generation is fast and Unsloth's generate is not known to resume from a cache.
+Three lanes, so one slow request cannot hold the others: llama.cpp has a thread of its own, so
+do the CUDA-graph models (built, recorded and replayed on one thread: core/inference/fast.py),
+and the model thread answers in turns. A transformers batch that has made ``TURN_TOKENS`` tokens
+while a new request waits ends its turn and is requeued behind it, keeping its tokens and KV
+cache: a short question waits at most one turn (plus the prefill of the batch in progress) for
+a long generation. Turns are CPU-only: on CUDA generation is fast and Unsloth's generate is not
+known to resume from a cache.
 """
 
 from __future__ import annotations
@@ -370,12 +368,14 @@ class InferenceEngine:
             self.batcher.requeue(paused)
             return
         gens = batch_results(paused.batch)
+        # Answered (every delta sent): queue the adapters' fast models before the callers hear.
+        for req in {p.request.adapter_dir: p.request for p in paused.pending}.values():
+            try:
+                self._want_fast(req.base_model, paused.base, req.adapter_dir)
+            except Exception:
+                log.exception("fast path for %s not queued", req.adapter_dir)
         for pending, gen in zip(paused.pending, gens, strict=True):
             settle(pending, gen, backend="transformers", batch_size=len(gens))
-        # Answered: now an adapter's fast model may be built (never before its first answer).
-        for req in {p.request.adapter_dir: p.request for p in paused.pending}.values():
-            if req.adapter_dir:
-                self._want_fast(req.base_model, paused.base, req.adapter_dir)
 
     def _run_llama(self, pending: Pending) -> None:
         req: InferenceRequest = pending.request
@@ -430,9 +430,9 @@ class InferenceEngine:
             pending.request.backend = "transformers"
             chain(self.batcher.submit(pending.request), pending.future)
 
-    def _want_fast(self, base_model: str, base: _Base, adapter_dir: str) -> bool:
+    def _want_fast(self, base_model: str, base: _Base, adapter_dir: str | None) -> bool:
         """Start the adapter's fast model in the background (CUDA; MEDTUNE_INFER_FAST)."""
-        if not self.cuda:
+        if not self.cuda or not adapter_dir:
             return False
         path = resolve(base_model, models_dir=self.models_dir)
         if base.lane_tokenizer is None:
