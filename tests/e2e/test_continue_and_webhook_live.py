@@ -1,6 +1,7 @@
 """On a real worker (SmolLM2, CPU): job B continues job A's adapter and starts lower than A
 did on the same data; A's webhook reaches a loopback receiver that fails twice first, signed;
-B reports to MLflow's embedded store beside TensorBoard, every metric row at its step."""
+B reports to MLflow's embedded store and W&B offline beside TensorBoard, every metric row at its
+step; C, a continued-pretraining job on raw text, trains every token on the same worker."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from core.store.migrate import upgrade
+from tests.api.test_tracking_text_job import _corpus
 from tests.conftest import Stack, free_port, stack_env, start_api, start_worker, wait_healthy
 from tests.core.test_webhooks import SECRET, Receiver, receiver, verify  # noqa: F401
+from tests.core.training.test_tracking import _wandb_history
 from tests.helpers import recipe_spec, tiny_dataset, wait_status
 
 pytestmark = pytest.mark.slow
@@ -36,6 +39,13 @@ def assert_in_mlflow(job: dict, rows: list[dict]) -> None:
     assert history == pytest.approx({r["step"]: r["loss"] for r in rows if r.get("loss")})
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in artifacts
+    wandb = job["tracking"]["wandb"]
+    assert wandb["mode"] == "offline" and wandb["run_id"] == job["id"]
+    [file] = Path(wandb["dir"]).glob("run-*.wandb")
+    logged = _wandb_history(file)
+    assert logged is not None
+    losses = [r["loss"] for r in rows if r.get("loss")]
+    assert [h["loss"] for h in logged if h.get("loss")] == pytest.approx(losses)
 
 
 def test_b_continues_a_and_a_webhook_arrives(
@@ -52,6 +62,7 @@ def test_b_continues_a_and_a_webhook_arrives(
         "MEDTUNE_WEBHOOK_ALLOW_PRIVATE": "1",
         "MEDTUNE_WEBHOOK_POLL_S": "0.5",
         "MEDTUNE_WEBHOOK_BACKOFF_S": "0.5",
+        "WANDB_MODE": "offline",
     }
     port = free_port()
     stack = Stack(url=f"http://127.0.0.1:{port}", home=home)
@@ -69,7 +80,7 @@ def test_b_continues_a_and_a_webhook_arrives(
             done = wait_status(client, a_id, {"succeeded", "failed", "cancelled"}, timeout_s=600)
             assert done["status"] == "succeeded", stack.tail_logs() + str(done)
 
-            spec_b = recipe_spec(data, max_steps=2, report_to=["tensorboard", "mlflow"])
+            spec_b = recipe_spec(data, max_steps=2, report_to=["tensorboard", "mlflow", "wandb"])
             spec_b["model_config"]["init_adapter"] = a_id
             b = client.post("/jobs", json=spec_b)
             assert b.status_code == 201, b.text
@@ -80,6 +91,17 @@ def test_b_continues_a_and_a_webhook_arrives(
             loss_a, loss_b = first_loss(client, a_id), first_loss(client, b_id)
             assert loss_b < loss_a - 0.05, (loss_a, loss_b)
             rows_b = client.get(f"/jobs/{b_id}/metrics").json()["data"]
+
+            spec_c = recipe_spec(_corpus(tmp_path / "corpus.jsonl"), max_steps=2, packing=True)
+            spec_c["training_dataset"].update(format="text", min_examples=8)
+            c = client.post("/jobs", json=spec_c)
+            assert c.status_code == 201, c.text
+            done_c = wait_status(
+                client, c.json()["id"], {"succeeded", "failed", "cancelled"}, timeout_s=600
+            )
+            assert done_c["status"] == "succeeded", stack.tail_logs() + str(done_c)
+            assert done_c["dataset_stats"]["format"] == "text"
+            assert done_c["dataset_stats"]["trained_token_share"] == 1.0  # every token trained
 
             deadline = time.monotonic() + 60
             while (hook := client.get(f"/jobs/{a_id}").json()["webhook"])["state"] == "pending":
