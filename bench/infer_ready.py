@@ -143,16 +143,10 @@ def _wait_for(log: Path, text: bytes, proc: Any, timeout_s: float) -> None:
 def live(model_dir: str, data: str, *, steps: int, port: int, fast_wait_s: float) -> None:
     import httpx
 
-    from bench.recipe_job import _wait_up
+    from bench.recipe_job import _wait_up, up_env
 
     home = Path(tempfile.mkdtemp(prefix="medtune-ready-"))
-    env = {
-        **os.environ,
-        "MEDTUNE_HOME": str(home),
-        "MEDTUNE_MODEL_ROOTS": json.dumps([str(Path(model_dir).resolve().parent)]),
-        "MEDTUNE_DATA_ROOTS": json.dumps([str(Path(data).resolve().parent)]),
-        "MEDTUNE_AUTH": "disabled",
-    }
+    env = up_env(home, model_dir, data)
     log = (home / "up.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "up", "--port", str(port)],

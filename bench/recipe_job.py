@@ -245,18 +245,24 @@ def _one_job(client: Any, spec: dict[str, Any], *, timeout_s: float) -> dict[str
     }
 
 
-def job(model_dir: str, data: str, *, steps: int, jobs: int, port: int, timeout_s: float) -> None:
-    """The whole job through `medtune up`, one job after another on one worker."""
-    import httpx
-
-    home = Path(tempfile.mkdtemp(prefix="medtune-home-"))
-    env = {
+def up_env(home: Path, model_dir: str, data: str) -> dict[str, str]:
+    """The environment of a bench's `medtune up`: its own home, the model's and the data's
+    folders allowed, no auth."""
+    return {
         **os.environ,
         "MEDTUNE_HOME": str(home),
         "MEDTUNE_MODEL_ROOTS": json.dumps([str(Path(model_dir).resolve().parent)]),
         "MEDTUNE_DATA_ROOTS": json.dumps([str(Path(data).resolve().parent)]),
         "MEDTUNE_AUTH": "disabled",
     }
+
+
+def job(model_dir: str, data: str, *, steps: int, jobs: int, port: int, timeout_s: float) -> None:
+    """The whole job through `medtune up`, one job after another on one worker."""
+    import httpx
+
+    home = Path(tempfile.mkdtemp(prefix="medtune-home-"))
+    env = up_env(home, model_dir, data)
     log = (home / "up.log").open("wb")
     started = time.perf_counter()
     proc = subprocess.Popen(
