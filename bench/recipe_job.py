@@ -6,9 +6,10 @@ make), the recipe's 2,000 rows and its config (4-bit base, LoRA r=16 on all 7 pr
 batch 2 x accumulation 4, packing off, AdamW 8-bit, lr 2e-4, linear schedule, 5 warm-up steps).
 
     python bench/recipe_job.py train MODEL_DIR DATA.jsonl --steps N [--layout steps|padded]
-        [--cap-gib 15]
+        [--cap-gib 15] [--checkpointing unsloth,false,auto]
         The service's data preparation, model load and trainer in this process, as a worker
-        runs them; --cap-gib caps this process's CUDA memory (a T4 holds 15 GiB).
+        runs them; --cap-gib caps this process's CUDA memory (a T4 holds 15 GiB); one run per
+        checkpointing variant on one kept base.
     python bench/recipe_job.py job MODEL_DIR DATA.jsonl --steps N [--jobs 2] [--port 8765]
         Starts `medtune up` on its embedded defaults (SQLite, SQLite broker) in a fresh
         MEDTUNE_HOME, POSTs the recipe's config N times one after the other, each once the one
@@ -118,27 +119,69 @@ def train(
     steps: int,
     layout: str,
     cap_gib: float | None,
-    checkpointing: Any = None,
+    checkpointing: list[Any] | None = None,
 ) -> None:
-    """The worker's own stages in this process: prepare, load, train."""
+    """The worker's own stages in this process: prepare, load, train; once per checkpointing
+    variant (``auto``: the worker's choice), the base loaded once and kept between them as a
+    worker keeps it between jobs (so the second variant's load_s is a kept base's)."""
     import torch
 
     from core.pipeline import _prepare_data
     from core.spec import JobSpec
-    from core.training import engines, trainer
+    from core.training import engines
+    from core.training.checkpointing import step_tokens
 
     cuda = torch.cuda.is_available()
     if cap_gib and cuda:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
-    raw = recipe(model_dir, data, steps=steps, cuda=cuda, checkpointing=checkpointing)
-    spec = JobSpec.model_validate(raw)
-    started = time.perf_counter()
-    prepared = _prepare_data(spec, model_dir)
-    prep_s = time.perf_counter() - started
-    started = time.perf_counter()
-    loaded = engines.load(spec, model_dir)
-    load_s = time.perf_counter() - started
+    prepared = None
+    for variant in checkpointing or [None]:
+        asked = "unsloth" if variant == "auto" else variant
+        spec = JobSpec.model_validate(
+            recipe(model_dir, data, steps=steps, cuda=cuda, checkpointing=asked)
+        )
+        started = time.perf_counter()
+        prepared = prepared or _prepare_data(spec, model_dir)
+        prep_s = time.perf_counter() - started
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        loaded = engines.load(
+            spec,
+            model_dir,
+            keep=True,
+            skip_checkpointing=variant == "auto",
+            step_tokens=lambda: step_tokens(spec, prepared.train),  # noqa: B023 (called now)
+        )
+        load_s = time.perf_counter() - started
+        try:
+            record = _train_once(spec, loaded, prepared, layout=layout)
+        except torch.OutOfMemoryError as exc:
+            record = {"error": f"out of memory: {str(exc)[:200]}"}
+        finally:
+            engines.give_back(loaded)
+        emit(
+            {
+                "bench": "recipe_train",
+                "stack": f"medtune trainer ({loaded.engine}), layout {layout}",
+                "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+                "cap_gib": cap_gib,
+                "checkpointing_asked": variant,
+                "checkpointing_trained": loaded.checkpointing,
+                "examples": len(prepared.train),
+                "prep_s": round(prep_s, 1),
+                "load_s": round(load_s, 1),
+                "notes": loaded.notes,
+                **record,
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            }
+        )
+
+
+def _train_once(spec: Any, loaded: Any, prepared: Any, *, layout: str) -> dict[str, Any]:
+    from core.training import trainer
+
     sink = TimedSink()
     out = Path(tempfile.mkdtemp(prefix="recipe-train-"))
     started = time.perf_counter()
@@ -153,28 +196,17 @@ def train(
     train_s = time.perf_counter() - started
     rows = sink.inner.rows
     per_step = steady(sink.times)
-    emit(
-        {
-            "bench": "recipe_train",
-            "stack": f"medtune trainer ({loaded.engine}), layout {layout}",
-            "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-            "cap_gib": cap_gib,
-            "gradient_checkpointing": spec.lora.use_gradient_checkpointing,
-            "examples": len(prepared.train),
-            "prep_s": round(prep_s, 1),
-            "load_s": round(load_s, 1),
-            "train_s": round(train_s, 1),
-            "steps": outcome.steps,
-            "first_step_s": round(sink.times[0] - started, 1) if sink.times else None,
-            "steady_s_per_step": round(per_step, 3) if per_step else None,
-            "tokens_per_s_median": round(
-                statistics.median(r["tokens_per_second"] for r in rows[10:] or rows), 1
-            ),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "loss_first": round(rows[0]["loss"], 4),
-            "loss_last": round(rows[-1]["loss"], 4),
-        }
-    )
+    return {
+        "train_s": round(train_s, 1),
+        "steps": outcome.steps,
+        "first_step_s": round(sink.times[0] - started, 1) if sink.times else None,
+        "steady_s_per_step": round(per_step, 3) if per_step else None,
+        "tokens_per_s_median": round(
+            statistics.median(r["tokens_per_second"] for r in rows[10:] or rows), 1
+        ),
+        "loss_first": round(rows[0]["loss"], 4),
+        "loss_last": round(rows[-1]["loss"], 4),
+    }
 
 
 def _wait_up(client: Any, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -319,14 +351,18 @@ def main() -> None:
     parser.add_argument("--layout", choices=["steps", "padded"], default="steps")
     parser.add_argument("--cap-gib", type=float, default=None)
     parser.add_argument(
-        "--checkpointing", choices=["unsloth", "true", "false"], help="train: override the recipe's"
+        "--checkpointing",
+        default="unsloth",
+        help="train: comma-separated variants run one after another on one kept base: "
+        "unsloth, true, false (forced) or auto (the worker's choice for this card)",
     )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--timeout-s", type=float, default=560)
     args = parser.parse_args()
     if args.cmd == "train":
-        checkpointing = {"true": True, "false": False}.get(args.checkpointing, args.checkpointing)
+        words = {"true": True, "false": False}
+        checkpointing = [words.get(v, v) for v in args.checkpointing.split(",")]
         train(
             args.model_dir,
             args.data,

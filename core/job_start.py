@@ -91,6 +91,12 @@ def _prepare(
     return prepared, False  # type: ignore[return-value]  # dpo / orpo: PreparedPairs
 
 
+def _fullest_step(spec: JobSpec, prepared: Any) -> int | None:
+    from core.training.checkpointing import step_tokens
+
+    return step_tokens(spec, prepared.train) if isinstance(prepared, Prepared) else None
+
+
 def data_and_model(
     job_id: str,
     spec: JobSpec,
@@ -99,7 +105,7 @@ def data_and_model(
     settings: Settings,
     job_dir: Path,
     clock: Clock,
-    load_model: Callable[[], Any],
+    load_model: Callable[[Callable[[], int | None]], Any],
 ) -> tuple[Prepared, Any]:
     """The prepared data and the loaded model (stage seconds: ``preparing_data`` counts the wait
     for the data after the model loaded). A dataset the gate refuses keeps its statistics on the
@@ -115,7 +121,8 @@ def data_and_model(
     future = pool.submit(context.run, _prepare, spec, tokenizer, settings, job_dir)
     try:
         clock.start("loading_model", stage=JobStage.training)
-        loaded = load_model()
+        # The model may ask for the data's fullest step (its checkpointing depends on it).
+        loaded = load_model(lambda: _fullest_step(spec, future.result()[0]))
         _running().append(loaded)
         clock.start("preparing_data")
         prepared, reused = future.result()

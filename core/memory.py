@@ -64,6 +64,11 @@ _UNSLOTH_ACT_PER_TOKEN_HIDDEN = 70  # checkpointed, offloaded hidden states + on
 _HF_ACT_PER_TOKEN_HIDDEN = 250  # checkpointed hidden states, recompute buffers
 _HF_LOGIT_BYTES = 12  # bf16 logits + fp32 upcast + their gradient, per token x vocab
 _NF4_BYTES = 0.5 + 0.07  # 4-bit weights plus double-quantised absmax and bookkeeping
+# Without checkpointing, per token and layer: the bf16 tensors a decoder layer's backward reads
+# (norm inputs, q/k/v, attention output, residuals: about 8 of hidden size; gate, up, their
+# product and the down input: 4 of intermediate size).
+_KEPT_HIDDEN = 16
+_KEPT_INTERMEDIATE = 8
 
 
 def shape_from_config(path: Path) -> ModelShape | None:
@@ -136,8 +141,9 @@ def estimate(
         act = tokens * (
             shape.hidden_size * _HF_ACT_PER_TOKEN_HIDDEN + shape.vocab_size * _HF_LOGIT_BYTES
         )
-    if not spec.lora.use_gradient_checkpointing:
-        act *= max(shape.num_hidden_layers / 4, 1)  # every layer keeps its activations
+    if not spec.lora.use_gradient_checkpointing:  # every layer keeps what its backward reads
+        per_layer = shape.hidden_size * _KEPT_HIDDEN + shape.intermediate_size * _KEPT_INTERMEDIATE
+        act += tokens * shape.num_hidden_layers * per_layer
     total = weight_bytes + lora_bytes + act
     return MemoryEstimate(total / GIB, weight_bytes / GIB, lora_bytes / GIB, act / GIB)
 

@@ -20,7 +20,7 @@ from core.data.preference import prepare_job
 from core.data.prepare import Prepared
 from core.data.tokenize import ensure_chat_template
 from core.errors import LeaseLost, MedtuneError, OutOfMemory
-from core.inference.warm import send_warm
+from core.inference.warm import send_freed, send_warm
 from core.job_metrics import end_tracking, job_sink, start_tracking
 from core.plots import write_job_plots
 from core.settings import Settings
@@ -30,6 +30,7 @@ from core.store import jobs
 from core.store.db import session_scope
 from core.store.lease import LeaseKeeper
 from core.store.models import JobStage, JobStatus
+from core.training.checkpointing import with_checkpointing
 from core.training.tracking import JobTracking
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
         spec = JobSpec.model_validate(jobs.get_job(s, job_id).spec)
     job_dir = settings.artifacts_dir / job_id
     tracking = None
+    owner: str | None = job_id  # whose reservation the end releases (not a job lost to another)
     try:
         with LeaseKeeper(url, job_id, worker=worker, lease_s=settings.lease_seconds) as lease:
             job_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,7 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
     except LeaseLost as exc:  # the job is another worker's now: touch nothing of it
         log.warning("job %s abandoned: %s", job_id, exc.detail)
         tracking = None  # its runs go on with the worker that holds the job now
+        owner = None  # so does its reservation on the inference worker
         return JobStatus.queued
     except MedtuneError as exc:
         log.warning("job %s failed: %s %s", job_id, exc.code, exc.detail)
@@ -117,6 +120,8 @@ def run_job(job_id: str, settings: Settings, *, worker: str) -> str:
         # Whatever the outcome, the job's adapter, optimizer state and gradients go now (not at
         # the next job's start: a failed job's would hold the card meanwhile); the base stays.
         _give_back(job_id)
+        # Then the inference workers drop the job's reservation and retry refused fast builds.
+        send_freed(settings, job_id=owner, why=f"training job {job_id} ended")
     return JobStatus.failed
 
 
@@ -191,13 +196,19 @@ def _run_stages(
         settings=settings,
         job_dir=job_dir,
         clock=clock,
-        load_model=lambda: engines.load(
-            spec, model_path, init_adapter=adapter_path(url, spec), keep=settings.keep_base_model
+        load_model=lambda step_tokens: engines.load(
+            spec,
+            model_path,
+            init_adapter=adapter_path(url, spec),
+            keep=settings.keep_base_model,
+            skip_checkpointing=settings.skip_checkpointing_when_room,
+            step_tokens=step_tokens,
         ),
     )
     ensure_chat_template(loaded.tokenizer, spec.dataset.chat_template)
     clock.start("training", engine=loaded.engine)
-    send_warm(settings, spec, job_id=job_id, model_path=model_path, engine=loaded.engine)
+    trained = with_checkpointing(spec, loaded.checkpointing)  # its memory: what the card keeps
+    send_warm(settings, trained, job_id=job_id, model_path=model_path, engine=loaded.engine)
     _note(url, job_id, *loaded.notes)
     outcome = _train_with_recovery(
         job_id,

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         "removed, the base restored as loaded and checked) and reuses it for the next job on "
         "the same base; a job on another base frees it first.",
     )
+    skip_checkpointing_when_room: bool = Field(
+        default=True,
+        description="On CUDA, a job trains without gradient checkpointing when the card holds "
+        "its largest step without it (the same math, no layer run twice); the job's notes say "
+        "so. false: always as lora_config.use_gradient_checkpointing asks.",
+    )
     prepared_cache_bytes: int = Field(
         default=2 * 1024**3,
         ge=0,

@@ -7,11 +7,13 @@ the API and CPU workers never load it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from core.base_models import hub_call
 from core.errors import SpecError
+from core.memory import shape_of
 from core.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ class Loaded:
     engine: str
     notes: list[str] = field(default_factory=list)
     kept: Any = None  # base_cache.Kept: the base to put back for the next job (load(keep=True))
+    checkpointing: bool | str | None = None  # as trained (core.training.checkpointing)
 
 
 def cuda_available() -> bool:
@@ -57,7 +60,13 @@ def compute_dtype(spec: JobSpec) -> Any:
 
 
 def load(
-    spec: JobSpec, model_path: str, *, init_adapter: str | None = None, keep: bool = False
+    spec: JobSpec,
+    model_path: str,
+    *,
+    init_adapter: str | None = None,
+    keep: bool = False,
+    skip_checkpointing: bool = False,
+    step_tokens: Callable[[], int | None] | None = None,
 ) -> Loaded:
     """The base with a trainable LoRA adapter: fresh, or ``init_adapter``'s weights (a folder
     saved by an earlier job) to continue from.
@@ -65,15 +74,22 @@ def load(
     ``keep`` (a training worker): reuse the base a previous job of this process left on the
     same base (``core.training.base_cache``) instead of loading it, and make the base of this
     job reusable; the caller hands it back with :func:`give_back` when the job is over.
+    ``skip_checkpointing``: train without gradient checkpointing where the card holds the job
+    without it (``core.training.checkpointing``); ``step_tokens`` gives the job's fullest step
+    once its data is prepared (it may wait for it), else the spec's most is assumed.
     """
+    import time
+
     import torch
 
-    from core.training import base_cache
+    from core.training import base_cache, checkpointing
 
     check_loftq(spec, cuda=torch.cuda.is_available())
     engine = pick_engine(spec)
     key = base_key(spec, model_path, engine)
+    started = time.monotonic()
     kept = base_cache.take(key) if keep else None
+    reused = kept is not None
     if kept is not None:
         base, tokenizer = kept.model, kept.job_tokenizer()
         notes = [
@@ -86,19 +102,33 @@ def load(
         base, tokenizer, notes = loader(spec, model_path)
         if keep and keepable(spec, engine):
             kept = base_cache.Kept.of(key, base, tokenizer, notes)
+    based = time.monotonic()
+    free = checkpointing.free_cuda_bytes() if skip_checkpointing else None
     try:
+        tokens = step_tokens() if step_tokens is not None and free is not None else None
+        shape = shape_of(getattr(base, "config", None))
+        ckpt, why = checkpointing.choose(spec, shape, engine=engine, free_bytes=free, tokens=tokens)
+        notes = [*notes, why] if why else notes
+        run_spec = checkpointing.with_checkpointing(spec, ckpt)
         if engine == "unsloth":
-            model = _adapter_unsloth(spec, base, init_adapter)
+            model = _adapter_unsloth(run_spec, base, init_adapter)
         else:
-            model = _adapter_transformers(spec, base, init_adapter)
+            model = _adapter_transformers(run_spec, base, init_adapter)
     except BaseException:
         if kept is not None:
             base_cache.give_back(kept)
         raise
+    log.info(
+        "model ready in %.1f s (base %s in %.1f s, adapter %.1f s)",
+        time.monotonic() - started,
+        "reused" if reused else "loaded",
+        based - started,
+        time.monotonic() - based,
+    )
     name = "unsloth" if engine == "unsloth" else "transformers+peft"
     if engine != "unsloth" and key.load_in_4bit:
         name += "+bnb4bit"
-    loaded = Loaded(model, tokenizer, name, notes, kept=kept)
+    loaded = Loaded(model, tokenizer, name, notes, kept=kept, checkpointing=ckpt)
     if init_adapter:
         loaded.notes.append(f"started from the adapter of job {spec.model.init_adapter}")
     return loaded

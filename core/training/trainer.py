@@ -10,6 +10,7 @@ from typing import Any, Literal
 from core.data.tokenize import IGNORE_INDEX, Encoded
 from core.spec import JobSpec
 from core.training.engines import Loaded
+from core.training.held_out import eval_sample
 from core.training.meter import StepMeter
 from core.training.packing import (
     GroupedCollator,
@@ -203,8 +204,8 @@ def training_arguments(
         weight_decay=cfg.weight_decay,
         lr_scheduler_type=cfg.lr_scheduler_type,
         seed=cfg.seed,
-        gradient_checkpointing=bool(spec.lora.use_gradient_checkpointing)
-        and loaded.engine != "unsloth",  # Unsloth wires its own checkpointing into the model
+        # Unsloth wires its own checkpointing into the model; the worker may have skipped it.
+        gradient_checkpointing=bool(_checkpointing(spec, loaded)) and loaded.engine != "unsloth",
         gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or None,
@@ -215,6 +216,11 @@ def training_arguments(
         disable_tqdm=True,
         **extra,
     )
+
+
+def _checkpointing(spec: JobSpec, loaded: Loaded) -> bool | str:
+    chosen = getattr(loaded, "checkpointing", None)  # as loaded (core.training.checkpointing)
+    return spec.lora.use_gradient_checkpointing if chosen is None else chosen
 
 
 def train(
@@ -231,8 +237,9 @@ def train(
     """Train to the spec's end (or a cancel), checkpointing into ``output_dir/checkpoints``.
 
     ``resume_from`` restores optimizer, scheduler, RNG and data position from a checkpoint.
-    ``eval_items`` (the held-out split) are scored every ``eval_steps`` and at the end; the
-    eval loss goes into the metric row of the step it was measured at. The sink is flushed
+    ``eval_items`` (the held-out split; a seeded sample of ``eval_max_examples`` of them) are
+    scored every ``eval_steps`` and at the end; the eval loss goes into the metric row of the
+    step it was measured at. The sink is flushed
     before every checkpoint and when training stops, however it stops.
     ``layout`` (unpacked jobs): ``steps`` lays each optimizer step out as padding-free rows
     (``step_rows``); ``padded`` runs the spec's padded micro-batches as given, the recipe's own
@@ -245,12 +252,13 @@ def train(
     from core.training.early_stopping import EarlyStopping
     from core.training.sink_callback import SinkCallback
 
-    notes: list[str] = []
     cfg = spec.training
+    held_out, eval_note = eval_sample(spec, eval_items or [])
+    notes: list[str] = [eval_note] if eval_note else []
     tokenizer = loaded.tokenizer
     # Any id will do for padding (its labels are ignored); Llama 3 ships no pad token.
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    data = _layout(spec, loaded, items, eval_items or [], layout=layout, pad_id=pad_id)
+    data = _layout(spec, loaded, items, held_out, layout=layout, pad_id=pad_id)
     args = training_arguments(
         spec, loaded, output_dir=output_dir, notes=notes, rows_per_step=data.rows_per_step
     )

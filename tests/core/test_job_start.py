@@ -53,7 +53,7 @@ def test_a_model_that_fails_to_load_does_not_wait_for_the_data(
         release.wait(20)  # minutes of tokenizing, in the real thing
         return SimpleNamespace(stats={})
 
-    def load_fails() -> Any:
+    def load_fails(step_tokens: Any) -> Any:
         assert preparing.wait(10)
         raise MedtuneError("the base model does not fit", code="model_load_failed")
 
@@ -91,7 +91,7 @@ def test_the_cache_key_is_computed_while_the_model_loads(
         seen["load_had_started"] = loading.wait(10)
         return None
 
-    def load() -> Any:
+    def load(step_tokens: Any) -> Any:
         loading.set()
         return "model"
 
