@@ -17,6 +17,7 @@ from pydantic import (
 from api.openai_method import FineTuningHyperparameters, FineTuningMethod
 from core.spec import DatasetSection, check_model_name
 from core.spec.job import public_spec
+from core.spec.preference import Method, PreferenceSection
 from core.store.models import Job, MetricRow
 
 
@@ -278,6 +279,17 @@ class DatasetPreviewRequest(BaseModel):
     max_seq_length: int = Field(default=2048, ge=16, le=131072)
     training_dataset: DatasetSection = Field(default_factory=DatasetSection)
     count: int = Field(default=3, ge=1, le=50, description="Examples to render.")
+    method: Method = Field(
+        default="sft",
+        description="The training_config.method the data is for. sft: each example's tokens, "
+        "flagged trained or not. dpo / orpo: each preference pair as those trainers take it "
+        "(the prompt, the chosen and the rejected answer, cut to the budgets in preference).",
+    )
+    preference: PreferenceSection | None = Field(
+        default=None,
+        description="A dpo / orpo preview's training_config.preference (its max_prompt_length "
+        "and max_completion_length cut the pairs); null: the defaults from max_seq_length.",
+    )
 
     @field_validator("base_model")
     @classmethod
@@ -308,15 +320,43 @@ class GateProblem(BaseModel):
     field: str
 
 
+class PreviewPair(BaseModel):
+    """A preference pair as the dpo / orpo trainer takes it: each text is the tokens kept."""
+
+    index: int
+    meta: dict[str, Any]
+    prompt: str = Field(description="The prompt through the chat template (its end kept).")
+    chosen: str = Field(description="The chosen answer with its end of turn (its start kept).")
+    rejected: str = Field(description="The rejected answer, likewise.")
+    prompt_tokens: int = Field(description="Tokens the trainer gets, after the cut.")
+    chosen_tokens: int
+    rejected_tokens: int
+    prompt_length: int = Field(description="Tokens before the cut.")
+    chosen_length: int
+    rejected_length: int
+    truncated: bool
+    cut_by: str | None = Field(description="The budget that cut the pair, if one did.")
+
+
 class DatasetPreview(BaseModel):
     object: Literal["dataset_preview"] = "dataset_preview"
     base_model: str
+    method: Method = "sft"
     format: str
     layout: str
     chat_template: str
     end_of_turn_token: str | None
     dropped: dict[str, int]
-    examples: list[PreviewExample]
+    examples: list[PreviewExample] = Field(description="sft: the rendered examples.")
+    pairs: list[PreviewPair] = Field(
+        default_factory=list, description="dpo / orpo: the preference pairs (examples is empty)."
+    )
+    max_prompt_length: int | None = Field(
+        default=None, description="dpo / orpo: the prompt budget the pairs were cut to."
+    )
+    max_completion_length: int | None = Field(
+        default=None, description="dpo / orpo: each answer's budget."
+    )
     problems: list[GateProblem] = Field(description="What the gate would fail on, if anything.")
 
 

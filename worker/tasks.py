@@ -13,7 +13,7 @@ from typing import Any
 from celery.signals import worker_ready
 
 from core.base_models import hub_call, resolve
-from core.data.preview import preview
+from core.data.preview import preview_request
 from core.errors import MedtuneError
 from core.export.run import run_export
 from core.inference.engine import InferenceEngine
@@ -32,7 +32,6 @@ from core.queue import (
     serves_only_inference,
 )
 from core.settings import Settings, get_settings
-from core.spec import DatasetSection
 from worker.celery_app import app, consumed_queues
 
 # MEDTUNE_LOG_FORMAT=json: JSON lines; this module is imported before Celery sets up logging.
@@ -203,12 +202,9 @@ def preview_task(request: dict[str, Any]) -> dict[str, Any]:
     """Render a dataset preview; returns {"error": {...}} so the API answers the same problem."""
     try:
         base_model = request["base_model"]
-        section = DatasetSection.model_validate(request["training_dataset"])
         path = resolve(base_model, models_dir=get_settings().models_dir)
         # A copy: the preview may set another chat template on it.
         tokenizer = copy.deepcopy(hub_call(base_model, _tokenizer, path))
-        return preview(
-            section, tokenizer, max_seq_length=request["max_seq_length"], count=request["count"]
-        )
+        return preview_request(request, tokenizer)
     except MedtuneError as exc:
         return {"error": exc.as_dict()}

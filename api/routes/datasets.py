@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import DatasetPreview, DatasetPreviewRequest, JobDatasetPublic
 from api.worker_calls import call_inference_worker
 from core.base_models import allowed_model_roots, check_base_model
+from core.data.preference_rows import check_rows
+from core.data.preview import preview_spec
 from core.data.sources import allowed_roots, resolve_local
 from core.errors import JobNotReady
 from core.queue import PREVIEW_TASK
@@ -45,21 +51,58 @@ def preview_dataset(
     principal: PrincipalDep,
     limiter: LimiterDep,
 ) -> DatasetPreview:
-    """Render the first examples of a dataset spec, per token marked trained or not."""
+    """Render the first examples of a dataset spec, per token marked trained or not (dpo /
+    orpo: its first preference pairs as the trainer takes them)."""
     # A preview takes an inference worker's time: it counts against the inference limit.
     limiter.hit(
         "infer", principal.scope, per_minute=settings.rate_infer_per_minute, what="inferences"
     )
+    request = body.model_dump(mode="json")
+    # A dpo / orpo preview is refused where the job would be (a mix, raw text, budgets).
+    spec = _preference_spec(request) if body.method != "sft" or body.preference else None
     check_base_model(body.base_model, roots=allowed_model_roots(settings), field="base_model")
-    dataset = {"training_dataset": body.training_dataset.model_dump(mode="json")}
+    dataset = {"training_dataset": request["training_dataset"]}
     files.check_spec_files(session, dataset, owner=principal.job_owner)
     roots = allowed_roots(settings)
-    resolve_local(body.training_dataset, roots=roots, uploads=settings.uploads_dir)
+    path = resolve_local(body.training_dataset, roots=roots, uploads=settings.uploads_dir)
+    if spec is not None:  # as at submit: a local file's first row must be a preference pair
+        check_rows(spec, path)
     # The tokenizer lives on an inference worker: the API never imports transformers.
     result = call_inference_worker(
         queue,
         PREVIEW_TASK,
-        args=[body.model_dump(mode="json")],
+        args=[request],
         timeout_s=settings.infer_timeout_s,
     )
     return DatasetPreview(base_model=body.base_model, **result)
+
+
+# The job spec's names for what a preview request names at its top level.
+_RENAMED = (
+    ("training_config.preference", "preference"),
+    ("training_config.method", "method"),
+    ("model_config.max_seq_length", "max_seq_length"),
+)
+
+
+def _preview_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    if loc[:2] == ("training_config", "preference") or loc[:1] == ("model_config",):
+        return ("body", *loc[1:])
+    if loc[:1] == ("training_config",):  # a setting the method cannot use: the method's
+        return ("body", "method")
+    return ("body", *loc)
+
+
+def _preference_spec(request: dict[str, Any]) -> JobSpec:
+    """The dpo / orpo job the preview stands for; where POST /jobs would refuse it, the same
+    422, named by the preview's own fields."""
+    try:
+        return preview_spec(request)
+    except ValidationError as exc:
+        errors = []
+        for error in exc.errors(include_url=False, include_context=False):
+            message = error["msg"]
+            for old, new in _RENAMED:
+                message = message.replace(old, new)
+            errors.append({**error, "loc": _preview_loc(error["loc"]), "msg": message})
+        raise RequestValidationError(errors) from None

@@ -158,8 +158,11 @@ class _Set:
     system_from: Counter[str]
 
 
-def _read(section: DatasetSection, tokenizer: Any, spec: JobSpec, *, seen: Seen) -> _Set:
-    """Load, pair, dedupe and encode one dataset (the training or the validation set)."""
+def read_pairs(
+    section: DatasetSection, tokenizer: Any, spec: JobSpec, *, seen: Seen, limit: int | None = None
+) -> _Set:
+    """Load, pair, dedupe and encode one dataset (the training or the validation set); with
+    ``limit`` (a preview), only the first pairs kept are encoded."""
     loaded = load(section)
     converted = to_pairs(
         loaded.rows,
@@ -169,7 +172,7 @@ def _read(section: DatasetSection, tokenizer: Any, spec: JobSpec, *, seen: Seen)
     keys = [p.dedupe_key() for p in converted.pairs]
     kept = {id(k) for k in dedupe(keys, section.dedupe, seen=seen)[0]}
     duplicates = len(keys) - len(kept)
-    pairs = [p for p, k in zip(converted.pairs, keys, strict=True) if id(k) in kept]
+    pairs = [p for p, k in zip(converted.pairs, keys, strict=True) if id(k) in kept][:limit]
     prompt_budget, answer_budget = lengths(spec.training.preference, spec.model.max_seq_length)
     items = [
         encode_pair(tokenizer, p, prompt_budget=prompt_budget, answer_budget=answer_budget)
@@ -248,7 +251,7 @@ def _validation_set(
     assert spec.validation_dataset is not None
     section = validation_section(spec.dataset, spec.validation_dataset)
     with validation_scoped():
-        found = _read(section, tokenizer, spec, seen=seen)
+        found = read_pairs(section, tokenizer, spec, seen=seen)
         stats = {"kind": "validation_dataset", **pair_stats(found, source=section.name)}
         if not found.items:
             raise DatasetError(
@@ -270,7 +273,7 @@ def prepare_pairs(spec: JobSpec, tokenizer: Any) -> PreparedPairs:
     template = ensure_chat_template(tokenizer, section.chat_template)
     rules = token_rules(tokenizer)
     seen = Seen()
-    found = _read(section, tokenizer, spec, seen=seen)
+    found = read_pairs(section, tokenizer, spec, seen=seen)
     prompt_budget, answer_budget = lengths(spec.training.preference, spec.model.max_seq_length)
     stats: dict[str, Any] = {
         "method": spec.training.method,
