@@ -3,6 +3,7 @@
 import { artifactsView, datasetView, evaluationView, notesList } from "./cards.js";
 import { axis, drawChart, series } from "./charts.js";
 import { newJobPage } from "./newjob.js";
+import { rewardsCard } from "./rewards.js";
 import { openStream } from "./stream.js";
 import {
   api, apiKey, badge, duration, etaSeconds, h, num, setApiKey, showProblem, steps, svg, when,
@@ -110,6 +111,7 @@ function jobPage(jobId) {
   const memChart = svg("svg", { id: "memory-chart", class: "chart", "data-points": "0", "data-peak-points": "0" });
   const tpsNow = h("span", { class: "muted" });
   const memNow = h("span", { class: "muted" });
+  const preference = rewardsCard();  // dpo / orpo jobs only
   const loading = () => h("p", { class: "muted" }, "Loading…");
   const dataset = h("div", { id: "dataset" }, loading());
   const evaluation = h("div", { id: "evaluation" }, loading());
@@ -129,6 +131,7 @@ function jobPage(jobId) {
       h("section", { class: "card" },
         h("div", { class: "chart-head" }, h("h2", {}, "Tokens / s"), tpsNow), tpsChart,
         h("div", { class: "chart-head" }, h("h2", {}, "Memory (MB)"), memNow), memChart),
+      preference.card,
       h("section", { class: "card" }, h("h2", {}, "Checkpoints"), checkpointsBox),
       h("section", { class: "card wide" }, h("h2", {}, "Dataset"), dataset),
       h("section", { class: "card wide" }, h("h2", {}, "Evaluation: base vs tuned"), evaluation),
@@ -158,6 +161,7 @@ function jobPage(jobId) {
       lrNow.textContent = last ? num(last.learning_rate) : "";
       tpsNow.textContent = last && last.tokens_per_second != null ? axis(last.tokens_per_second) : "";
       memNow.textContent = last && last.peak_memory_mb != null ? `peak ${axis(last.peak_memory_mb)}` : "";
+      preference.draw(rows);
       if (job) renderDetails();
     });
   }
@@ -209,6 +213,9 @@ function jobPage(jobId) {
     try {
       job = await api(`/jobs/${encodeURIComponent(jobId)}`);
       saveSteps = job.spec.training_config.save_steps || 0;
+      const wasHidden = preference.card.hidden;
+      preference.show(job.spec.training_config.method);
+      if (wasHidden && !preference.card.hidden) redraw();  // rows that came before the job did
       renderDetails();
     } catch (error) { showProblem(error); }
   }
@@ -272,7 +279,7 @@ function jobPage(jobId) {
   });
   streamState.dataset.transport = apiKey() ? "fetch" : "eventsource";
   teardown = () => closeStream();
-  for (const chart of [lossChart, lrChart, tpsChart, memChart]) drawChart(chart, []);
+  for (const chart of [lossChart, lrChart, tpsChart, memChart, ...preference.charts]) drawChart(chart, []);
   refreshAll();
 }
 

@@ -279,8 +279,8 @@ def tab(browser: Any, local: Local) -> Iterator[Any]:
     assert errors == [], f"JavaScript errors: {errors}"
 
 
-def finished_job(local: Local, stats: dict[str, Any]) -> str:
-    job_id = str(httpx.post(f"{local.url}/jobs", json=spec_example()).json()["id"])
+def finished_job(local: Local, stats: dict[str, Any], spec: dict[str, Any] | None = None) -> str:
+    job_id = str(httpx.post(f"{local.url}/jobs", json=spec or spec_example()).json()["id"])
     job_dir = finish_job(local.db_url, local.home, job_id)
     with session_scope(local.db_url) as s:
         jobs.set_fields(s, job_id, dataset_stats=stats, artifacts_dir=str(job_dir))
@@ -361,7 +361,53 @@ def test_a_finished_job_shows_every_card_readably(tab: Any, local: Local) -> Non
     # Axis labels fit their margin: whole megabytes, not 970.0000.
     labels = tab.eval_on_selector_all("#memory-chart text", "els => els.map(e => e.textContent)")
     assert "970" in labels and "901" in labels
+    assert tab.locator("#preference-charts").is_hidden()  # an sft job has no rewards
     tab.screenshot(path=str(SCREENSHOT.with_name("medtune-dashboard-cards.png")), full_page=True)
+
+
+def test_a_preference_job_charts_its_rewards(tab: Any, local: Local) -> None:
+    spec = recipe_spec("sample:medical_preference", method="dpo")
+    job_id = finished_job(local, {}, spec)
+    # The rewards TRL logs with each step's row, and the held-out pairs' every 5 steps.
+    rows: list[dict[str, Any]] = [
+        {
+            "step": n,
+            "rewards_chosen": 0.01 * n,
+            "rewards_rejected": -0.02 * n,
+            "rewards_margin": 0.03 * n,
+            "rewards_accuracy": min(1.0, 0.5 + 0.05 * n),
+        }
+        for n in range(1, 21)
+    ]
+    for row in rows[4::5]:
+        row.update(eval_rewards_margin=row["step"] / 100, eval_rewards_accuracy=0.75)
+    with session_scope(local.db_url) as s:
+        jobs.add_metrics(s, job_id, rows)
+    tab.goto(f"/#/jobs/{job_id}")
+    card = tab.locator('#preference-charts[data-method="dpo"]')
+    card.wait_for()
+    tab.wait_for_function("() => +document.querySelector('#margin-chart').dataset.points === 20")
+    counts = {
+        (chart, series): tab.get_attribute(f"#{chart}", f"data-{series}points")
+        for chart, series in (
+            ("rewards-chart", ""),
+            ("rewards-chart", "rejected-"),
+            ("margin-chart", "eval-"),
+            ("accuracy-chart", ""),
+            ("accuracy-chart", "eval-"),
+        )
+    }
+    assert list(counts.values()) == ["20", "20", "4", "20", "4"], counts
+    assert tab.locator("#rewards-chart polyline.series-rejected").count() == 1
+    assert tab.inner_text("#rewards-now") == "0.2 vs -0.4"
+    assert tab.inner_text("#margin-now") == "0.6 · eval 0.2"
+    assert tab.inner_text("#accuracy-now") == "1 · eval 0.75"
+    legend = tab.eval_on_selector_all("#rewards-chart text", "els => els.map(e => e.textContent)")
+    assert "chosen · rejected" in legend
+    text = tab.inner_text("#preference-charts")
+    assert "undefined" not in text and "NaN" not in text
+    assert tab.get_attribute("#loss-chart", "data-points") == "20"  # the loss as for sft
+    card.screenshot(path=str(SCREENSHOT.with_name("medtune-dashboard-rewards.png")))
 
 
 def test_a_failed_gate_lists_its_problems(tab: Any, local: Local) -> None:
