@@ -6,12 +6,16 @@ point. Run each measurement in its own process: Unsloth patches transformers whe
 
     python bench/gpu_train.py make llama3-8b TOKENIZER_DIR MODEL_DIR
     python bench/gpu_train.py service MODEL_DIR --engine unsloth|transformers [--steps --bs --seq]
-        [--method sft|dpo|orpo]   (dpo / orpo: --bs random pairs a step, prompt and each answer
-                                   seq/2 tokens, through core.training.preference)
+        [--method sft|dpo|orpo|sft,dpo,orpo]   (dpo / orpo: --bs random pairs a step, prompt and
+                                   each answer seq/2 tokens, through core.training.preference;
+                                   several methods: one after the other on one base, loaded once,
+                                   a line each and a line comparing them)
     python bench/gpu_train.py bare MODEL_DIR [--steps --bs --seq]
     python bench/gpu_train.py epoch MODEL_DIR DATA.jsonl [--no-packing]
 
 Each prints one JSON line (and appends it to $BENCH_OUT if set). bench/gpu_all.sh runs the set.
+The service mode also runs on a CPU (--engine transformers, e.g. on the converted SmolLM2 in the
+model cache) as a smoke run: its peak memory is then the process's resident set.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+METHODS = ("sft", "dpo", "orpo")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b": {
@@ -183,46 +189,135 @@ def _synthetic_pairs(vocab: int, *, n: int, seq: int) -> list[Any]:
     ]
 
 
+def methods_arg(value: str) -> list[str]:
+    """--method: one training method, or several comma-separated (sft,dpo,orpo), each once."""
+    methods = [m.strip() for m in value.split(",") if m.strip()]
+    if not methods or set(methods) - set(METHODS) or len(set(methods)) != len(methods):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give one or more of {', '.join(METHODS)}, comma-separated, each once"
+        )
+    return methods
+
+
 def service(
-    model_dir: str, *, engine: str, steps: int, bs: int, seq: int, method: str = "sft"
-) -> None:
-    """The worker's own code path: engines.load + trainer.train (dpo / orpo:
-    preference.train) with the sink it reports to."""
+    model_dir: str,
+    *,
+    engine: str,
+    steps: int,
+    bs: int,
+    seq: int,
+    methods: Sequence[str] = ("sft",),
+) -> list[dict[str, Any]]:
+    """The worker's own code path, one method after the other on one base, as a training worker
+    runs consecutive jobs: engines.load(keep=True) + trainer.train (dpo / orpo:
+    preference.train) with the sink it reports to, then engines.give_back, which puts the base
+    back for the next (core/training/base_cache.py). The base loads once; the methods after the
+    first reuse it, so their load_s is the adapter's alone. Each method's peak memory is its own
+    (the peak is reset between them; the base is in it for all)."""
+    from core.training import base_cache
+
+    base_cache.release("bench start")
+    try:
+        records = [
+            _service_one(model_dir, engine=engine, steps=steps, bs=bs, seq=seq, method=m)
+            for m in methods
+        ]
+    finally:
+        base_cache.release("bench end")
+    if len(records) > 1:
+        emit(_compared(records))
+    return records
+
+
+def _service_one(
+    model_dir: str, *, engine: str, steps: int, bs: int, seq: int, method: str
+) -> dict[str, Any]:
     import torch
 
     from core.training import engines, preference, trainer
     from core.training.sink import ListSink
 
     spec = _spec(model_dir, engine=engine, bs=bs, seq=seq, steps=steps, method=method)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.time()
-    loaded = engines.load(spec, model_dir)
+    loaded = engines.load(spec, model_dir, keep=True)
     load_s = time.time() - started
+    reused = any(n.startswith("base model reused") for n in loaded.notes)
+    name = loaded.engine
     sink = ListSink()
-    out = Path("/tmp/bench-out")
-    if method == "sft":
-        items = _synthetic(len(loaded.tokenizer), n=steps * bs, seq=seq)
-        trainer.train(spec, loaded, items, output_dir=out, sink=sink)
+    out = Path("/tmp/bench-out") / method
+    try:
+        if method == "sft":
+            items = _synthetic(len(loaded.tokenizer), n=steps * bs, seq=seq)
+            trainer.train(spec, loaded, items, output_dir=out, sink=sink)
+        else:
+            pairs = _synthetic_pairs(len(loaded.tokenizer), n=steps * bs, seq=seq)
+            preference.train(spec, loaded, pairs, output_dir=out, sink=sink)
+    finally:
+        engines.give_back(loaded)  # the base is kept for the next method
+    rows = [r for r in sink.rows if r.get("loss") is not None]
+    # The first two steps pay the warm-up (compilation, the allocator); a short run keeps all.
+    rates = [r["tokens_per_second"] for r in rows[2:] or rows if r.get("tokens_per_second")]
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**30
     else:
-        pairs = _synthetic_pairs(len(loaded.tokenizer), n=steps * bs, seq=seq)
-        preference.train(spec, loaded, pairs, output_dir=out, sink=sink)
-    rates = [r["tokens_per_second"] for r in sink.rows[2:]]
-    emit(
-        {
-            "bench": "service",
-            "method": method,
-            "rewards_margin_last": sink.rows[-1].get("rewards_margin"),
-            "engine": loaded.engine,
-            "model": Path(model_dir).name,
-            "bs": bs,
-            "seq": seq,
-            "steps": steps,
-            "load_s": round(load_s, 1),
-            "tokens_per_s_median": round(statistics.median(rates), 1),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "loss_first": round(sink.rows[0]["loss"], 3),
-            "loss_last": round(sink.rows[-1]["loss"], 3),
-        }
-    )
+        peak = max((r.get("peak_memory_mb") or 0) for r in rows) / 2**10
+    record = {
+        "bench": "service",
+        "method": method,
+        "engine": name,
+        "model": Path(model_dir).name,
+        "bs": bs,
+        "seq": seq,
+        "steps": steps,
+        "base_reused": reused,
+        "load_s": round(load_s, 1),
+        "tokens_per_s_median": round(statistics.median(rates), 1) if rates else None,
+        "peak_gib": round(peak, 2),
+        "loss_first": round(rows[0]["loss"], 3),
+        "loss_last": round(rows[-1]["loss"], 3),
+        "rewards_margin_last": _rounded(rows[-1].get("rewards_margin")),
+        "rewards_accuracy_last": _rounded(rows[-1].get("rewards_accuracy")),
+    }
+    emit(record)
+    return record
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _compared(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One line over the methods: speed and peak memory, each over the first method's."""
+    first = records[0]
+
+    def ratio(record: dict[str, Any], key: str) -> float | None:
+        if not record[key] or not first[key]:
+            return None
+        return round(record[key] / first[key], 3)
+
+    return {
+        "bench": "service_methods",
+        "engine": first["engine"],
+        "model": first["model"],
+        "bs": first["bs"],
+        "seq": first["seq"],
+        "steps": first["steps"],
+        "relative_to": first["method"],
+        "methods": {
+            r["method"]: {
+                "tokens_per_s_median": r["tokens_per_s_median"],
+                "tokens_per_s_ratio": ratio(r, "tokens_per_s_median"),
+                "peak_gib": r["peak_gib"],
+                "peak_ratio": ratio(r, "peak_gib"),
+                "base_reused": r["base_reused"],
+                "rewards_margin_last": r["rewards_margin_last"],
+            }
+            for r in records
+        },
+    }
 
 
 def bare(model_dir: str, *, steps: int, bs: int, seq: int) -> None:
@@ -372,7 +467,13 @@ def main() -> None:
         p.add_argument("--seq", type=int, default=2048)
         if name == "service":
             p.add_argument("--engine", choices=["unsloth", "transformers"], default="unsloth")
-            p.add_argument("--method", choices=["sft", "dpo", "orpo"], default="sft")
+            p.add_argument(
+                "--method",
+                type=methods_arg,
+                default=["sft"],
+                help="sft, dpo or orpo; several comma-separated (sft,dpo,orpo) run one after "
+                "the other on one base, loaded once",
+            )
     p = sub.add_parser("epoch")
     p.add_argument("model_dir")
     p.add_argument("data")
@@ -391,7 +492,7 @@ def main() -> None:
             steps=args.steps,
             bs=args.bs,
             seq=args.seq,
-            method=args.method,
+            methods=args.method,
         )
     elif args.cmd == "bare":
         bare(args.model_dir, steps=args.steps, bs=args.bs, seq=args.seq)
