@@ -17,6 +17,9 @@ PREVIEW_TASK = "medtune.preview"  # renders a dataset's first examples (needs a 
 # Sent by a training worker when a job starts training (load its base) and when its adapter is
 # saved (attach it, build the fast path): the first answer then finds everything loaded.
 WARM_TASK = "medtune.warm_base"
+# Sent by a training worker once a job has ended (its memory handed back) or a later export has:
+# the inference worker drops the job's reservation and retries the fast builds it refused.
+FREED_TASK = "medtune.memory_freed"
 
 
 def serves_only_inference(queues: Iterable[str]) -> bool:
@@ -39,6 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             RUN_JOB_TASK: {"queue": TRAIN_QUEUE},
             INFER_TASK: {"queue": INFER_QUEUE},
             WARM_TASK: {"queue": INFER_QUEUE},
+            FREED_TASK: {"queue": INFER_QUEUE},
         },
         "broker_transport_options": _transport_options(
             settings.celery_broker_url, visibility_timeout_s=settings.visibility_timeout_s

@@ -19,11 +19,12 @@ from core.export.run import run_export
 from core.inference.engine import InferenceEngine
 from core.inference.stream import channel_for
 from core.inference.task import build_request, serve
-from core.inference.warm import preload, warm
+from core.inference.warm import freed, preload, warm
 from core.logs import install_celery_logging, job_context
 from core.pipeline import run_job
 from core.queue import (
     EXPORT_TASK,
+    FREED_TASK,
     INFER_QUEUE,
     INFER_TASK,
     PREVIEW_TASK,
@@ -170,6 +171,18 @@ def warm_task(
     except Exception as exc:  # a failed warm costs the first answer its speed, nothing more
         log.warning("warming %s failed: %s: %s", base_model, type(exc).__name__, exc)
         return {"warmed": False, "why": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+@app.task(name=FREED_TASK)
+def memory_freed_task(
+    *, job_id: str | None = None, device: str | None = None, why: str = "memory freed"
+) -> dict[str, Any]:
+    """A training worker freed memory (a job ended); see core/inference/warm.py."""
+    try:
+        return freed(_engine(), job_id=job_id, device=device, why=why)
+    except Exception as exc:  # costs a fast build at most, nothing more
+        log.warning("memory-freed message (%s) failed: %s: %s", why, type(exc).__name__, exc)
+        return {"released": False}
 
 
 @worker_ready.connect

@@ -26,8 +26,8 @@ base.
 
 Memory: a build starts only if the card's free memory holds the copy, its KV cache and a margin
 (``room``); a job training on the same card may still grow, so the warm message that names one
-(core/inference/warm.py) reserves its estimate. What was decided, and why, is logged and kept in
-``FastPaths.notes``.
+(core/inference/warm.py) reserves its estimate until the job ends (core/inference/reserve.py).
+What was decided, and why, is logged and kept in ``FastPaths.notes``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from core.inference.fast_multi import (
 )
 from core.inference.generate import Generation, GenerationRequest
 from core.inference.graphs import bf16, load_plain, own_graph_trees, raise_recompile_limit
+from core.inference.reserve import Reservations
 from core.memory import GIB, ModelShape, shape_from_config
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class FastPaths:
         self.cache_tokens = cache_tokens
         self.builders = builders or {"merged_bf16": build_merged, "lora_4bit": build_lora_4bit}
         self.memory = memory
-        self.reserved = 0  # bytes a training job on this card may still take (warm message)
+        self.reservations = Reservations()  # what training on this card may still take
         self._ready: OrderedDict[str, Fast] = OrderedDict()
         self._building: set[str] = set()
         self.notes: dict[str, str] = {}  # adapter folder -> what was decided (why not, failures)
@@ -224,6 +225,19 @@ class FastPaths:
         self._multi: dict[str, MultiFast] = {}  # base path -> its multi-LoRA model (one)
         self._asked: dict[str, set[str]] = {}  # base path -> adapters asked of it
         self._fits: dict[str, str | None] = {}  # adapter folder -> why its slots refuse it
+
+    @property
+    def reserved(self) -> int:
+        """Bytes kept free for training on this card (core/inference/reserve.py)."""
+        return self.reservations.total
+
+    def reserve(self, owner: str, nbytes: int, *, worker: str | None = None) -> None:
+        """Keep ``nbytes`` free for the training job ``owner`` until it is released."""
+        self.reservations.hold(owner, nbytes, worker=worker)
+
+    def release(self, owner: str) -> bool:
+        """Only the job ``owner`` releases its reservation; False if it held none."""
+        return self.reservations.release(owner)
 
     @property
     def busy(self) -> bool:

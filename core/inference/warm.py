@@ -11,17 +11,22 @@ configured base when it starts (``MEDTUNE_INFER_PRELOAD``).
 On CUDA the worker first checks that its card holds the base beside what a training job on the
 same card may still take (the job's memory estimate; the message names the training card by
 its UUID, so a worker on another card reserves nothing). When it does not, nothing is loaded
-and the worker logs why: the first answer then loads the base, as before.
+and the worker logs why: the first answer then loads the base, as before. The estimate stays
+reserved for that job (core/inference/reserve.py: a message about another job leaves it alone)
+until its training worker sends ``FREED_TASK`` when the job has ended, whatever its outcome, and
+its memory is handed back.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import Any
 
 from core.inference.fast import inference_bytes, model_shape, room
 from core.memory import GIB
-from core.queue import INFER_QUEUE, WARM_TASK, make_celery
+from core.queue import FREED_TASK, INFER_QUEUE, WARM_TASK, make_celery
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,7 +62,14 @@ def warm_kwargs(
         # While the job trains its memory may still grow: the worker keeps room for it.
         "training": None
         if adapter_dir
-        else {"device": cuda_device_uuid(), "gib": training_gib, "job_id": job_id},
+        else {
+            "device": cuda_device_uuid(),
+            "gib": training_gib,
+            "job_id": job_id,
+            # The process that trains it runs one job at a time: a later job's reservation from
+            # it replaces this one, should the message that releases this one be lost.
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+        },
     }
 
 
@@ -83,6 +95,20 @@ def send_warm(
         )
     except Exception as exc:
         log.warning("job %s: warm message not sent (%s)", job_id, exc)
+
+
+def send_freed(settings: Settings, *, why: str, job_id: str | None = None) -> None:
+    """Tell the inference workers that this training worker freed memory: ``job_id`` ended (its
+    reservation goes). Never raises."""
+    if not settings.infer_warm:
+        return
+    try:
+        kwargs = {"job_id": job_id, "device": cuda_device_uuid(), "why": why}
+        _sender(settings).send_task(
+            FREED_TASK, kwargs=kwargs, queue=INFER_QUEUE, ignore_result=True, retry=False
+        )
+    except Exception as exc:
+        log.warning("memory-freed message not sent (%s: %s)", why, exc)
 
 
 _senders: dict[str, Any] = {}
@@ -136,8 +162,8 @@ def warm(
     if engine.cuda:
         from core.inference.fast import gpu_memory
 
-        reserved = reserved_bytes(training, my_device=cuda_device_uuid())
-        engine.fast.reserved = reserved  # a fast build while the job trains keeps room too
+        _reserve(engine.fast, training, reserved_bytes(training, my_device=cuda_device_uuid()))
+        reserved = engine.fast.reserved  # every source's, not only this message's
         path = resolve(base_model, models_dir=engine.models_dir)
         if not engine.has_base(base_model, load_in_4bit=load_in_4bit):
             why = why_not(path, load_in_4bit=load_in_4bit, reserved=reserved, memory=gpu_memory())
@@ -154,6 +180,31 @@ def warm(
         done["loads"],
     )
     return {"warmed": True, **done}
+
+
+def _reserve(fast: Any, training: dict[str, Any] | None, nbytes: int) -> None:
+    """Keep ``nbytes`` for the training job the message names (until it ends), or standing for
+    one that may come (preload). A message that reserves nothing changes nothing: the adapter
+    message, or a job on another card, never clobbers another job's reservation."""
+    if not training or nbytes <= 0:
+        return
+    if training.get("job_id"):
+        fast.reserve(str(training["job_id"]), nbytes, worker=training.get("worker"))
+    else:
+        fast.reservations.stand("preload", nbytes)
+
+
+def freed(
+    engine: Any, *, job_id: str | None = None, device: str | None = None, why: str = "freed"
+) -> dict[str, Any]:
+    """What ``FREED_TASK`` does on an inference worker: the ended job's reservation goes (only
+    its own: a job that held none releases nothing)."""
+    if not engine.cuda:
+        return {"released": False}
+    released = bool(job_id) and engine.fast.release(str(job_id))
+    if released:
+        log.info("training job %s released its reservation (%s)", job_id, why)
+    return {"released": released}
 
 
 def preload(engine: Any, settings: Settings, *, shares_card_with_training: bool) -> dict[str, Any]:

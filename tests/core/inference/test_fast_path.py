@@ -91,7 +91,7 @@ def test_the_plan_takes_bf16_on_an_h200_and_4bit_within_a_t4(llama8b_dir: Path) 
     assert kind == "lora_4bit", why
     # The same T4 while a recipe job (6.8 GiB) trains on it: nothing, and the reason says so.
     busy = _paths(t4)
-    busy.reserved = int(6.8 * GIB)
+    busy.reserve("j1", int(6.8 * GIB))
     kind, why = busy.plan(str(llama8b_dir))
     assert kind is None and "kept for training" in why and "merged_bf16" in why
 
