@@ -19,7 +19,7 @@ from core.export.run import run_export
 from core.inference.engine import InferenceEngine
 from core.inference.stream import channel_for
 from core.inference.task import build_request, serve
-from core.inference.warm import freed, preload, warm
+from core.inference.warm import freed, preload, send_freed, warm
 from core.logs import install_celery_logging, job_context
 from core.pipeline import run_job
 from core.queue import (
@@ -57,8 +57,8 @@ def export_task(
 ) -> dict[str, Any]:
     """Export a succeeded job after the fact; outcomes go to its artifacts.json and notes."""
     with job_context(job_id):
+        settings = get_settings()
         try:
-            settings = get_settings()
             return run_export(
                 job_id,
                 settings.db_url,
@@ -69,6 +69,8 @@ def export_task(
             )
         except MedtuneError as exc:
             return {"error": exc.as_dict()}
+        finally:  # the export freed the kept base and its own model: fast builds may fit now
+            send_freed(settings, why=f"a later export of job {job_id} ended")
 
 
 _engine_lock = threading.Lock()
@@ -177,12 +179,12 @@ def warm_task(
 def memory_freed_task(
     *, job_id: str | None = None, device: str | None = None, why: str = "memory freed"
 ) -> dict[str, Any]:
-    """A training worker freed memory (a job ended); see core/inference/warm.py."""
+    """A training worker freed memory (a job ended, an export did); see core/inference/warm.py."""
     try:
         return freed(_engine(), job_id=job_id, device=device, why=why)
     except Exception as exc:  # costs a fast build at most, nothing more
         log.warning("memory-freed message (%s) failed: %s: %s", why, type(exc).__name__, exc)
-        return {"released": False}
+        return {"released": False, "queued": 0}
 
 
 @worker_ready.connect

@@ -158,6 +158,8 @@ def run_export(
         )
         if push_to_hub:
             manifest = push(job_dir, spec, keys)
+        del loaded  # its memory goes back to the card (the inference worker's fast builds)
+        base_cache.free_memory()
     with session_scope(db_url) as s:
         for line in notes(manifest, keys):
             jobs.add_note(s, job_id, line)

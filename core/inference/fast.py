@@ -27,7 +27,9 @@ base.
 Memory: a build starts only if the card's free memory holds the copy, its KV cache and a margin
 (``room``); a job training on the same card may still grow, so the warm message that names one
 (core/inference/warm.py) reserves its estimate until the job ends (core/inference/reserve.py).
-What was decided, and why, is logged and kept in ``FastPaths.notes``.
+What was decided, and why, is logged and kept in ``FastPaths.notes``. A build refused for room
+is planned once more when memory frees (``retry``: a training job's reservation released, its
+worker done with the job or a later export), not at every answer.
 """
 
 from __future__ import annotations
@@ -225,6 +227,7 @@ class FastPaths:
         self._multi: dict[str, MultiFast] = {}  # base path -> its multi-LoRA model (one)
         self._asked: dict[str, set[str]] = {}  # base path -> adapters asked of it
         self._fits: dict[str, str | None] = {}  # adapter folder -> why its slots refuse it
+        self._refused: dict[str, tuple[str, Any]] = {}  # key -> (base, tokenizer): no room
 
     @property
     def reserved(self) -> int:
@@ -236,8 +239,34 @@ class FastPaths:
         self.reservations.hold(owner, nbytes, worker=worker)
 
     def release(self, owner: str) -> bool:
-        """Only the job ``owner`` releases its reservation; False if it held none."""
+        """Only the job ``owner`` releases its reservation (then ``retry``); False if none."""
         return self.reservations.release(owner)
+
+    def retry(self, why: str) -> int:
+        """Memory was freed (``why``): plan each build refused for room once more (one refused
+        again waits for the next time); returns how many were queued."""
+        with self._lock:
+            refused, self._refused = self._refused, {}
+            for key in refused:
+                self.notes.pop(key, None)
+        queued = 0
+        for key, (base_path, tokenizer) in refused.items():
+            if key.startswith("multi:"):
+                queued += self.start_multi(base_path, tokenizer)
+            else:
+                queued += self.want(base_path, key, tokenizer)
+        if refused:
+            log.info("fast paths: %s; %d of %d refused builds queued", why, queued, len(refused))
+        return queued
+
+    def _refuse(self, key: str, base_path: str, tokenizer: Any, why: str) -> None:
+        """Note why ``key`` was not built; a refusal for room is planned again by ``retry``."""
+        for_room = model_shape(base_path) is not None  # else nothing to size it by: for good
+        with self._lock:
+            self._building.discard(key)
+            self.notes[key] = why
+            if for_room:
+                self._refused[key] = (base_path, tokenizer)
 
     @property
     def busy(self) -> bool:
@@ -301,18 +330,18 @@ class FastPaths:
         kind, why = self.plan(base_path)
         if kind is None:
             log.info("fast path for %s not built: %s", adapter_dir, why)
-            with self._lock:
-                self._building.discard(adapter_dir)
-                self.notes[adapter_dir] = why
+            self._refuse(adapter_dir, base_path, tokenizer, why)
             return False
         log.info("fast path for %s: building %s (%s)", adapter_dir, kind, why)
         self._queue_build(lambda: self._build(kind, base_path, adapter_dir, tokenizer))
         return True
 
     def _queue_build(self, fn: Any) -> None:
+        queued = self._run(fn)
         # Finished builds are dropped: a long-lived worker would keep every Future otherwise.
-        running = [f for f in self.builds if isinstance(f, Future) and not f.done()]
-        self.builds = [*running, self._run(fn)]
+        with self._lock:  # ``retry`` queues from a task's thread, ``want`` from the model's
+            running = [f for f in self.builds if isinstance(f, Future) and not f.done()]
+            self.builds = [*running, queued]
 
     def _build(self, kind: str, base_path: str, adapter_dir: str, tokenizer: Any) -> None:
         """On the lane: build, then record and serve (``install``)."""
@@ -364,9 +393,7 @@ class FastPaths:
         kind, why = (kind, "asked for") if kind else self.plan_multi(base_path)
         if kind is None:
             log.info("multi-LoRA for %s not built: %s", base_path, why)
-            with self._lock:
-                self._building.discard(key)
-                self.notes[key] = why
+            self._refuse(key, base_path, tokenizer, why)
             return False
         log.info("multi-LoRA for %s: building %s (%s)", base_path, kind, why)
         four_bit = kind == "multi_4bit"

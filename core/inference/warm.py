@@ -14,7 +14,8 @@ its UUID, so a worker on another card reserves nothing). When it does not, nothi
 and the worker logs why: the first answer then loads the base, as before. The estimate stays
 reserved for that job (core/inference/reserve.py: a message about another job leaves it alone)
 until its training worker sends ``FREED_TASK`` when the job has ended, whatever its outcome, and
-its memory is handed back.
+its memory is handed back; a later export sends one too. The inference worker then plans again
+the fast builds it refused for room (core/inference/fast.py, ``FastPaths.retry``).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def send_warm(
 
 def send_freed(settings: Settings, *, why: str, job_id: str | None = None) -> None:
     """Tell the inference workers that this training worker freed memory: ``job_id`` ended (its
-    reservation goes). Never raises."""
+    reservation goes) or a later export did. Never raises."""
     if not settings.infer_warm:
         return
     try:
@@ -197,14 +198,18 @@ def _reserve(fast: Any, training: dict[str, Any] | None, nbytes: int) -> None:
 def freed(
     engine: Any, *, job_id: str | None = None, device: str | None = None, why: str = "freed"
 ) -> dict[str, Any]:
-    """What ``FREED_TASK`` does on an inference worker: the ended job's reservation goes (only
-    its own: a job that held none releases nothing)."""
+    """What ``FREED_TASK`` does on an inference worker: the ended job's reservation goes, and
+    the fast builds refused for room are planned once more (if the memory was freed on this
+    card, or the reservation was held here)."""
     if not engine.cuda:
-        return {"released": False}
+        return {"released": False, "queued": 0}
     released = bool(job_id) and engine.fast.release(str(job_id))
     if released:
         log.info("training job %s released its reservation (%s)", job_id, why)
-    return {"released": released}
+    mine = cuda_device_uuid()
+    here = released or not device or not mine or device == mine
+    queued = engine.fast.retry(why) if here else 0
+    return {"released": released, "queued": queued}
 
 
 def preload(engine: Any, settings: Settings, *, shares_card_with_training: bool) -> dict[str, Any]:
