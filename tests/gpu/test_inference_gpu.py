@@ -23,17 +23,8 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-
-def _cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-if not _cuda():
-    pytest.skip("needs CUDA", allow_module_level=True)
+# No module-level skip: tests/gpu/conftest.py skips every gpu test without CUDA at collection,
+# and ``pytest --collect-only -m gpu tests/gpu`` still lists them here.
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +306,40 @@ def test_concurrent_questions_to_two_adapters_answer_as_one_at_a_time(
 # --- multi-LoRA: different adapters in one CUDA-graph batch (issue #14 (a)) ---------------------
 
 
+@pytest.fixture(scope="module")
+def unsloth_live(tiny_model: Path) -> bool:
+    """As in the inference worker, whose model thread loads the base through Unsloth before the
+    lane builds anything: Unsloth (where installed) has loaded a model in this process, so its
+    process-wide patches (Llama classes' forwards, the rotary class, transformers' SDPA mask,
+    dynamo's and inductor's settings) are live when the multi-LoRA model is built."""
+    try:
+        import unsloth  # noqa: F401
+    except ImportError:
+        return False
+    from core.inference.cuda import load_base
+
+    load_base(str(tiny_model), load_in_4bit=False, max_seq_length=1024)
+    return True
+
+
+def _same_length_questions(decoder: Any, count: int) -> list[str]:
+    """``count`` different questions whose prompts have one token length: rows of a batch with
+    no left padding, so each row's prefill and cache positions are what they are alone."""
+    from core.inference.generate import GenerationRequest
+
+    words = ["fever", "anemia", "pain", "dose", "risk", "heart", "blood", "treatment"]
+    by_length: dict[int, list[str]] = {}
+    for a in words:
+        for b in words:
+            if a != b:
+                q = f"{a} {b}?"
+                n = len(decoder._prompt(GenerationRequest(messages=ask(q), max_new_tokens=1)))
+                by_length.setdefault(n, []).append(q)
+    found = max(by_length.values(), key=len)
+    assert len(found) >= count, by_length
+    return found[:count]
+
+
 def _third_adapter(tiny_model: Path, out: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -329,10 +354,11 @@ def _third_adapter(tiny_model: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("four_bit", [False, True])
 def test_multi_lora_graph_batch_answers_as_each_adapter_alone(
-    tiny_model: Path, adapters: list[Path], tmp_path: Path, four_bit: bool
+    tiny_model: Path, adapters: list[Path], tmp_path: Path, four_bit: bool, unsloth_live: bool
 ) -> None:
     """Rows of one replayed batch use different adapters (and the base) and answer as each
-    alone through the same graphs; rewriting a slot (LRU) neither recompiles nor goes stale."""
+    alone through the same graphs; rewriting a slot (LRU) neither recompiles nor goes stale.
+    With Unsloth loaded in the process first, as in the inference worker."""
     if four_bit:
         pytest.importorskip("bitsandbytes")
     from torch._dynamo.utils import counters
@@ -363,6 +389,81 @@ def test_multi_lora_graph_batch_answers_as_each_adapter_alone(
     assert counters["stats"]["unique_graphs"] == graphs  # no new graph for new weights
     if not four_bit:  # peft's unmerged LoRA through generate(), eagerly (bf16 rounding aside)
         assert alone[a0][:8] == _eager_with_adapter(tiny_model, adapters[0], "fever?")[:8]
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_the_multi_lora_lane_is_plain_under_unsloth_and_mixed_rows_answer_as_alone(
+    tiny_model: Path, adapters: list[Path], four_bit: bool, unsloth_live: bool
+) -> None:
+    """Where peft's mixed-adapter batch went wrong (Unsloth's LoRA kernels ignore
+    ``adapter_names``: 0 of 8 answers right in the GPU run), the lane has nothing of peft's
+    and nothing on Unsloth's fast path: the stock transformers model (Unsloth gates its patched
+    Llama forwards to the models it loaded), the stock rotary embedding, and its own batched
+    LoRA layers. Different questions to different adapters (and the base) in one batch then
+    answer token for token as each alone, on CUDA, in bf16 and over a 4-bit base."""
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoTokenizer
+
+    from core.inference.fast_multi import build_multi
+    from core.inference.generate import GenerationRequest
+    from core.inference.multi_lora import BatchedLoraLinear
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    multi = build_multi(
+        str(tiny_model), tokenizer, four_bit=four_bit, rows=4, slots=4, cache_tokens=512
+    )
+    model = multi.decoder.model
+    modules = list(model.modules())
+    assert not hasattr(model, "peft_config")
+    assert not any(isinstance(m, BaseTunerLayer) for m in modules)
+    assert not any(getattr(m, "_unsloth_fast_path", False) for m in modules), unsloth_live
+    assert sum(isinstance(m, BatchedLoraLinear) for m in modules) == 7 * 2  # 7 projections x 2
+    assert type(model.model.rotary_emb).__module__ == type(model).__module__
+    decoder = multi.decoder
+    questions = _same_length_questions(decoder, 4)
+    a0, a1 = (str(a) for a in adapters)
+    rows = list(zip(questions, [a0, a1, None, a0], strict=True))
+
+    def alone(question: str, adapter: str | None) -> str:
+        request = GenerationRequest(messages=ask(question), max_new_tokens=16)
+        return decoder.generate([request], [adapter])[0].text
+
+    expected = [alone(q, a) for q, a in rows]
+    assert alone(questions[0], a0) != alone(questions[0], a1)  # a mix-up would show
+    mixed = decoder.generate(
+        [GenerationRequest(messages=ask(q), max_new_tokens=16) for q, _ in rows],
+        [a for _, a in rows],
+    )
+    assert [g.text for g in mixed] == expected
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="a shorter prompt is left-padded to the batch's longest: its prefill runs in another "
+    "shape and its keys sit at other cache slots, and bf16 kernels may round differently there "
+    "than alone (batch invariance is not promised; the CPU test, in float32, is exact)",
+)
+def test_mixed_rows_of_different_prompt_lengths_answer_as_alone(
+    tiny_model: Path, adapters: list[Path], unsloth_live: bool
+) -> None:
+    from transformers import AutoTokenizer
+
+    from core.inference.fast_multi import build_multi
+    from core.inference.generate import GenerationRequest
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    multi = build_multi(str(tiny_model), tokenizer, four_bit=False, rows=4, cache_tokens=512)
+    a0, a1 = (str(a) for a in adapters)
+    rows = [("fever?", a0), ("the risk of anemia and heart pain?", a1), ("dose?", None)]
+
+    def request(question: str) -> GenerationRequest:
+        return GenerationRequest(messages=ask(question), max_new_tokens=16)
+
+    expected = [multi.decoder.generate([request(q)], [a])[0].text for q, a in rows]
+    mixed = multi.decoder.generate([request(q) for q, _ in rows], [a for _, a in rows])
+    assert [g.text for g in mixed] == expected
 
 
 def test_engine_batches_two_adapters_on_the_multi_lora_model(
