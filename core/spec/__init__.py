@@ -1,7 +1,7 @@
 """The job spec: what POST /jobs accepts, the recipe's config layout validated.
 
-job.py holds the spec and its model, LoRA, training, evaluation and export sections;
-dataset.py the dataset sections; base.py the section base they share.
+job.py holds the spec and its model, LoRA, training and export sections; evaluation.py the
+evaluation section; dataset.py the dataset sections; base.py the section base they share.
 """
 
 from core.spec.dataset import (
@@ -16,9 +16,9 @@ from core.spec.dataset import (
     ValidationDataset,
     looks_like_path,
 )
+from core.spec.evaluation import EvaluationSection
 from core.spec.job import (
     ALL_PROJECTIONS,
-    EvaluationSection,
     ExportFormat,
     ExportSection,
     GgufQuantization,

@@ -1,0 +1,53 @@
+"""The job spec's ``evaluation_config``: held-out questions asked of base and tuned after
+training, and multiple-choice benchmarks (core/evaluation runs it)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from core.spec.base import Float, Int
+from core.spec.base import Section as _Section
+
+
+class BenchmarkFile(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    file: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="'sample:medical_mcq', an uploaded file id (file-...), or a server path.",
+    )
+
+
+class EvaluationSection(_Section):
+    enabled: bool = Field(
+        default=False,
+        description="After training, answer the held-out validation questions with the base "
+        "model and the tuned adapter, and score both against the reference answers.",
+    )
+    # 120: on MedQuAD the per-question ROUGE-L difference of tuned and base has a standard
+    # deviation of about 0.05, so 120 questions bound the 95% interval to about +-0.01
+    # (BENCHMARKS.md, bench/eval_sample_size.py); 32 left +-0.02 undecided.
+    max_examples: Int = Field(
+        default=120,
+        ge=1,
+        le=10_000,
+        description="Held-out questions asked of both models, distinct, drawn in a seeded random "
+        "order from the whole validation set (120: enough to decide a ROUGE-L difference of "
+        "about 0.01 on MedQuAD).",
+    )
+    max_new_tokens: Int = Field(default=128, ge=1, le=4096)
+    repetition_penalty: Float = Field(
+        default=1.0,
+        ge=1.0,
+        le=2.0,
+        description="Greedy decoding of both models with this penalty on repeated tokens "
+        "(1.0: off); the same for base and tuned.",
+    )
+    seed: Int = Field(default=0, ge=0, description="Seeds the question sample and the bootstrap.")
+    benchmarks: list[BenchmarkFile] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Multiple-choice sets (JSONL rows {question, options, answer}) scored for "
+        "base and tuned by each option's log-likelihood; 'sample:medical_mcq' ships.",
+    )
+    max_benchmark_questions: Int = Field(default=200, ge=1, le=10_000)
