@@ -332,8 +332,10 @@ def job(model_dir: str, data: str, *, steps: int, jobs: int, port: int, timeout_
             proc.kill()
         log.close()
         if os.environ.get("BENCH_LOG_DIR"):
-            tail = (home / "up.log").read_bytes()[-200_000:]
-            (Path(os.environ["BENCH_LOG_DIR"]) / "up.log").write_bytes(tail)
+            for name in ("up.log", "services.log"):  # services.log: the API's and workers'
+                if (home / name).exists():
+                    tail = (home / name).read_bytes()[-400_000:]
+                    (Path(os.environ["BENCH_LOG_DIR"]) / name).write_bytes(tail)
 
 
 def _has_cuda() -> bool:
