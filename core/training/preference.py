@@ -29,6 +29,7 @@ from core.data.tokenize import IGNORE_INDEX
 from core.spec import JobSpec
 from core.spec.preference import lengths
 from core.training.engines import Loaded
+from core.training.held_out import eval_sample
 from core.training.meter import StepMeter
 from core.training.sink import MetricsSink
 from core.training.trainer import TrainOutcome, training_arguments
@@ -332,7 +333,9 @@ def train(
     if snapshot is not None:
         _set_reference(model, snapshot)
     size = spec.training.per_device_train_batch_size
-    held = [features(i) for i in eval_items or []]
+    sample, eval_note = eval_sample(spec, eval_items or [])
+    notes += [eval_note] if eval_note else []
+    held = [features(i) for i in sample]
     batches = [collator(held[i : i + size]) for i in range(0, len(held), size)]
     callback = SinkCallback(spec, sink, trainer, batches)
     trainer.add_callback(callback)
