@@ -1,8 +1,8 @@
 """Evaluate a finished bench job again with other decoding settings, without training it again.
 
 bench/eval_medquad.py trains and evaluates in one job (about an hour on the 2-core CPU); the
-decoding of the evaluation (repetition_penalty, max_new_tokens) and its number of questions
-(max_examples) are cheaper to vary.
+decoding of the evaluation (repetition_penalty, max_new_tokens), its number of questions
+(max_examples) and how many it answers at once (batch_size) are cheaper to vary.
 This loads the job's base and adapter, prepares its data as the job did, and runs the service's
 own evaluation stage (core.evaluation.job.evaluate_job) with the changed settings:
 
@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raw["evaluation_config"]["max_new_tokens"] = args.max_new_tokens
     if args.max_examples:
         raw["evaluation_config"]["max_examples"] = args.max_examples
+    if args.batch_size:
+        raw["evaluation_config"]["batch_size"] = args.batch_size
     roots = {str(Path(s["name"]).parent) for s in raw["training_dataset"].get("sources") or []}
     roots |= {str(Path(raw["validation_dataset"]["name"]).parent)}
     if raw["training_dataset"].get("name"):
@@ -84,6 +86,9 @@ def main() -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--max-examples", type=int, help="more held-out questions than the job's")
+    parser.add_argument(
+        "--batch-size", type=int, help="questions answered in one generate call (default 16)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     summary = run(args)

@@ -63,6 +63,7 @@ def job_spec(args: argparse.Namespace) -> dict[str, Any]:
             "optim": "adamw_torch",
             "save_steps": 0,
             "eval_strategy": "end",
+            "eval_max_examples": args.eval_loss_examples or None,
             "seed": args.seed,
         },
         "evaluation_config": {
@@ -70,6 +71,7 @@ def job_spec(args: argparse.Namespace) -> dict[str, Any]:
             "max_examples": args.questions,
             "max_new_tokens": args.max_new_tokens,
             "repetition_penalty": args.repetition_penalty,
+            "batch_size": args.batch_size,
             "seed": args.seed,
             "benchmarks": [{"name": "medical_mcq_sample", "file": "sample:medical_mcq"}],
         },
@@ -125,6 +127,15 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="questions answered in one generate call"
+    )
+    parser.add_argument(
+        "--eval-loss-examples",
+        type=int,
+        default=200,
+        help="held-out examples the eval loss is measured on (a seeded sample); 0: all",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/eval-heldout-cpu.json")
     args = parser.parse_args()

@@ -49,6 +49,7 @@ def evaluate_job(
         max_examples=cfg.max_examples,
         max_new_tokens=cfg.max_new_tokens,
         repetition_penalty=cfg.repetition_penalty,
+        batch_size=cfg.batch_size,
         seed=cfg.seed,
         benchmarks=benchmark_files(spec, settings),
         max_benchmark_questions=cfg.max_benchmark_questions,

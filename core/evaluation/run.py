@@ -21,6 +21,48 @@ from core.evaluation.scores import meteor_available, score_answers
 EVALUATION_FILE = "evaluation.json"  # in the job's artifacts folder
 
 
+def answer_questions(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[dict[str, str]]],
+    *,
+    max_new_tokens: int,
+    adapter: bool = True,
+    repetition_penalty: float = 1.0,
+    batch_size: int = 1,
+) -> list[dict[str, Any]]:
+    """Greedy answers to ``prompts``, in their order, ``batch_size`` at a time (one padded
+    generate call each, prompts of similar length together), each with whether it ended on
+    the end-of-turn token (a tuned model should) and its tokens."""
+    from core.inference.generate import GenerationRequest, generate_batch, is_peft
+
+    # adapter=False asks the base model; only a PeftModel can switch its adapter off.
+    name = model.active_adapter if adapter and is_peft(model) else None
+    requests = [
+        GenerationRequest(
+            messages=messages,
+            max_new_tokens=max_new_tokens,
+            adapter=name,
+            repetition_penalty=repetition_penalty,
+        )
+        for messages in prompts
+    ]
+    # Similar lengths share a batch: less padding to run through the model.
+    order = sorted(range(len(prompts)), key=lambda i: sum(len(m["content"]) for m in prompts[i]))
+    answers: dict[int, dict[str, Any]] = {}
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        outs = generate_batch(model, tokenizer, [requests[i] for i in rows])
+        for i, out in zip(rows, outs, strict=True):
+            answers[i] = {
+                "question": prompts[i][-1]["content"],
+                "answer": out.text,
+                "stopped": out.stopped_on_eos,
+                "tokens": out.completion_tokens,
+            }
+    return [answers[i] for i in range(len(prompts))]
+
+
 def generate_with_stop(
     model: Any,
     tokenizer: Any,
@@ -31,26 +73,14 @@ def generate_with_stop(
     repetition_penalty: float = 1.0,
 ) -> dict[str, Any]:
     """Greedy answer, and whether it ended on the end-of-turn token (a tuned model should)."""
-    from core.inference.generate import GenerationRequest, generate_one, is_peft
-
-    # adapter=False asks the base model; only a PeftModel can switch its adapter off.
-    name = model.active_adapter if adapter and is_peft(model) else None
-    out = generate_one(
+    return answer_questions(
         model,
         tokenizer,
-        GenerationRequest(
-            messages=messages,
-            max_new_tokens=max_new_tokens,
-            adapter=name,
-            repetition_penalty=repetition_penalty,
-        ),
-    )
-    return {
-        "question": messages[-1]["content"],
-        "answer": out.text,
-        "stopped": out.stopped_on_eos,
-        "tokens": out.completion_tokens,
-    }
+        [messages],
+        max_new_tokens=max_new_tokens,
+        adapter=adapter,
+        repetition_penalty=repetition_penalty,
+    )[0]
 
 
 def sample_questions(examples: Sequence[Example], limit: int, *, seed: int) -> list[Example]:
@@ -119,6 +149,7 @@ def evaluate(
     max_examples: int,
     max_new_tokens: int,
     repetition_penalty: float = 1.0,
+    batch_size: int = 1,
     seed: int = 0,
     benchmarks: Sequence[tuple[str, Path]] = (),
     max_benchmark_questions: int = 200,
@@ -128,29 +159,33 @@ def evaluate(
     """Answers side by side, scores with intervals, how answers end, benchmark accuracies.
 
     ``model`` is the trained PeftModel; ``dropped`` counts held-out examples the dataset filters
-    removed before evaluation (they are reported, not hidden).
+    removed before evaluation (they are reported, not hidden). ``batch_size`` questions are
+    answered at once, base and tuned alike (the same greedy answers as one at a time).
     """
     chosen = sample_questions(examples, max_examples, seed=seed)
     model.eval()
-    answers = []
-    for example in chosen:
-        assert example.messages is not None
-        prompt, reference = example.messages[:-1], example.messages[-1]["content"]
-        ask = {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
-        base = generate_with_stop(model, tokenizer, prompt, adapter=False, **ask)
-        tuned = generate_with_stop(model, tokenizer, prompt, adapter=True, **ask)
-        answers.append(
-            {
-                "question": prompt[-1]["content"],
-                "reference": reference,
-                "base": base["answer"],
-                "tuned": tuned["answer"],
-                "base_stopped": base["stopped"],
-                "tuned_stopped": tuned["stopped"],
-                "base_tokens": base["tokens"],
-                "tuned_tokens": tuned["tokens"],
-            }
-        )
+    prompts = [e.messages[:-1] for e in chosen if e.messages is not None]
+    ask = {
+        "max_new_tokens": max_new_tokens,
+        "repetition_penalty": repetition_penalty,
+        "batch_size": batch_size,
+    }
+    base = answer_questions(model, tokenizer, prompts, adapter=False, **ask)
+    tuned = answer_questions(model, tokenizer, prompts, adapter=True, **ask)
+    answers = [
+        {
+            "question": b["question"],
+            "reference": e.messages[-1]["content"],
+            "base": b["answer"],
+            "tuned": t["answer"],
+            "base_stopped": b["stopped"],
+            "tuned_stopped": t["stopped"],
+            "base_tokens": b["tokens"],
+            "tuned_tokens": t["tokens"],
+        }
+        for e, b, t in zip(chosen, base, tuned, strict=True)
+        if e.messages is not None
+    ]
     compared = compare(
         [a["base"] for a in answers],
         [a["tuned"] for a in answers],
@@ -165,6 +200,7 @@ def evaluate(
             "greedy": True,
             "max_new_tokens": max_new_tokens,
             "repetition_penalty": repetition_penalty,
+            "batch_size": batch_size,
         },
         "sampling": {"seed": seed, "distinct_questions": True},
         **compared,

@@ -61,6 +61,7 @@ class Generation:
     seconds: float
     first_token_seconds: float | None
     cancelled: bool = False  # stopped by should_stop: the text is partial and nobody wants it
+    token_ids: tuple[int, ...] = ()  # the answer's tokens, as counted (where the backend says)
 
     def as_result(self, **extra: Any) -> dict[str, Any]:
         """The dict the engine, the worker task and the API pass along."""
@@ -226,6 +227,41 @@ class _RowStops:
         return torch.tensor([t.done for t in self.trackers], device=input_ids.device)
 
 
+class PenaltyPastPadding:
+    """transformers' repetition penalty over each row's own tokens: a left-padded row's padding
+    (a token its prompt need not hold, as SmolLM2's <|endoftext|>) is not penalised, so every
+    row of a batch is scored as it would be alone."""
+
+    def __init__(self, penalty: float, pads: Any) -> None:
+        self.penalty = penalty
+        self.pads = pads  # [rows]: each row's left padding
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        real = positions[None, :] >= self.pads.to(input_ids.device)[:, None]
+        # A padding position stands for the row's newest token, already penalised once: the
+        # penalty applies once per token, as in RepetitionPenaltyLogitsProcessor.
+        ids = torch.where(real, input_ids, input_ids[:, -1:])
+        score = torch.gather(scores, 1, ids)
+        score = torch.where(score < 0, score * self.penalty, score / self.penalty)
+        return scores.scatter(1, ids, score)
+
+
+def _repetition_penalty(penalty: float, attention_mask: Any) -> dict[str, Any]:
+    """generate()'s own penalty, or, for a padded batch, the same penalty past the padding."""
+    from transformers import LogitsProcessorList
+
+    pads = (attention_mask == 0).sum(dim=1)
+    if not bool(pads.any()):
+        return {"repetition_penalty": penalty}
+    return {
+        "repetition_penalty": 1.0,
+        "logits_processor": LogitsProcessorList([PenaltyPastPadding(penalty, pads)]),
+    }
+
+
 @dataclass
 class Batch:
     """One left-padded batch being answered, turn by turn; between turns it keeps its tokens
@@ -312,7 +348,7 @@ def run_turn(
         else {"do_sample": False}
     )
     if penalty != 1.0:
-        sampling["repetition_penalty"] = penalty
+        sampling.update(_repetition_penalty(penalty, batch.inputs["attention_mask"]))
     eos = batch.tokenizer.eos_token_id
     pad = batch.tokenizer.pad_token_id
     # Set again each turn: another batch may have switched the model's adapter meanwhile.
@@ -361,6 +397,7 @@ def batch_results(batch: Batch) -> list[Generation]:
                 seconds=batch.seconds,
                 first_token_seconds=first,
                 cancelled=tracker.cancelled,
+                token_ids=tuple(tracker.ids),
             )
         )
     return results

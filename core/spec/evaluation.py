@@ -43,6 +43,17 @@ class EvaluationSection(_Section):
         description="Greedy decoding of both models with this penalty on repeated tokens "
         "(1.0: off); the same for base and tuned.",
     )
+    # 16: on the shared 2-core CPU SmolLM2 answered 16 questions x 64 tokens in 136 s one at a
+    # time, 31 s in batches of 8 and 34 s in one of 16, the same answers (BENCHMARKS.md,
+    # issue #20); on a GPU decoding is bound by reading the weights, so 16 rows cost about what
+    # 8 do, and a batch's KV cache is small beside the model.
+    batch_size: Int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Held-out questions answered together in one padded generate call (greedy "
+        "answers as one at a time give, token for token on float32); 1: one at a time.",
+    )
     seed: Int = Field(default=0, ge=0, description="Seeds the question sample and the bootstrap.")
     benchmarks: list[BenchmarkFile] = Field(
         default_factory=list,

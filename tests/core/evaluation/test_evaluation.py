@@ -60,8 +60,11 @@ def test_evaluation_is_reproducible(model_dir: Path, tokenizer: Any) -> None:
             ]
         ),
     ]
-    first = evaluate(model, tokenizer, examples, max_examples=2, max_new_tokens=12)
+    first = evaluate(model, tokenizer, examples, max_examples=2, max_new_tokens=12, batch_size=2)
     second = evaluate(model, tokenizer, examples, max_examples=2, max_new_tokens=12)
+    # Both questions in one batch, or one at a time (issue #20): the same evaluation.
+    assert (first["decoding"]["batch_size"], second["decoding"]["batch_size"]) == (2, 1)
+    del first["decoding"]["batch_size"], second["decoding"]["batch_size"]
     assert first == second
     assert first["examples"] == 2 and first["answers"][0]["reference"].startswith("A body")
     # A fresh LoRA starts at zero: the tuned model answers exactly as the base does.

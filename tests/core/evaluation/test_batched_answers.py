@@ -1,0 +1,110 @@
+"""The evaluation answers its questions in batches (issue #20): on the real SmolLM2, greedy, the
+batched answers are the one-at-a-time answers token for token, base and adapter alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.evaluation.run import answer_questions
+from core.inference.generate import (
+    GenerationRequest,
+    PenaltyPastPadding,
+    generate_batch,
+    generate_one,
+)
+
+# Different lengths (so the batch is left-padded), in no length order; the short ones stop on
+# their own within the token limit (base and adapter), the long ones run to it.
+PROMPTS = [
+    [{"role": "user", "content": "What is 2+2? Answer with a number only."}],
+    [
+        {"role": "system", "content": "You are a careful medical assistant. Be brief."},
+        {"role": "user", "content": "What is the most common cause of iron deficiency anemia?"},
+    ],
+    [{"role": "user", "content": "What color is the sky? One word."}],
+    [
+        {
+            "role": "user",
+            "content": "A patient has had a fever, a dry cough and tiredness for three days, "
+            "and lost the sense of smell. Which illnesses could this be, and what should they "
+            "do first?",
+        }
+    ],
+]
+MAX_NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def peft_model(model_dir: Path) -> Any:
+    """SmolLM2 with a LoRA whose B matrices are not zero, so the adapter changes answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    return get_peft_model(model, config).eval()
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["base", "adapter"])
+def test_a_batch_answers_token_for_token_as_one_at_a_time(
+    peft_model: Any, tokenizer: Any, adapter: bool
+) -> None:
+    name = peft_model.active_adapter if adapter else None
+    requests = [
+        GenerationRequest(messages=p, max_new_tokens=MAX_NEW_TOKENS, adapter=name) for p in PROMPTS
+    ]
+    alone = [generate_one(peft_model, tokenizer, r) for r in requests]
+    together = generate_batch(peft_model, tokenizer, requests)
+    for one, batched in zip(alone, together, strict=True):
+        assert batched.token_ids == one.token_ids
+        assert (batched.text, batched.stopped_on_eos, batched.completion_tokens) == (
+            one.text,
+            one.stopped_on_eos,
+            one.completion_tokens,
+        )
+        assert batched.completion_tokens == len(batched.token_ids)
+    # Rows stop on their own: nothing after a row's end of turn reaches its answer.
+    stopped = [g for g in together if g.stopped_on_eos]
+    assert len(stopped) >= 2 and all(g.completion_tokens < MAX_NEW_TOKENS for g in stopped)
+    assert all(g.token_ids[-1] == tokenizer.eos_token_id for g in stopped)
+    assert any(g.completion_tokens == MAX_NEW_TOKENS for g in together)
+    if adapter:  # the adapter was on: its answer is not the base's
+        base = generate_one(peft_model, tokenizer, GenerationRequest(PROMPTS[0], max_new_tokens=3))
+        assert base.token_ids != alone[0].token_ids[:3]
+
+
+def test_the_penalty_past_padding_is_transformers_penalty_on_each_row_alone() -> None:
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    rows = [[5, 3, 9, 3], [7, 1], [2, 2, 8]]  # 0 pads: a token no row holds
+    ids = torch.tensor([[0] * (4 - len(r)) + r for r in rows])
+    scores = torch.randn(3, 12)
+    scores[:, 0] = 5.0  # the padding token scores high: penalised, it would change ranks
+    batched = PenaltyPastPadding(1.3, torch.tensor([4 - len(r) for r in rows]))(ids, scores)
+    alone = RepetitionPenaltyLogitsProcessor(1.3)
+    for b, row in enumerate(rows):
+        expected = alone(torch.tensor([row]), scores[b : b + 1].clone())[0]
+        assert torch.equal(batched[b], expected)
+    assert batched[:, 0].tolist() == [5.0, 5.0, 5.0]
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["base", "adapter"])
+def test_evaluation_batches_answer_in_question_order_with_the_penalty(
+    peft_model: Any, tokenizer: Any, adapter: bool
+) -> None:
+    # A padded batch penalises repeats past its padding (PenaltyPastPadding); one alone does
+    # as generate() does. Sorted by length into batches of 3 and 1, answered in order.
+    ask: dict[str, Any] = {"max_new_tokens": 3, "repetition_penalty": 1.3, "adapter": adapter}
+    one = answer_questions(peft_model, tokenizer, PROMPTS, batch_size=1, **ask)
+    batched = answer_questions(peft_model, tokenizer, PROMPTS, batch_size=3, **ask)
+    assert batched == one
+    assert [a["question"] for a in batched] == [p[-1]["content"] for p in PROMPTS]
