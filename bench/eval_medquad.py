@@ -53,7 +53,10 @@ def job_spec(args: argparse.Namespace) -> dict[str, Any]:
         },
         "lora_config": {"r": 16, "lora_alpha": 16, "use_gradient_checkpointing": False},
         "training_dataset": {**dataset, "max_tokens": args.max_tokens, "validation_share": 0},
-        "validation_dataset": {"name": str(MEDQUAD / args.held_out), "max_samples": 400},
+        "validation_dataset": {
+            "name": str(MEDQUAD / args.held_out),
+            "max_samples": args.held_out_rows,
+        },
         "training_config": {
             "per_device_train_batch_size": 4,
             "gradient_accumulation_steps": 1,
@@ -124,6 +127,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--max-seq-length", type=int, default=384)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--held-out-rows", type=int, default=400, help="rows read from it")
     parser.add_argument("--questions", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
