@@ -121,8 +121,14 @@ def data_and_model(
     future = pool.submit(context.run, _prepare, spec, tokenizer, settings, job_dir)
     try:
         clock.start("loading_model", stage=JobStage.training)
-        # The model may ask for the data's fullest step (its checkpointing depends on it).
-        loaded = load_model(lambda: _fullest_step(spec, future.result()[0]))
+
+        def fullest_step() -> int | None:  # the model's checkpointing may depend on it
+            clock.start("preparing_data")  # the wait for the data is the data's time
+            prepared = future.result()[0]
+            clock.start("loading_model")
+            return _fullest_step(spec, prepared)
+
+        loaded = load_model(fullest_step)
         _running().append(loaded)
         clock.start("preparing_data")
         prepared, reused = future.result()

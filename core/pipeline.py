@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,18 @@ def _run_stages(
     model_path = resolve(
         spec.model.base_model, models_dir=settings.models_dir, roots=allowed_model_roots(settings)
     )
+
     # The data is prepared while the model loads; the worker's kept base is reused if it fits.
+    def load_model(step_tokens: Any = None, *, skip: bool = True) -> Any:
+        return engines.load(
+            spec,
+            model_path,
+            init_adapter=adapter_path(url, spec),
+            keep=settings.keep_base_model,
+            skip_checkpointing=skip and settings.skip_checkpointing_when_room,
+            step_tokens=step_tokens,
+        )
+
     prepared, loaded = job_start.data_and_model(
         job_id,
         spec,
@@ -196,19 +208,19 @@ def _run_stages(
         settings=settings,
         job_dir=job_dir,
         clock=clock,
-        load_model=lambda step_tokens: engines.load(
-            spec,
-            model_path,
-            init_adapter=adapter_path(url, spec),
-            keep=settings.keep_base_model,
-            skip_checkpointing=settings.skip_checkpointing_when_room,
-            step_tokens=step_tokens,
-        ),
+        load_model=load_model,
     )
     ensure_chat_template(loaded.tokenizer, spec.dataset.chat_template)
     clock.start("training", engine=loaded.engine)
     trained = with_checkpointing(spec, loaded.checkpointing)  # its memory: what the card keeps
-    send_warm(settings, trained, job_id=job_id, model_path=model_path, engine=loaded.engine)
+    send_warm(
+        settings,
+        trained,
+        job_id=job_id,
+        model_path=model_path,
+        engine=loaded.engine,
+        tokens=loaded.step_tokens,
+    )
     _note(url, job_id, *loaded.notes)
     outcome = _train_with_recovery(
         job_id,
@@ -220,6 +232,7 @@ def _run_stages(
         eval_items=prepared.validation,
         lease=lease,
         tracking=tracking,
+        with_checkpointing=lambda: load_model(skip=False),
     )
     lease.check()
     _note(url, job_id, *outcome.notes)
@@ -303,15 +316,19 @@ def _train_with_recovery(
     eval_items: list[Any],
     lease: LeaseKeeper,
     tracking: JobTracking | None = None,
+    with_checkpointing: Callable[[], Any] | None = None,
 ) -> Any:
     """Train, resuming from the last checkpoint after a lost worker or a CUDA out-of-memory.
 
-    Out of memory: retry from the last checkpoint with half the micro-batch and twice the
-    gradient accumulation (the same effective batch) until the micro-batch is 1.
+    Out of memory: a job the worker trained without the gradient checkpointing it asked for
+    retries with it (``with_checkpointing`` loads its adapter so); then from the last checkpoint
+    with half the micro-batch and twice the gradient accumulation (the same effective batch)
+    until the micro-batch is 1.
     """
     import torch
 
-    from core.training import checkpoints, preference, trainer
+    from core.training import checkpoints, engines, preference, trainer
+    from core.training.checkpointing import skipped
 
     fit = trainer.train if spec.training.method == "sft" else preference.train  # dpo, orpo: TRL
 
@@ -344,35 +361,36 @@ def _train_with_recovery(
             # Its last rows land now, before the rows past the checkpoint are dropped below.
             sink.close()
             cfg = spec.training
-            if cfg.per_device_train_batch_size == 1:
+            if with_checkpointing is not None and skipped(spec, loaded):
+                del exc  # its traceback holds the failed step's tensors
+                engines.reload_into(loaded, with_checkpointing)
+                retry = "with gradient checkpointing, which the worker had skipped"
+            elif cfg.per_device_train_batch_size == 1:
                 raise OutOfMemory(
                     "CUDA ran out of memory even at per_device_train_batch_size 1; lower "
                     "model_config.max_seq_length or use a GPU with more memory",
                     field="training_config.per_device_train_batch_size",
                 ) from exc
-            batch = cfg.per_device_train_batch_size // 2
-            accumulation = cfg.gradient_accumulation_steps * 2
-            spec = spec.model_copy(
-                update={
-                    "training": cfg.model_copy(
-                        update={
-                            "per_device_train_batch_size": batch,
-                            "gradient_accumulation_steps": accumulation,
-                        }
-                    )
-                }
-            )
+            else:
+                batch = cfg.per_device_train_batch_size // 2
+                accumulation = cfg.gradient_accumulation_steps * 2
+                spec = spec.model_copy(
+                    update={
+                        "training": cfg.model_copy(
+                            update={
+                                "per_device_train_batch_size": batch,
+                                "gradient_accumulation_steps": accumulation,
+                            }
+                        )
+                    }
+                )
+                retry = f"with micro-batch {batch} x {accumulation} accumulation"
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             resume = checkpoints.latest(checkpoints.checkpoint_dir(output_dir))
             step = resume.step if resume else 0
             with session_scope(url) as s:
                 jobs.delete_metrics_after(s, job_id, step)
-            _note(
-                url,
-                job_id,
-                f"CUDA out of memory; retrying from step {step} with micro-batch "
-                f"{batch} x {accumulation} accumulation",
-            )
+            _note(url, job_id, f"CUDA out of memory; retrying from step {step} {retry}")
         finally:
             sink.close()

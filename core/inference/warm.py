@@ -82,14 +82,17 @@ def send_warm(
     adapter_dir: str | None = None,
     model_path: str | None = None,
     engine: str = "unsloth",
+    tokens: int | None = None,
 ) -> None:
     """Ask the inference workers to load the job's base (with ``model_path`` and the training
-    ``engine``: its estimate is reserved) or its adapter. Never raises: a lost message costs
-    only the first answer's speed."""
+    ``engine``: its estimate is reserved, for micro-batches of ``tokens`` where the job's rows
+    are known) or its adapter. Never raises: a lost message costs only the first answer's
+    speed."""
     if not settings.infer_warm:
         return
     try:
-        gib = _training_gib(spec, model_path, engine) if model_path and not adapter_dir else None
+        training = model_path and not adapter_dir
+        gib = _training_gib(spec, model_path, engine, tokens) if training else None
         kwargs = warm_kwargs(spec, job_id=job_id, adapter_dir=adapter_dir, training_gib=gib)
         _sender(settings).send_task(
             WARM_TASK, kwargs=kwargs, queue=INFER_QUEUE, ignore_result=True, retry=False
@@ -224,7 +227,7 @@ def preload(engine: Any, settings: Settings, *, shares_card_with_training: bool)
     return warm(engine, base_model=base_model, training=training)
 
 
-def _training_gib(spec: Any, model_path: str, engine: str) -> float | None:
+def _training_gib(spec: Any, model_path: str, engine: str, tokens: int | None) -> float | None:
     from pathlib import Path
 
     from core.memory import estimate, find_shape
@@ -233,7 +236,7 @@ def _training_gib(spec: Any, model_path: str, engine: str) -> float | None:
     if shape is None:
         return None
     engine = "unsloth" if engine == "unsloth" else "transformers"
-    return estimate(spec, shape, engine=engine).total_gib
+    return estimate(spec, shape, engine=engine, tokens=tokens).total_gib
 
 
 def _recipe_job_gib(base_model: str, models_dir: Any) -> float | None:

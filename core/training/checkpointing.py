@@ -71,15 +71,22 @@ def choose(
     tokens = tokens or most_step_tokens(spec)
     engine = "unsloth" if engine == "unsloth" else "transformers"
     need = estimate(with_checkpointing(spec, False), shape, engine=engine, tokens=tokens)
-    if need.total_gib * GIB > free_bytes * FREE_SHARE:
+    # The base is loaded already (free memory is what is left beside it): what the job adds.
+    adds = need.total_gib - need.weights_gib
+    if adds * GIB > free_bytes * FREE_SHARE:
         return asked, None
     note = (
         f"gradient checkpointing skipped: this card holds the job's largest step ({tokens} "
-        f"tokens) without it (estimate {need.total_gib:.1f} GiB of {free_bytes / GIB:.0f} GiB "
-        "free), so no layer runs twice; the math is the same "
-        "(MEDTUNE_SKIP_CHECKPOINTING_WHEN_ROOM=false keeps it)"
+        f"tokens) without it (estimate {adds:.1f} GiB beside the base, {free_bytes / GIB:.0f} "
+        "GiB free), so no layer runs twice; the math is the same; an out-of-memory turns it "
+        "back on (MEDTUNE_SKIP_CHECKPOINTING_WHEN_ROOM=false keeps it)"
     )
     return False, note
+
+
+def skipped(spec: JobSpec, loaded: Any) -> bool:
+    """Whether the worker trains ``loaded`` without the checkpointing ``spec`` asks for."""
+    return bool(spec.lora.use_gradient_checkpointing) and loaded.checkpointing is False
 
 
 def free_cuda_bytes() -> int | None:

@@ -27,6 +27,7 @@ class Loaded:
     notes: list[str] = field(default_factory=list)
     kept: Any = None  # base_cache.Kept: the base to put back for the next job (load(keep=True))
     checkpointing: bool | str | None = None  # as trained (core.training.checkpointing)
+    step_tokens: int | None = None  # the job's fullest step, where it was asked for
 
 
 def cuda_available() -> bool:
@@ -103,8 +104,8 @@ def load(
         if keep and keepable(spec, engine):
             kept = base_cache.Kept.of(key, base, tokenizer, notes)
     based = time.monotonic()
-    free = checkpointing.free_cuda_bytes() if skip_checkpointing else None
     try:
+        free = checkpointing.free_cuda_bytes() if skip_checkpointing else None
         tokens = step_tokens() if step_tokens is not None and free is not None else None
         shape = shape_of(getattr(base, "config", None))
         ckpt, why = checkpointing.choose(spec, shape, engine=engine, free_bytes=free, tokens=tokens)
@@ -129,6 +130,7 @@ def load(
     if engine != "unsloth" and key.load_in_4bit:
         name += "+bnb4bit"
     loaded = Loaded(model, tokenizer, name, notes, kept=kept, checkpointing=ckpt)
+    loaded.step_tokens = tokens
     if init_adapter:
         loaded.notes.append(f"started from the adapter of job {spec.model.init_adapter}")
     return loaded
@@ -165,6 +167,16 @@ def keepable(spec: JobSpec, engine: str) -> bool:
         and not lora.modules_to_save
         and not merges
     )
+
+
+def reload_into(loaded: Loaded, load: Callable[[], Loaded]) -> None:
+    """Put a fresh adapter on ``loaded``'s base in place (its base handed back and taken again
+    when kept): e.g. with gradient checkpointing after an out-of-memory without it. The job's
+    tokenizer (its chat template set) stays; whoever holds ``loaded`` holds the new model."""
+    give_back(loaded)
+    fresh = load()
+    loaded.model, loaded.kept = fresh.model, fresh.kept
+    loaded.checkpointing, loaded.step_tokens = fresh.checkpointing, fresh.step_tokens
 
 
 def give_back(loaded: Loaded) -> None:

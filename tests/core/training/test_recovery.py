@@ -92,3 +92,34 @@ def test_lapsed_lease_requeues_only_that_job(sqlite_url: str) -> None:
         # A lease is renewed only by the worker that holds it.
         assert not jobs.renew_lease(s, lost, worker="dead", lease_s=60)
         assert jobs.renew_lease(s, lost, worker="new", lease_s=60)
+
+
+@pytest.mark.slow
+def test_oom_without_the_skipped_checkpointing_retries_with_it_before_halving(
+    tmp_path: Path, sqlite_url: str, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job the worker trained without the checkpointing it asked for (a card that seemed to
+    have room; faked here) gets it back at its first out-of-memory, with its micro-batch kept."""
+    from core.training import checkpointing
+
+    monkeypatch.setattr(checkpointing, "free_cuda_bytes", lambda: 100 * 2**30)
+    monkeypatch.setenv(FAULT_OOM_ENV, "3")
+    data = tiny_dataset(tmp_path / "tiny.jsonl")
+    raw = recipe_spec(data, max_steps=4, save_steps=2)
+    raw["lora_config"]["use_gradient_checkpointing"] = True
+    spec = JobSpec.model_validate(raw)
+    with session_scope(sqlite_url) as s:
+        job_id = jobs.create_job(s, spec).id
+    status = run_job(job_id, _settings(tmp_path, sqlite_url, model_cache), worker="w")
+    with session_scope(sqlite_url) as s:
+        job = jobs.get_job(s, job_id)
+        rows, _ = jobs.metrics_page(s, job_id, after_step=-1, limit=100)
+    assert status == JobStatus.succeeded, (job.error_code, job.error_message)
+    assert any(n.startswith("gradient checkpointing skipped") for n in job.notes)
+    assert any(
+        "retrying from step 2 with gradient checkpointing, which the worker had skipped" in n
+        for n in job.notes
+    )
+    assert not any("with micro-batch" in n for n in job.notes)
+    assert [r.step for r in rows] == [1, 2, 3, 4]
+    assert (job.stage_seconds or {}).keys() >= {"preparing_data", "loading_model", "training"}
