@@ -52,7 +52,7 @@ def answer_questions(
     answers: dict[int, dict[str, Any]] = {}
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        outs = generate_batch(model, tokenizer, [requests[i] for i in rows])
+        outs = _fitting(generate_batch, model, tokenizer, [requests[i] for i in rows])
         for i, out in zip(rows, outs, strict=True):
             answers[i] = {
                 "question": prompts[i][-1]["content"],
@@ -61,6 +61,24 @@ def answer_questions(
                 "tokens": out.completion_tokens,
             }
     return [answers[i] for i in range(len(prompts))]
+
+
+def _fitting(generate_batch: Any, model: Any, tokenizer: Any, requests: list[Any]) -> list[Any]:
+    """``generate_batch``'s answers; a batch whose KV cache does not fit the card is answered in
+    halves (the job trained for minutes: its evaluation must not fail it for a batch size)."""
+    import torch
+
+    try:
+        return list(generate_batch(model, tokenizer, requests))
+    except torch.cuda.OutOfMemoryError:
+        if len(requests) == 1:
+            raise
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(requests) // 2
+    return _fitting(generate_batch, model, tokenizer, requests[:half]) + _fitting(
+        generate_batch, model, tokenizer, requests[half:]
+    )
 
 
 def generate_with_stop(

@@ -146,20 +146,22 @@ def run_export(
     except Exception as exc:
         manifest = update_manifest(job_dir, {k: failed_entry(k, exc) for k in keys})
     else:
-        manifest = export_all(
-            loaded,
-            job_dir=job_dir,
-            adapter_dir=adapter_dir,
-            base_path=base_path,
-            formats=formats,
-            gguf_quantizations=gguf_quantizations,
-            name=spec.model.finetuned_model,
-            system_prompt=spec.dataset.system_prompt,
-        )
-        if push_to_hub:
-            manifest = push(job_dir, spec, keys)
-        del loaded  # its memory goes back to the card (the inference worker's fast builds)
-        base_cache.free_memory()
+        try:
+            manifest = export_all(
+                loaded,
+                job_dir=job_dir,
+                adapter_dir=adapter_dir,
+                base_path=base_path,
+                formats=formats,
+                gguf_quantizations=gguf_quantizations,
+                name=spec.model.finetuned_model,
+                system_prompt=spec.dataset.system_prompt,
+            )
+            if push_to_hub:
+                manifest = push(job_dir, spec, keys)
+        finally:  # failed or not, its memory goes back to the card before "memory freed" is sent
+            del loaded
+            base_cache.free_memory()
     with session_scope(db_url) as s:
         for line in notes(manifest, keys):
             jobs.add_note(s, job_id, line)

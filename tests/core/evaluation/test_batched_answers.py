@@ -108,3 +108,45 @@ def test_evaluation_batches_answer_in_question_order_with_the_penalty(
     batched = answer_questions(peft_model, tokenizer, PROMPTS, batch_size=3, **ask)
     assert batched == one
     assert [a["question"] for a in batched] == [p[-1]["content"] for p in PROMPTS]
+
+
+def test_a_batch_the_card_cannot_hold_is_answered_in_halves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An out-of-memory at batch 8 answers the batch in halves, in question order; one question
+    that does not fit still fails (the card cannot answer it at all)."""
+    import torch
+
+    import core.inference.generate as generate
+
+    sizes: list[int] = []
+
+    def fake_batch(model: Any, tokenizer: Any, requests: list[Any]) -> list[Any]:
+        sizes.append(len(requests))
+        if len(requests) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        return [
+            generate.Generation(
+                text=r.messages[-1]["content"].upper(),
+                finish_reason="stop",
+                prompt_tokens=1,
+                completion_tokens=1,
+                stopped_on_eos=True,
+                seconds=0.0,
+                first_token_seconds=None,
+            )
+            for r in requests
+        ]
+
+    monkeypatch.setattr(generate, "generate_batch", fake_batch)
+    prompts = [[{"role": "user", "content": f"q{i}" + " x" * i}] for i in range(8)]
+    out = answer_questions(None, None, prompts, max_new_tokens=4, batch_size=8)
+    assert [a["answer"] for a in out] == [p[0]["content"].upper() for p in prompts]
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]
+
+    def never_fits(model: Any, tokenizer: Any, requests: list[Any]) -> list[Any]:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+
+    monkeypatch.setattr(generate, "generate_batch", never_fits)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        answer_questions(None, None, prompts[:2], max_new_tokens=4, batch_size=2)
