@@ -18,7 +18,10 @@ of the standing reservation and the sum of the jobs' reservations, not their sum
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
+
+_ENDED_KEPT = 1024  # released job ids remembered (ids are unique: any bound will do)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class Reservations:
     def __init__(self) -> None:
         self._jobs: dict[str, _Held] = {}
         self._standing: dict[str, int] = {}
+        # Jobs already released: the worker's task pool may run a job's late warm message after
+        # its end message (a job that failed at once); that hold would never be released.
+        self._ended: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -44,6 +50,8 @@ class Reservations:
     def hold(self, owner: str, nbytes: int, *, worker: str | None = None) -> None:
         """Keep ``nbytes`` for the training job ``owner`` (run by the training ``worker``)."""
         with self._lock:
+            if owner in self._ended:
+                return
             if worker is not None:
                 for other, held in list(self._jobs.items()):
                     if held.worker == worker and other != owner:
@@ -58,6 +66,9 @@ class Reservations:
     def release(self, owner: str) -> bool:
         """Drop the job ``owner``'s reservation; False if it held none."""
         with self._lock:
+            self._ended[owner] = None
+            while len(self._ended) > _ENDED_KEPT:
+                self._ended.popitem(last=False)
             return self._jobs.pop(owner, None) is not None
 
     def owners(self) -> list[str]:

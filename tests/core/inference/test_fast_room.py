@@ -63,6 +63,17 @@ def test_reservations_are_kept_per_owner_and_released_only_by_it() -> None:
     assert held.release("D") and held.release("E") and held.total == 7 * GIB
 
 
+def test_a_hold_that_arrives_after_its_jobs_release_is_ignored() -> None:
+    """The inference worker's task pool may run a job's warm message after its end message (a
+    job that failed in its first steps): that reservation would never be released."""
+    held = Reservations()
+    assert not held.release("F")  # the end message ran first
+    held.hold("F", 6 * GIB, worker="w1")
+    assert held.total == 0 and held.owners() == []
+    held.hold("G", 2 * GIB, worker="w1")  # the worker's next job still reserves
+    assert held.total == 2 * GIB
+
+
 @pytest.fixture
 def engine(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The real engine with its base loaded on the CPU, then run as if on card GPU-a: warm
