@@ -118,3 +118,26 @@ def test_the_worker_load_asks_the_data_for_its_fullest_step_and_trains_as_it_cho
         assert args.gradient_checkpointing is True
     finally:
         engines.give_back(kept)
+
+
+def test_a_process_capped_at_a_t4s_memory_sees_a_t4s_free_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The T4 run on an H200 (torch.cuda.set_per_process_memory_fraction): free memory is what
+    the cap leaves beside what the process holds, so the recipe keeps its checkpointing."""
+    import torch
+
+    from core.training import checkpointing
+
+    total = 141 * GIB
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (130 * GIB, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 6 * GIB)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda: 15 * GIB / total)
+    free = checkpointing.free_cuda_bytes()
+    assert free is not None and abs(free - 9 * GIB) < 2**20
+    assert choose(recipe(), LLAMA3, engine="unsloth", free_bytes=free, tokens=4198)[0] == "unsloth"
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)
+    free = checkpointing.free_cuda_bytes()
+    assert free == 130 * GIB
+    assert choose(recipe(), LLAMA3, engine="unsloth", free_bytes=free, tokens=4198)[0] is False
