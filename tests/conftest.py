@@ -222,9 +222,18 @@ def stack_env(home: Path, model_cache: Path, **urls: str) -> dict[str, str]:
 def pg_redis_stack(
     tmp_path_factory: pytest.TempPathFactory, migrated_pg: str, redis_url: str, model_cache: Path
 ) -> Iterator[Stack]:
-    """API + one Celery worker (both queues) on real Postgres and real Redis."""
+    """API + one Celery worker (both queues) on real Postgres and real Redis, shared by every
+    live test that needs no settings of its own. Webhooks may target loopback and are retried
+    quickly (tests/e2e/test_continue_and_webhook_live.py runs a receiver in the test process),
+    and W&B runs offline."""
     home = tmp_path_factory.mktemp("stack")
     env = stack_env(home, model_cache, database_url=migrated_pg, broker_url=redis_url)
+    env |= {
+        "MEDTUNE_WEBHOOK_ALLOW_PRIVATE": "1",
+        "MEDTUNE_WEBHOOK_POLL_S": "0.5",
+        "MEDTUNE_WEBHOOK_BACKOFF_S": "0.5",
+        "WANDB_MODE": "offline",
+    }
     port = free_port()
     stack = Stack(url=f"http://127.0.0.1:{port}", home=home)
     start_worker(stack, "worker", env, queues="medtune.train,medtune.infer")

@@ -1,7 +1,11 @@
 """On a real worker (SmolLM2, CPU): job B continues job A's adapter and starts lower than A
 did on the same data; A's webhook reaches a loopback receiver that fails twice first, signed;
 B reports to MLflow's embedded store and W&B offline beside TensorBoard, every metric row at its
-step; C, a continued-pretraining job on raw text, trains every token on the same worker."""
+step; C, a continued-pretraining job on raw text, trains every token on the same worker.
+
+The jobs run on the session's live stack (``pg_redis_stack``: Postgres, Redis, one worker that
+keeps its base model loaded between jobs), which allows loopback webhook targets for this test.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from core.store.migrate import upgrade
 from tests.api.test_tracking_text_job import _corpus
-from tests.conftest import Stack, free_port, stack_env, start_api, start_worker, wait_healthy
+from tests.conftest import Stack
 from tests.core.test_webhooks import SECRET, Receiver, receiver, verify  # noqa: F401
 from tests.core.training.test_tracking import _wandb_history
 from tests.helpers import recipe_spec, tiny_dataset, wait_status
@@ -50,65 +53,48 @@ def assert_in_mlflow(job: dict, rows: list[dict]) -> None:
 
 def test_b_continues_a_and_a_webhook_arrives(
     tmp_path: Path,
-    model_cache: Path,
+    pg_redis_stack: Stack,
     receiver: Receiver,  # noqa: F811
 ) -> None:
     receiver.statuses = [500, 502]
-    home = tmp_path / "home"
-    home.mkdir()
-    upgrade(f"sqlite:///{home / 'medtune.db'}")
-    env = stack_env(home, model_cache)
-    env |= {
-        "MEDTUNE_WEBHOOK_ALLOW_PRIVATE": "1",
-        "MEDTUNE_WEBHOOK_POLL_S": "0.5",
-        "MEDTUNE_WEBHOOK_BACKOFF_S": "0.5",
-        "WANDB_MODE": "offline",
-    }
-    port = free_port()
-    stack = Stack(url=f"http://127.0.0.1:{port}", home=home)
-    start_worker(stack, "worker", env, queues="medtune.train")
-    start_api(stack, port, env)
-    try:
-        wait_healthy(stack)
-        data = tiny_dataset(tmp_path / "tiny.jsonl", rows=8)
-        spec_a = recipe_spec(data, max_steps=4)
-        spec_a["webhook"] = {"url": receiver.url, "secret": SECRET}
-        with stack.client() as client:
-            a = client.post("/jobs", json=spec_a)
-            assert a.status_code == 201, a.text
-            a_id = a.json()["id"]
-            done = wait_status(client, a_id, {"succeeded", "failed", "cancelled"}, timeout_s=600)
-            assert done["status"] == "succeeded", stack.tail_logs() + str(done)
+    stack = pg_redis_stack
+    data = tiny_dataset(tmp_path / "tiny.jsonl", rows=8)
+    spec_a = recipe_spec(data, max_steps=4)
+    spec_a["webhook"] = {"url": receiver.url, "secret": SECRET}
+    with stack.client() as client:
+        a = client.post("/jobs", json=spec_a)
+        assert a.status_code == 201, a.text
+        a_id = a.json()["id"]
+        done = wait_status(client, a_id, {"succeeded", "failed", "cancelled"}, timeout_s=600)
+        assert done["status"] == "succeeded", stack.tail_logs() + str(done)
 
-            spec_b = recipe_spec(data, max_steps=2, report_to=["tensorboard", "mlflow", "wandb"])
-            spec_b["model_config"]["init_adapter"] = a_id
-            b = client.post("/jobs", json=spec_b)
-            assert b.status_code == 201, b.text
-            b_id = b.json()["id"]
-            done_b = wait_status(client, b_id, {"succeeded", "failed", "cancelled"}, timeout_s=600)
-            assert done_b["status"] == "succeeded", stack.tail_logs() + str(done_b)
-            assert f"started from the adapter of job {a_id}" in done_b["notes"]
-            loss_a, loss_b = first_loss(client, a_id), first_loss(client, b_id)
-            assert loss_b < loss_a - 0.05, (loss_a, loss_b)
-            rows_b = client.get(f"/jobs/{b_id}/metrics").json()["data"]
+        spec_b = recipe_spec(data, max_steps=2, report_to=["tensorboard", "mlflow", "wandb"])
+        spec_b["model_config"]["init_adapter"] = a_id
+        b = client.post("/jobs", json=spec_b)
+        assert b.status_code == 201, b.text
+        b_id = b.json()["id"]
+        done_b = wait_status(client, b_id, {"succeeded", "failed", "cancelled"}, timeout_s=600)
+        assert done_b["status"] == "succeeded", stack.tail_logs() + str(done_b)
+        assert f"started from the adapter of job {a_id}" in done_b["notes"]
+        loss_a, loss_b = first_loss(client, a_id), first_loss(client, b_id)
+        assert loss_b < loss_a - 0.05, (loss_a, loss_b)
+        rows_b = client.get(f"/jobs/{b_id}/metrics").json()["data"]
 
-            spec_c = recipe_spec(_corpus(tmp_path / "corpus.jsonl"), max_steps=2, packing=True)
-            spec_c["training_dataset"].update(format="text", min_examples=8)
-            c = client.post("/jobs", json=spec_c)
-            assert c.status_code == 201, c.text
-            done_c = wait_status(
-                client, c.json()["id"], {"succeeded", "failed", "cancelled"}, timeout_s=600
-            )
-            assert done_c["status"] == "succeeded", stack.tail_logs() + str(done_c)
-            assert done_c["dataset_stats"]["format"] == "text"
-            assert done_c["dataset_stats"]["trained_token_share"] == 1.0  # every token trained
+        spec_c = recipe_spec(_corpus(tmp_path / "corpus.jsonl"), max_steps=2, packing=True)
+        spec_c["training_dataset"].update(format="text", min_examples=8)
+        c = client.post("/jobs", json=spec_c)
+        assert c.status_code == 201, c.text
+        done_c = wait_status(
+            client, c.json()["id"], {"succeeded", "failed", "cancelled"}, timeout_s=600
+        )
+        assert done_c["status"] == "succeeded", stack.tail_logs() + str(done_c)
+        assert done_c["dataset_stats"]["format"] == "text"
+        assert done_c["dataset_stats"]["trained_token_share"] == 1.0  # every token trained
 
-            deadline = time.monotonic() + 60
-            while (hook := client.get(f"/jobs/{a_id}").json()["webhook"])["state"] == "pending":
-                assert time.monotonic() < deadline, hook
-                time.sleep(0.3)
-    finally:
-        stack.stop()
+        deadline = time.monotonic() + 60
+        while (hook := client.get(f"/jobs/{a_id}").json()["webhook"])["state"] == "pending":
+            assert time.monotonic() < deadline, hook
+            time.sleep(0.3)
     assert hook["state"] == "delivered" and hook["attempts"] == 3, hook
     assert len(receiver.got) == 3
     for headers, body, received in receiver.got:
@@ -118,5 +104,5 @@ def test_b_continues_a_and_a_webhook_arrives(
         assert event["data"]["steps_done"] == 4
     assert_in_mlflow(done_b, rows_b)
     # The job folder's copy of the spec keeps no secret: it is shared with the artifacts.
-    stored = json.loads((home / "jobs" / a_id / "spec.json").read_text())
+    stored = json.loads((stack.home / "jobs" / a_id / "spec.json").read_text())
     assert stored["webhook"]["secret"] != SECRET and SECRET not in json.dumps(stored)
