@@ -76,6 +76,7 @@ def run_and_kill(
     stack: Stack, env: dict[str, str], tmp_path: Path, name: str
 ) -> tuple[Any, dict[str, Any]]:
     first = start_group_worker(stack, name, env)
+    wait_healthy(stack)  # the API, started just before: the worker starts meanwhile
     data = tiny_dataset(tmp_path / "tiny.jsonl")
     client = stack.client()
     job = client.post("/jobs", json=recipe_spec(data, max_steps=8, save_steps=3)).json()
@@ -114,7 +115,6 @@ def test_a_worker_restarted_under_its_name_resumes_its_job_at_once(
     port = free_port()
     stack = Stack(url=f"http://127.0.0.1:{port}", home=tmp_path)
     start_api(stack, port, env)
-    wait_healthy(stack)
     try:
         name = f"crashy-{port}"  # unique: a worker's start reclaims what its name holds
         client, running = run_and_kill(stack, env, tmp_path, name)
@@ -140,7 +140,6 @@ def test_another_worker_takes_over_within_a_few_heartbeats(
     port = free_port()
     stack = Stack(url=f"http://127.0.0.1:{port}", home=tmp_path)
     start_api(stack, port, env)
-    wait_healthy(stack)
     try:
         client, running = run_and_kill(stack, env, tmp_path, f"crashy-{port}")
         killed = time.monotonic()
