@@ -18,6 +18,15 @@ import redis
 
 from cli.main import api_command, worker_command
 
+# Torch's OpenMP threads spin while they wait for each other (libgomp's default). The suite runs
+# the test process, APIs, workers, Postgres and Redis side by side on a few cores, often shared
+# with other work: a spinning thread holds a core another process needs, and a thread that was
+# descheduled keeps its whole team spinning. On the shared 2-core machine a worker's training
+# steps took 3-4x as long so (the recipe's 6 steps: 98-103 s spinning, 29-35 s passive, two
+# threads each). Passive threads sleep instead. Set before anything imports torch (libgomp reads
+# it once, at load); every process the tests start inherits it (stack_env copies os.environ).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("MEDTUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_SERVER = "redis://127.0.0.1:6379"
