@@ -3,20 +3,19 @@
 Checkpointing trades speed for memory: every layer's forward runs twice. The recipe asks for it
 because a 16 GB T4 cannot hold an 8B model's activations; on a card that holds them it only
 slows each step. It does not change the math (same loss, same gradients), so, like the split of
-an optimizer step into rows, it is the worker's business: on CUDA, when the largest step the
-job can take fits the card's free memory without checkpointing (with room to spare), the worker
-trains without it and notes why. ``MEDTUNE_SKIP_CHECKPOINTING_WHEN_ROOM=false`` keeps the spec's.
+an optimizer step into rows, it is the worker's business: on CUDA, when an SFT job's fullest
+step fits the card's free memory without checkpointing (with room to spare), the worker trains
+without it and notes why; an out-of-memory turns it back on (core/pipeline.py). DPO / ORPO
+keep what they ask.
+``MEDTUNE_SKIP_CHECKPOINTING_WHEN_ROOM=false`` keeps the spec's.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from core.memory import GIB, ModelShape, estimate
 from core.spec import JobSpec
-
-log = logging.getLogger(__name__)
 
 # Share of the card's free memory a job without checkpointing may plan to use: the estimate is
 # a fit, and an inference worker on the same card may build its fast path beside the job.
