@@ -37,7 +37,7 @@ wordnet:
 
 test: setup services model browser wordnet
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q -m "not gpu" --durations=30
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not gpu and not slow"
