@@ -15,7 +15,7 @@ from pydantic import (
 )
 
 from api.openai_method import FineTuningHyperparameters, FineTuningMethod
-from core.spec import DatasetSection, check_model_name
+from core.spec import DEFAULT_REPETITION_PENALTY, DatasetSection, check_model_name
 from core.spec.job import public_spec
 from core.spec.preference import Method, PreferenceSection
 from core.store.models import Job, MetricRow
@@ -216,11 +216,14 @@ class InferRequest(BaseModel):
     max_new_tokens: int = Field(default=256, ge=1, le=4096)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # 1.1, as the held-out evaluation: greedy answers of a small tuned model loop without it
+    # (BENCHMARKS.md, issue #20); Ollama's default is the same.
     repetition_penalty: float = Field(
-        default=1.0,
+        default=DEFAULT_REPETITION_PENALTY,
         ge=1.0,
         le=2.0,
-        description="Above 1 discourages repeating tokens already in the chat (1.0: off).",
+        description="Above 1 discourages repeating tokens already in the chat (1.0: off, plain "
+        "greedy). /v1/chat/completions keeps OpenAI's default, off.",
     )
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ from core.data.prepare import prepare
 from core.evaluation import EVALUATION_FILE
 from core.evaluation.job import evaluate_job
 from core.settings import Settings
-from core.spec import JobSpec
+from core.spec import DEFAULT_REPETITION_PENALTY, JobSpec
 from core.training import engines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("home", type=Path, help="the MEDTUNE_HOME bench/eval_medquad.py used")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY)
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--max-examples", type=int, help="more held-out questions than the job's")
     parser.add_argument(

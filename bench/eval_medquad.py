@@ -24,7 +24,7 @@ from typing import Any
 from core.evaluation import EVALUATION_FILE
 from core.pipeline import run_job
 from core.settings import Settings
-from core.spec import JobSpec
+from core.spec import DEFAULT_REPETITION_PENALTY, JobSpec
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.migrate import upgrade
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--held-out-rows", type=int, default=400, help="rows read from it")
     parser.add_argument("--questions", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY)
     parser.add_argument(
         "--batch-size", type=int, default=16, help="questions answered in one generate call"
     )

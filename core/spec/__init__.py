@@ -16,7 +16,7 @@ from core.spec.dataset import (
     ValidationDataset,
     looks_like_path,
 )
-from core.spec.evaluation import EvaluationSection
+from core.spec.evaluation import DEFAULT_REPETITION_PENALTY, EvaluationSection
 from core.spec.job import (
     ALL_PROJECTIONS,
     ExportFormat,
@@ -35,6 +35,7 @@ __all__ = [
     "ALL_PROJECTIONS",
     "ARCHIVE_SUFFIXES",
     "DATA_SUFFIXES",
+    "DEFAULT_REPETITION_PENALTY",
     "FILE_REF",
     "RECIPE_SYSTEM_PROMPT",
     "SOURCE_FIELDS",

@@ -14,8 +14,11 @@ def test_repetition_penalty_reaches_the_worker(api: Api, seeded: dict[str, str])
     assert response.status_code == 200, response.text
     sent = api.queue.calls[-1]
     assert sent.kwargs is not None and sent.kwargs["repetition_penalty"] == 1.15
-    # Off by default: nothing extra is sent.
+    # 1.1 by default (greedy answers of a small tuned model loop without it: issue #20) ...
     assert api.client.post("/infer", json=body).status_code == 200
+    assert (api.queue.calls[-1].kwargs or {})["repetition_penalty"] == 1.1
+    # ... and 1.0 is plain greedy: nothing extra is sent.
+    assert api.client.post("/infer", json={**body, "repetition_penalty": 1.0}).status_code == 200
     assert "repetition_penalty" not in (api.queue.calls[-1].kwargs or {})
 
 
