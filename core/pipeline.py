@@ -236,13 +236,14 @@ def _run_stages(
     )
     lease.check()
     _note(url, job_id, *outcome.notes)
+    # Saved before the evaluation: a crash there must not cost the trained adapter.
+    adapter_dir = job_dir / "adapter"
+    _save_adapter(loaded, adapter_dir)
     if spec.evaluation.enabled and not outcome.cancelled:
         clock.start("evaluating")
         _evaluate(job_id, spec, loaded, prepared, job_dir, url)
     clock.start("exporting", stage=JobStage.exporting)
-    adapter_dir = job_dir / "adapter"
     lease.check()
-    _save_adapter(loaded, adapter_dir)
     tracking.log_folder(adapter_dir, name="adapter")
     if not outcome.cancelled:
         send_warm(settings, spec, job_id=job_id, adapter_dir=str(adapter_dir))

@@ -147,3 +147,27 @@ def test_ready_made_prompt_texts_skip_scoring_with_a_note_not_an_error(
     assert any("no held-out question/answer pairs to score" in n for n in job.notes), job.notes
     result = json.loads((tmp_path / "jobs" / job_id / EVALUATION_FILE).read_text())
     assert result["examples"] == 0 and result["difference"]["rougeL"] is None
+
+
+@pytest.mark.slow
+def test_an_evaluation_that_crashes_keeps_the_trained_adapter(
+    tmp_path: Path, sqlite_url: str, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter is saved before the evaluation stage: training's work survives its failure."""
+    import core.evaluation.job
+
+    def crash(*args: Any, **kwargs: Any) -> str:
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(core.evaluation.job, "evaluate_job", crash)
+    data = tiny_dataset(tmp_path / "tiny.jsonl", rows=12)
+    raw = recipe_spec(data, max_steps=1)
+    raw["training_dataset"]["validation_share"] = 0.25
+    raw["evaluation_config"] = {"enabled": True, "max_examples": 2, "max_new_tokens": 4}
+    with session_scope(sqlite_url) as s:
+        job_id = jobs.create_job(s, JobSpec.model_validate(raw)).id
+    settings = Settings(home=tmp_path, database_url=sqlite_url, model_cache=model_cache)
+    assert run_job(job_id, settings, worker="w") == JobStatus.failed
+    adapter = tmp_path / "jobs" / job_id / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert (adapter / "adapter_config.json").is_file()
