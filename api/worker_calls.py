@@ -1,4 +1,6 @@
-"""Run a task on an inference worker and wait for its answer (the API itself loads no model)."""
+"""Calls to the inference workers, shared by the routes that make them: the inference rate limit,
+the decoding options, a chat answer (whole or streamed), other tasks, and SSE relaying. The API
+itself loads no model."""
 
 from __future__ import annotations
 
@@ -10,8 +12,20 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
 from api.deps import SSE_HEADERS
+from core.auth import Principal
 from core.errors import InferenceTimeout, MedtuneError
+from core.inference.remote import AnswerStream, ask, stream_answer
+from core.inference.stream import channel_for
 from core.queue import INFER_QUEUE
+from core.ratelimit import RateLimiter
+from core.settings import Settings
+
+
+def count_inference(limiter: RateLimiter, principal: Principal, settings: Settings) -> None:
+    """Take one request off the caller's inference limit (RateLimited when none is left)."""
+    limiter.hit(
+        "infer", principal.scope, per_minute=settings.rate_infer_per_minute, what="inferences"
+    )
 
 
 def decoding_options(
@@ -34,6 +48,25 @@ def decoding_options(
     if stop:
         options["stop"] = stop
     return options
+
+
+def ask_inference_worker(
+    queue: Any, settings: Settings, *, args: list[Any], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The worker's whole answer to a chat; a domain error it reported is raised here."""
+    return ask(
+        queue, channel_for(settings), args=args, kwargs=kwargs, timeout_s=settings.infer_timeout_s
+    )
+
+
+def stream_inference_worker(
+    queue: Any, settings: Settings, *, args: list[Any], kwargs: dict[str, Any]
+) -> AnswerStream:
+    """The worker's answer to a chat as events; an error before its first text is raised here,
+    so the route can still answer it as problem+json."""
+    return stream_answer(
+        queue, channel_for(settings), args=args, kwargs=kwargs, timeout_s=settings.infer_timeout_s
+    )
 
 
 def call_inference_worker(

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import DatasetPreview, DatasetPreviewRequest, JobDatasetPublic
-from api.worker_calls import call_inference_worker
+from api.worker_calls import call_inference_worker, count_inference
 from core.base_models import allowed_model_roots, check_base_model
 from core.data.preference_rows import check_rows
 from core.data.preview import preview_spec
@@ -54,9 +54,7 @@ def preview_dataset(
     """Render the first examples of a dataset spec, per token marked trained or not (dpo /
     orpo: its first preference pairs as the trainer takes them)."""
     # A preview takes an inference worker's time: it counts against the inference limit.
-    limiter.hit(
-        "infer", principal.scope, per_minute=settings.rate_infer_per_minute, what="inferences"
-    )
+    count_inference(limiter, principal, settings)
     request = body.model_dump(mode="json")
     # A dpo / orpo preview is refused where the job would be (a mix, raw text, budgets).
     spec = _preference_spec(request) if body.method != "sft" or body.preference else None

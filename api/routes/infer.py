@@ -12,10 +12,15 @@ from pydantic import Field
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from api.schemas import InferRequest, InferResponse
-from api.worker_calls import decoding_options, relay_sse
+from api.worker_calls import (
+    ask_inference_worker,
+    count_inference,
+    decoding_options,
+    relay_sse,
+    stream_inference_worker,
+)
 from core.errors import JobNotReady, MedtuneError
-from core.inference.remote import ask, job_target, stream_answer
-from core.inference.stream import channel_for
+from core.inference.remote import job_target
 from core.spec import JobSpec
 from core.store import jobs
 from core.store.models import JobStatus
@@ -86,9 +91,7 @@ def infer(
 ) -> Any:
     """Answer with the job's adapter (use_adapter=false: its base model); stream=true: SSE."""
     job = jobs.get_job(session, body.job_id, owner=principal.job_owner)
-    limiter.hit(
-        "infer", principal.scope, per_minute=settings.rate_infer_per_minute, what="inferences"
-    )
+    count_inference(limiter, principal, settings)
     if body.use_adapter and job.status != JobStatus.succeeded:
         raise JobNotReady(
             f"job {job.id} is {job.status}; only a succeeded job has a tuned model to ask "
@@ -114,21 +117,9 @@ def infer(
     started = time.perf_counter()
     try:
         if body.stream:
-            events = stream_answer(
-                queue,
-                channel_for(settings),
-                args=args,
-                kwargs=kwargs,
-                timeout_s=settings.infer_timeout_s,
-            )
+            events = stream_inference_worker(queue, settings, args=args, kwargs=kwargs)
         else:
-            result = ask(
-                queue,
-                channel_for(settings),
-                args=args,
-                kwargs=kwargs,
-                timeout_s=settings.infer_timeout_s,
-            )
+            result = ask_inference_worker(queue, settings, args=args, kwargs=kwargs)
     except MedtuneError as exc:
         # The worker names the prompt "messages"; this client may have sent a question.
         if exc.field == "messages" and body.question is not None:

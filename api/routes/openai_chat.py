@@ -18,11 +18,16 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import LimiterDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
-from api.worker_calls import decoding_options, relay_sse
+from api.worker_calls import (
+    ask_inference_worker,
+    count_inference,
+    decoding_options,
+    relay_sse,
+    stream_inference_worker,
+)
 from core.errors import MedtuneError
 from core.inference.catalog import list_models, resolve_model
-from core.inference.remote import ask, job_target, stream_answer
-from core.inference.stream import channel_for
+from core.inference.remote import job_target
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -123,9 +128,7 @@ def create_chat_completion(
 ) -> Any:
     """A chat completion (or its chunks with stream=true) from a tuned job or a base model."""
     target = resolve_model(session, body.model, owner=principal.job_owner)
-    limiter.hit(
-        "infer", principal.scope, per_minute=settings.rate_infer_per_minute, what="inferences"
-    )
+    count_inference(limiter, principal, settings)
     kwargs: dict[str, Any] = {
         "use_adapter": target.job is not None,
         **decoding_options(
@@ -148,13 +151,7 @@ def create_chat_completion(
     }
     try:
         if body.stream:
-            events = stream_answer(
-                queue,
-                channel_for(settings),
-                args=args,
-                kwargs=kwargs,
-                timeout_s=settings.infer_timeout_s,
-            )
+            events = stream_inference_worker(queue, settings, args=args, kwargs=kwargs)
             usage = body.stream_options is not None and body.stream_options.include_usage
             return relay_sse(
                 _chunks(
@@ -162,13 +159,7 @@ def create_chat_completion(
                 ),
                 on_disconnect=events.cancel,
             )
-        result = ask(
-            queue,
-            channel_for(settings),
-            args=args,
-            kwargs=kwargs,
-            timeout_s=settings.infer_timeout_s,
-        )
+        result = ask_inference_worker(queue, settings, args=args, kwargs=kwargs)
     except MedtuneError as exc:
         raise _as_model_field(exc) from None
     return {
