@@ -115,7 +115,8 @@ class MemoryEstimate:
 def estimate(
     spec: JobSpec, shape: ModelShape, *, engine: str = "unsloth", tokens: int | None = None
 ) -> MemoryEstimate:
-    """Peak GPU memory of training ``spec`` on ``shape`` with ``engine`` (unsloth|transformers);
+    """Peak GPU memory of training ``spec`` on ``shape`` with ``engine``: any engine name, as
+    picked or as loaded ("transformers+peft+bnb4bit"); only Unsloth's activations differ.
     ``tokens``: a micro-batch of that many tokens instead of the spec's batch x max_seq_length."""
     projections = shape.projection_shapes()
     per_layer = sum(a * b for a, b in projections.values())

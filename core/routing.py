@@ -59,6 +59,7 @@ def route(
 ) -> tuple[str, MemoryEstimate | None]:
     """The queue for ``spec`` and its memory estimate (None where the model's shape is unknown)."""
     gpus = [w for w in workers if w.gpu_memory_gib]
+    # A GPU worker, the one an estimate sizes, trains "auto" with Unsloth (engines.pick_engine).
     engine = "transformers" if spec.training.engine == "transformers" else "unsloth"
     shape = (
         None

@@ -43,7 +43,7 @@ def _load_finished(base_path: str, adapter_dir: Path) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core.export.formats import load_kwargs
-    from core.training.engines import Loaded
+    from core.training.engines import Loaded, loaded_name
 
     base = AutoModelForCausalLM.from_pretrained(base_path, **load_kwargs())
     try:
@@ -56,7 +56,7 @@ def _load_finished(base_path: str, adapter_dir: Path) -> Any:
             field="job_id",
             code="adapter_invalid",
         ) from exc
-    return Loaded(model, tokenizer, "transformers+peft")
+    return Loaded(model, tokenizer, loaded_name("transformers"))
 
 
 def push(job_dir: Path, spec: JobSpec, keys: list[str]) -> dict[str, Any]:

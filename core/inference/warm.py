@@ -235,7 +235,6 @@ def _training_gib(spec: Any, model_path: str, engine: str, tokens: int | None) -
     shape = find_shape(spec.model.base_model, local_dir=Path(model_path))
     if shape is None:
         return None
-    engine = "unsloth" if engine == "unsloth" else "transformers"
     return estimate(spec, shape, engine=engine, tokens=tokens).total_gib
 
 

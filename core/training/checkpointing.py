@@ -68,7 +68,6 @@ def choose(
     if not asked or free_bytes is None or shape is None or spec.training.method != "sft":
         return asked, None
     tokens = tokens or most_step_tokens(spec)
-    engine = "unsloth" if engine == "unsloth" else "transformers"
     need = estimate(with_checkpointing(spec, False), shape, engine=engine, tokens=tokens)
     # The base is loaded already (free memory is what is left beside it): what the job adds.
     adds = need.total_gib - need.weights_gib

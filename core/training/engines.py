@@ -50,6 +50,14 @@ def pick_engine(spec: JobSpec) -> str:
     return choice
 
 
+def loaded_name(engine: str, *, load_in_4bit: bool = False) -> str:
+    """The engine a ``Loaded`` names (the job's ``engine``; exports read "bnb4bit" in it):
+    "unsloth", or what transformers stacks, peft and bitsandbytes for a 4-bit base."""
+    if engine == "unsloth":
+        return "unsloth"
+    return "transformers+peft+bnb4bit" if load_in_4bit else "transformers+peft"
+
+
 def compute_dtype(spec: JobSpec) -> Any:
     import torch
 
@@ -126,9 +134,7 @@ def load(
         based - started,
         time.monotonic() - based,
     )
-    name = "unsloth" if engine == "unsloth" else "transformers+peft"
-    if engine != "unsloth" and key.load_in_4bit:
-        name += "+bnb4bit"
+    name = loaded_name(engine, load_in_4bit=key.load_in_4bit)
     loaded = Loaded(model, tokenizer, name, notes, kept=kept, checkpointing=ckpt)
     loaded.step_tokens = tokens
     if init_adapter:

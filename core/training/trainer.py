@@ -103,9 +103,10 @@ def row_capacity(spec: JobSpec, loaded: Loaded, items: list[Encoded]) -> int:
     shape = shape_of(getattr(loaded.model, "config", None))
     if need <= recipe or shape is None:
         return recipe
-    engine = "unsloth" if loaded.engine == "unsloth" else "transformers"
     budget = FOLD_BUDGET_GIB / MARGIN
-    return max(recipe, tokens_within(spec, shape, budget_gib=budget, engine=engine, most=need))
+    return max(
+        recipe, tokens_within(spec, shape, budget_gib=budget, engine=loaded.engine, most=need)
+    )
 
 
 def _layout(
