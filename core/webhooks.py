@@ -14,7 +14,9 @@ same across retries: a receiver drops repeats by it.
 
 Targets: only http(s), and (unless ``MEDTUNE_WEBHOOK_ALLOW_PRIVATE``) no loopback, private,
 link-local or otherwise non-public address, checked at submit and again, after DNS resolution,
-before each attempt. Redirects are not followed (a redirect could point inward).
+before each attempt; the attempt then connects only to the addresses checked
+(core/webhook_transport.py), never to what a second lookup of the name answers. Redirects are
+not followed (a redirect could point inward).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import httpx
 from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
+from core import webhook_transport
 from core.errors import SpecError
 from core.settings import Settings
 from core.store.jobs import TERMINAL
@@ -66,7 +69,8 @@ def _is_public(address: str) -> bool:
 
 
 def check_target(url: str, *, allow_private: bool) -> list[str]:
-    """The addresses ``url``'s host resolves to, all of them allowed targets; else a 422."""
+    """The addresses ``url``'s host resolves to (the resolver's order), all of them allowed
+    targets; else a 422."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookUrlInvalid(
@@ -88,7 +92,7 @@ def check_target(url: str, *, allow_private: bool) -> list[str]:
             f"webhook.url's host {parts.hostname!r} does not resolve ({exc}); check the name",
             field=FIELD,
         ) from exc
-    addresses = sorted({str(info[4][0]) for info in found})
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
     private = [a for a in addresses if not _is_public(a)]
     if private and not allow_private:
         raise WebhookUrlPrivate(
@@ -155,11 +159,6 @@ def _claim(session: Session, job_id: str, *, now: datetime, hold_s: float) -> bo
     return bool(result.rowcount)
 
 
-def _post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
-    with httpx.Client(timeout=timeout_s, follow_redirects=False) as client:
-        return client.post(url, content=body, headers=headers).status_code
-
-
 def attempt(session: Session, job: Job, settings: Settings) -> dict[str, Any]:
     """One delivery attempt of a claimed job's event; records it on the row and returns it."""
     hook = (job.spec or {}).get("webhook") or {}
@@ -172,7 +171,7 @@ def attempt(session: Session, job: Job, settings: Settings) -> dict[str, Any]:
     record["last_attempt_at"] = now.isoformat()
     status, error, final = None, None, False
     try:
-        check_target(hook["url"], allow_private=settings.webhook_allow_private)
+        addresses = check_target(hook["url"], allow_private=settings.webhook_allow_private)
         body = json.dumps(event, separators=(",", ":")).encode()
         stamp = int(time.time())
         headers = {
@@ -184,7 +183,9 @@ def attempt(session: Session, job: Job, settings: Settings) -> dict[str, Any]:
                 hook["secret"], event_id=record["event_id"], timestamp=stamp, body=body
             ),
         }
-        status = _post(hook["url"], body, headers, settings.webhook_timeout_s)
+        status = webhook_transport.post(
+            hook["url"], addresses, body=body, headers=headers, timeout_s=settings.webhook_timeout_s
+        )
         if not 200 <= status < 300:
             error = f"HTTP {status}"
     except SpecError as exc:  # the host now resolves inward: never retried

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -209,3 +211,130 @@ def test_submit_with_the_flag_stores_it_and_masks_the_secret(
         assert SECRET not in made.text + json.dumps(job)
         short = {**spec, "webhook": {"url": receiver.url, "secret": "short"}}
         assert_problem(client.post("/jobs", json=short), 422, "out_of_range", "webhook.secret")
+
+
+NAME = "hooks.medtune.invalid"  # no real DNS answers it: only the faked lookup does
+PUBLIC = "93.184.215.14"  # a global address; tests refuse every connection to it
+
+
+def fake_dns(monkeypatch: pytest.MonkeyPatch, *answers: list[str]) -> None:
+    """``NAME`` resolves to the next of ``answers`` on each lookup (the last one from then on);
+    an empty answer fails as an unknown name does. Other hosts resolve for real."""
+    real = socket.getaddrinfo
+    left = list(answers)
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != NAME:
+            return real(host, port, *args, **kwargs)
+        found = left.pop(0) if len(left) > 1 else left[0]
+        if not found:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, int(port or 0), 0, 0))
+            if ":" in a
+            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, int(port or 0)))
+            for a in found
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Where sockets connect; any address but loopback is refused, so nothing leaves the host."""
+    real = socket.create_connection
+    seen: list[tuple[str, int]] = []
+
+    def create_connection(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        seen.append(address)
+        if address[0] not in ("127.0.0.1", "localhost", NAME):
+            raise ConnectionRefusedError(111, "Connection refused")
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    return seen
+
+
+def test_a_delivery_connects_to_the_checked_address_with_the_url_s_host(
+    sqlite_url: str, tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = int(receiver.url.rsplit(":", 1)[1].split("/")[0])
+    fake_dns(monkeypatch, ["127.0.0.1"], [])  # a second lookup would fail
+    job_id = finished_job(sqlite_url, f"http://{NAME}:{port}/hooks?x=1")
+    with session_scope(sqlite_url) as s:
+        [record] = webhooks.deliver_due(s, settings_for(sqlite_url, tmp_path))
+    assert record["last_error"] is None and record["delivered_at"], record
+    [(headers, body, _)] = receiver.got
+    assert headers["host"] == f"{NAME}:{port}"
+    verify(headers, body, SECRET)
+    assert json.loads(body)["data"]["id"] == job_id
+
+
+def test_a_name_rebound_to_loopback_after_the_check_is_not_connected_to(
+    sqlite_url: str, tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = int(receiver.url.rsplit(":", 1)[1].split("/")[0])
+    fake_dns(monkeypatch, [PUBLIC], ["127.0.0.1"])  # public to the check, inward after it
+    seen = connections(monkeypatch)
+    finished_job(sqlite_url, f"http://{NAME}:{port}/hooks")
+    settings = settings_for(sqlite_url, tmp_path, webhook_allow_private=False)
+    with session_scope(sqlite_url) as s:
+        [record] = webhooks.deliver_due(s, settings)
+    assert receiver.got == []
+    assert seen == [(PUBLIC, port)]
+    assert record["last_error"].startswith("ConnectError") and "delivered_at" not in record
+
+
+@pytest.mark.parametrize(
+    ("address", "netloc"),
+    [(PUBLIC, PUBLIC), ("2606:4700:4700::1111", "[2606:4700:4700::1111]")],
+)
+def test_an_https_delivery_keeps_the_name_for_tls(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, address: str, netloc: str
+) -> None:
+    fake_dns(monkeypatch, [address])
+    sent: list[httpx.Request] = []
+
+    def send(client: httpx.Client, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(204, request=request)
+
+    monkeypatch.setattr(httpx.Client, "send", send)
+    finished_job(sqlite_url, f"https://{NAME.upper()}:8443/hooks")
+    settings = settings_for(sqlite_url, tmp_path, webhook_allow_private=False)
+    with session_scope(sqlite_url) as s:
+        [record] = webhooks.deliver_due(s, settings)
+    assert record["last_status"] == 204 and record["delivered_at"]
+    [request] = sent
+    assert str(request.url) == f"https://{netloc}:8443/hooks"
+    assert request.headers["host"] == f"{NAME}:8443"
+    assert request.extensions["sni_hostname"] == NAME  # SNI and the certificate check
+
+
+def test_a_connect_error_tries_the_next_address_and_other_errors_end_the_attempt(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    second = "1.1.1.1"
+    fake_dns(monkeypatch, [PUBLIC, second])
+    sent: list[str] = []
+    failures: dict[str, Exception] = {}
+
+    def send(client: httpx.Client, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        sent.append(request.url.host)
+        if request.url.host in failures:
+            raise failures[request.url.host]
+        return httpx.Response(200, request=request)
+
+    monkeypatch.setattr(httpx.Client, "send", send)
+    settings = settings_for(sqlite_url, tmp_path, webhook_allow_private=False)
+    failures[PUBLIC] = httpx.ConnectError("Connection refused")
+    finished_job(sqlite_url, f"http://{NAME}/hooks")
+    with session_scope(sqlite_url) as s:
+        [record] = webhooks.deliver_due(s, settings)
+    assert sent == [PUBLIC, second] and record["delivered_at"]
+
+    sent.clear()
+    failures[PUBLIC] = httpx.ReadTimeout("timed out")  # it may have arrived: not sent twice
+    finished_job(sqlite_url, f"http://{NAME}/hooks")
+    with session_scope(sqlite_url) as s:
+        [record] = webhooks.deliver_due(s, settings)
+    assert sent == [PUBLIC] and record["last_error"].startswith("ReadTimeout")
