@@ -19,7 +19,6 @@ exports hold the trained adapter alone.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from core.training.engines import Loaded
 from core.training.held_out import eval_sample
 from core.training.meter import StepMeter
 from core.training.sink import MetricsSink
-from core.training.trainer import TrainOutcome, training_arguments
+from core.training.trainer import TrainingRun, TrainOutcome, training_arguments
 
 REFERENCE = "ref"  # the adapter name TRL's DPOTrainer scores the reference with
 # TRL's logged keys -> metric row columns (rewards are beta x log-ratio to the reference for
@@ -303,10 +302,6 @@ def train(
     sft job: the same sink rows (plus rewards), checkpoints, resume, eval and early stopping;
     the eval loss is the preference loss on the held-out pairs."""
     from datasets import Dataset
-    from transformers import PrinterCallback
-
-    from core.training.early_stopping import EarlyStopping
-    from core.training.sink_callback import SinkCallback
 
     notes: list[str] = []
     method, model = spec.training.method, loaded.model
@@ -337,31 +332,9 @@ def train(
     notes += [eval_note] if eval_note else []
     held = [features(i) for i in sample]
     batches = [collator(held[i : i + size]) for i in range(0, len(held), size)]
-    callback = SinkCallback(spec, sink, trainer, batches)
-    trainer.add_callback(callback)
-    stopper = EarlyStopping(spec, callback)  # after the callback: it reads its eval losses
-    trainer.add_callback(stopper)
-    trainer.remove_callback(PrinterCallback)
+    run = TrainingRun(spec, trainer, sink, batches)
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            sink.flush()
-        raise
-    finally:
+        run.train(resume_from)
+    finally:  # failed or not, the model leaves with the trained adapter alone
         drop_reference(model)
-    if callback.pending_eval is not None:
-        sink.log(trainer.state.global_step, {"eval_loss": callback.pending_eval})
-    sink.flush()
-    stop_reason, kept_step = stopper.finish(
-        model, final_step=trainer.state.global_step, cancelled=callback.cancelled
-    )
-    return TrainOutcome(
-        steps=trainer.state.global_step,
-        total_steps=trainer.state.max_steps,
-        cancelled=callback.cancelled,
-        final_loss=callback.last_loss,
-        notes=[*notes, f"{method} with TRL's {type(trainer).__mro__[2].__name__}"],
-        stop_reason=stop_reason,
-        kept_step=kept_step,
-    )
+    return run.outcome(model, [*notes, f"{method} with TRL's {type(trainer).__mro__[2].__name__}"])

@@ -41,6 +41,55 @@ class TrainOutcome:
     kept_step: int | None = None  # whose weights the adapter holds (keep: best or last)
 
 
+class TrainingRun:
+    """A trainer with the callbacks of every run, SFT or preference: metric rows, cancel checks
+    and held-out eval (SinkCallback), then early stopping, which reads its eval losses."""
+
+    def __init__(
+        self, spec: JobSpec, trainer: Any, sink: MetricsSink, eval_batches: list[Any]
+    ) -> None:
+        # Imported here: they import transformers, which a caller may not need loaded yet.
+        from transformers import PrinterCallback
+
+        from core.training.early_stopping import EarlyStopping
+        from core.training.sink_callback import SinkCallback
+
+        self.trainer, self.sink = trainer, sink
+        self.callback = SinkCallback(spec, sink, trainer, eval_batches)
+        trainer.add_callback(self.callback)
+        self.stopper = EarlyStopping(spec, self.callback)  # after the callback: it reads its evals
+        trainer.add_callback(self.stopper)
+        trainer.remove_callback(PrinterCallback)  # the sink reports; no raw dicts on stdout
+
+    def train(self, resume_from: Path | None) -> None:
+        try:
+            self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except BaseException:
+            # Keep the rows up to the failure; a failed write must not hide the training error.
+            with contextlib.suppress(Exception):
+                self.sink.flush()
+            raise
+
+    def outcome(self, model: Any, notes: list[str]) -> TrainOutcome:
+        """The run's last rows written, the weights to keep put into ``model``, what happened."""
+        state, callback = self.trainer.state, self.callback
+        if callback.pending_eval is not None:  # measured at a step that logged no row
+            self.sink.log(state.global_step, {"eval_loss": callback.pending_eval})
+        self.sink.flush()
+        stop_reason, kept_step = self.stopper.finish(
+            model, final_step=state.global_step, cancelled=callback.cancelled
+        )
+        return TrainOutcome(
+            steps=state.global_step,
+            total_steps=state.max_steps,
+            cancelled=callback.cancelled,
+            final_loss=callback.last_loss,
+            notes=notes,
+            stop_reason=stop_reason,
+            kept_step=kept_step,
+        )
+
+
 class PadCollator:
     """Right-pads a batch; labels of padding are ignored by the loss."""
 
@@ -246,12 +295,8 @@ def train(
     (``step_rows``); ``padded`` runs the spec's padded micro-batches as given, the recipe's own
     layout, kept to check that both compute the same step.
     """
-    from transformers import PrinterCallback
-
-    # Imported here: they import transformers, which a caller may not need loaded yet.
+    # Imported here: it imports transformers, which a caller may not need loaded yet.
     from core.training.counting_trainer import CountingTrainer
-    from core.training.early_stopping import EarlyStopping
-    from core.training.sink_callback import SinkCallback
 
     cfg = spec.training
     held_out, eval_note = eval_sample(spec, eval_items or [])
@@ -277,30 +322,6 @@ def train(
         save_total_limit=cfg.save_total_limit,
         sampler=data.sampler,
     )
-    callback = SinkCallback(spec, sink, trainer, data.eval_batches)
-    trainer.add_callback(callback)
-    stopper = EarlyStopping(spec, callback)  # after the callback: it reads its eval losses
-    trainer.add_callback(stopper)
-    trainer.remove_callback(PrinterCallback)  # the sink reports; no raw dicts on stdout
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except BaseException:
-        # Keep the rows up to the failure; a failed write must not hide the training error.
-        with contextlib.suppress(Exception):
-            sink.flush()
-        raise
-    if callback.pending_eval is not None:  # measured at a step that logged no row
-        sink.log(trainer.state.global_step, {"eval_loss": callback.pending_eval})
-    sink.flush()
-    stop_reason, kept_step = stopper.finish(
-        loaded.model, final_step=trainer.state.global_step, cancelled=callback.cancelled
-    )
-    return TrainOutcome(
-        steps=trainer.state.global_step,
-        total_steps=trainer.state.max_steps,
-        cancelled=callback.cancelled,
-        final_loss=callback.last_loss,
-        notes=notes,
-        stop_reason=stop_reason,
-        kept_step=kept_step,
-    )
+    run = TrainingRun(spec, trainer, sink, data.eval_batches)
+    run.train(resume_from)
+    return run.outcome(loaded.model, notes)
