@@ -203,7 +203,8 @@ def attempt(session: Session, job: Job, settings: Settings) -> dict[str, Any]:
         if final or spent + delay > settings.webhook_retry_s:
             values["webhook_state"] = "failed"
         else:
-            values["webhook_next_at"] = now + timedelta(seconds=delay)
+            # From the failed attempt's end: a slow receiver still gets its whole backoff.
+            values["webhook_next_at"] = utcnow() + timedelta(seconds=delay)
     session.execute(
         update(Job).where(col(Job.id) == job.id).values(webhook_delivery=record, **values)
     )
