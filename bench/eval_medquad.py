@@ -52,7 +52,12 @@ def job_spec(args: argparse.Namespace) -> dict[str, Any]:
             "load_in_4bit": False,
         },
         "lora_config": {"r": 16, "lora_alpha": 16, "use_gradient_checkpointing": False},
-        "training_dataset": {**dataset, "max_tokens": args.max_tokens, "validation_share": 0},
+        "training_dataset": {
+            **dataset,
+            "max_tokens": args.max_tokens,
+            "validation_share": 0,
+            "drop_looping_answers": not args.keep_looping_answers,
+        },
         "validation_dataset": {
             "name": str(MEDQUAD / args.held_out),
             "max_samples": args.held_out_rows,
@@ -139,6 +144,11 @@ def main() -> None:
         type=int,
         default=200,
         help="held-out examples the eval loss is measured on (a seeded sample); 0: all",
+    )
+    parser.add_argument(
+        "--keep-looping-answers",
+        action="store_true",
+        help="train on answers that loop too (drop_looping_answers false, as before session 8)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/eval-heldout-cpu.json")

@@ -12,6 +12,7 @@ CUDA-graph replay per token), the one ``/infer`` uses for a merged export.
     python bench/infer_gpu.py make TOKENIZER_DIR WORK_DIR [--adapters N]
         # WORK_DIR/model, WORK_DIR/adapter (and adapter_1 .. adapter_{N-1}, other seeds)
     python bench/infer_gpu.py run PATH WORK_DIR [--tokens 128] [--runs 3] [--cap-gib 15]
+        [--repetition-penalty 1.0,1.1]
     PATH: unsloth_4bit_lora | hf_4bit_peft | bf16_eager | bf16_static_compiled | bf16_graph_loop
           | bf16_merged_graph | bnb4_lora_graph
 
@@ -139,8 +140,16 @@ def _through_generate(
 
 
 def run(
-    path: str, work: str, *, tokens: int, repeats: int = 3, cap_gib: float | None = None
+    path: str,
+    work: str,
+    *,
+    tokens: int,
+    repeats: int = 3,
+    cap_gib: float | None = None,
+    penalties: tuple[float, ...] = (1.0,),
 ) -> None:
+    """Load PATH once, then time it at each repetition penalty (the service's default is 1.1:
+    on the graph loop the penalty is a seen-token mask on the device, outside the graph)."""
     import torch
 
     if cap_gib:
@@ -149,44 +158,50 @@ def run(
     started = time.perf_counter()
     answer, adapter = _load(path, Path(work))
     load_s = time.perf_counter() - started
-    request = GenerationRequest(
-        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
-        max_new_tokens=tokens,
-        adapter=adapter,
-        ignore_eos=True,
-    )
-    warm = time.perf_counter()
-    for _ in range(2 if "static" in path or "graph" in path else 1):  # compile, record graphs
-        answer(request)
-    warm_s = time.perf_counter() - warm
-    runs = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        runs.append(answer(request))
-    decode = [
-        (g.completion_tokens - 1) / (g.seconds - g.first_token_seconds)
-        for g in runs
-        if g.first_token_seconds is not None
-    ]
-    emit(
-        {
-            "path": path,
-            "cap_gib": cap_gib,
-            "gpu": torch.cuda.get_device_name(0),
-            "prompt_tokens": runs[0].prompt_tokens,
-            "new_tokens": runs[0].completion_tokens,
-            "ttft_ms_median": round(
-                statistics.median(g.first_token_seconds or 0 for g in runs) * 1000, 1
-            ),
-            "decode_tokens_per_s_median": round(statistics.median(decode), 1),
-            "end_to_end_tokens_per_s_median": round(
-                statistics.median(g.completion_tokens / g.seconds for g in runs), 1
-            ),
-            "load_s": round(load_s, 1),
-            "warm_up_s": round(warm_s, 1),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        }
-    )
+    for penalty in penalties:
+        request = GenerationRequest(
+            messages=[
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": QUESTION},
+            ],
+            max_new_tokens=tokens,
+            adapter=adapter,
+            ignore_eos=True,
+            repetition_penalty=penalty,
+        )
+        warm = time.perf_counter()
+        for _ in range(2 if "static" in path or "graph" in path else 1):  # compile, record
+            answer(request)
+        warm_s = time.perf_counter() - warm
+        runs = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            runs.append(answer(request))
+        decode = [
+            (g.completion_tokens - 1) / (g.seconds - g.first_token_seconds)
+            for g in runs
+            if g.first_token_seconds is not None
+        ]
+        emit(
+            {
+                "path": path,
+                "cap_gib": cap_gib,
+                "repetition_penalty": penalty,
+                "gpu": torch.cuda.get_device_name(0),
+                "prompt_tokens": runs[0].prompt_tokens,
+                "new_tokens": runs[0].completion_tokens,
+                "ttft_ms_median": round(
+                    statistics.median(g.first_token_seconds or 0 for g in runs) * 1000, 1
+                ),
+                "decode_tokens_per_s_median": round(statistics.median(decode), 1),
+                "end_to_end_tokens_per_s_median": round(
+                    statistics.median(g.completion_tokens / g.seconds for g in runs), 1
+                ),
+                "load_s": round(load_s, 1),
+                "warm_up_s": round(warm_s, 1),
+                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            }
+        )
 
 
 def main() -> None:
@@ -202,11 +217,24 @@ def main() -> None:
     ran.add_argument("--tokens", type=int, default=128)
     ran.add_argument("--runs", type=int, default=3)
     ran.add_argument("--cap-gib", type=float, default=None)
+    ran.add_argument(
+        "--repetition-penalty",
+        default="1.0",
+        type=lambda v: tuple(float(x) for x in v.split(",")),
+        help="one or several, comma-separated (1.0,1.1): each timed on the same load",
+    )
     args = parser.parse_args()
     if args.command == "make":
         make(args.tokenizer_dir, args.work, adapters=args.adapters)
     else:
-        run(args.path, args.work, tokens=args.tokens, repeats=args.runs, cap_gib=args.cap_gib)
+        run(
+            args.path,
+            args.work,
+            tokens=args.tokens,
+            repeats=args.runs,
+            cap_gib=args.cap_gib,
+            penalties=args.repetition_penalty,
+        )
 
 
 if __name__ == "__main__":

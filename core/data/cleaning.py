@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from core.repetition import loops
+
 if TYPE_CHECKING:  # conversations imports clean_text from here
     from core.data.example import Example
 
@@ -94,6 +96,22 @@ def dedupe(
                 continue
             seen_norm.add(key)
         kept.append(example)
+    return kept, dropped
+
+
+def drop_looping(examples: list[Example]) -> tuple[list[Example], Counter[str]]:
+    """Drop conversations with an answer that loops (core/repetition.py), counted as
+    ``answer_loops``: a model trained on scraped answers that repeat one phrase learns to repeat
+    it (34 of the recipe's 2,000 rows do). Raw-text documents are kept as they are."""
+    kept = [
+        e
+        for e in examples
+        if e.messages is None
+        or not any(m["role"] == "assistant" and loops(m["content"]) for m in e.messages)
+    ]
+    dropped: Counter[str] = Counter()
+    if len(kept) < len(examples):
+        dropped["answer_loops"] = len(examples) - len(kept)
     return kept, dropped
 
 

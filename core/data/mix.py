@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from core.data.cleaning import Seen, dedupe
+from core.data.cleaning import Seen, dedupe, drop_looping
 from core.data.conversations import to_examples
 from core.data.example import Example
 from core.data.sources import FIELD, load, scoped, source_section
@@ -103,7 +103,10 @@ def _read(section: DatasetSection, *, index: int, weight: float, seen: Seen) -> 
             input_field=section.input_field,
             system_prompt_source=section.system_prompt_source,
         )
-    examples, duplicates = dedupe(conv.examples, section.dedupe, seen=seen)
+    examples, dropped = dedupe(conv.examples, section.dedupe, seen=seen)
+    if section.drop_looping_answers:
+        examples, looping = drop_looping(examples)
+        dropped += looping
     return Part(
         index=index,
         name=section.name,
@@ -112,7 +115,7 @@ def _read(section: DatasetSection, *, index: int, weight: float, seen: Seen) -> 
         layout=conv.layout,
         rows=len(loaded.rows) + sum(loaded.dropped.values()),
         examples=examples,
-        dropped=loaded.dropped + conv.dropped + duplicates,
+        dropped=loaded.dropped + conv.dropped + dropped,
         system_from=conv.system_from,
     )
 

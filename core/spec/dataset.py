@@ -202,6 +202,11 @@ class DatasetSection(_Section):
         description="Drop duplicate conversations: exact text, or after case, punctuation and "
         "whitespace are normalised.",
     )
+    drop_looping_answers: bool = Field(
+        default=True,
+        description="Drop examples whose answer says one 8-word phrase 3 or more times: a "
+        "model trained on answers that loop learns to loop (counted as answer_loops).",
+    )
     min_tokens: Int | None = Field(
         default=None, ge=1, le=1_000_000, description="Drop examples shorter than this (tokens)."
     )
@@ -359,8 +364,8 @@ class DatasetSection(_Section):
 
 class ValidationDataset(_SourceFields):
     """A separate validation set: read like one training source, then cleaned, rendered and
-    tokenized with training_dataset's settings (system_prompt, dedupe, chat_template,
-    train_on_prompt, min_tokens/max_tokens), and used as the validation split."""
+    tokenized with training_dataset's settings (system_prompt, dedupe, drop_looping_answers,
+    chat_template, train_on_prompt, min_tokens/max_tokens), and used as the validation split."""
 
 
 def looks_like_path(name: str) -> bool:

@@ -13,9 +13,16 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from core.data.cleaning import clean_text, dedupe, normalized_key, validation_split
+from core.data.cleaning import (
+    clean_text,
+    dedupe,
+    drop_looping,
+    normalized_key,
+    validation_split,
+)
 from core.data.conversations import to_examples
 from core.data.example import Example
+from core.data.mix import collect
 from core.data.sources import load, load_rows
 from core.errors import DatasetError
 from core.spec import DatasetSection, JobSpec
@@ -367,6 +374,37 @@ def test_dedupe_exact_and_normalised() -> None:
     assert len(kept) == 3 and dropped == {"duplicate_exact": 1}
     assert dedupe(examples, "none") == (examples, {})
     assert normalized_key("Fièvre, HIGH!") == normalized_key("fievre high")
+
+
+LOOPING = "Rest and fluids help the body recover from the infection. " * 3
+
+
+def test_answers_that_loop_are_dropped_and_questions_that_loop_are_not() -> None:
+    examples = [
+        qa("What helps a cold?", LOOPING),
+        qa(LOOPING, "Rest."),
+        qa("What helps a cold?", "Rest and fluids help the body recover from the infection."),
+        Example(text=LOOPING),  # a raw-text document: continued pretraining keeps it
+    ]
+    kept, dropped = drop_looping(examples)
+    assert kept == examples[1:] and dropped == {"answer_loops": 1}
+    assert drop_looping(examples[1:]) == (examples[1:], {})
+
+
+def test_a_file_with_a_looping_answer_trains_without_it_unless_asked(tmp_path: Path) -> None:
+    path = tmp_path / "qa.jsonl"
+    rows = [
+        {"question": "What helps a cold?", "answer": LOOPING},
+        {"question": "What is a fever?", "answer": "A body temperature above 38 C."},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    collected = collect(DatasetSection(name=str(path)))
+    assert [e.messages[1]["content"] for e in collected.examples if e.messages] == [
+        "What is a fever?"
+    ]
+    assert collected.dropped["answer_loops"] == 1
+    kept = collect(DatasetSection(name=str(path), drop_looping_answers=False))
+    assert len(kept.examples) == 2 and "answer_loops" not in kept.dropped
 
 
 def test_validation_split_is_seed_stable_and_order_free() -> None:
