@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "core" / "samples" / "medical_qa_sample.jsonl"
 
 
+def unrepeated_words(count: int, word: str = "word") -> str:
+    """A long answer with no phrase said twice: the dataset stage drops answers that loop
+    (core/repetition.py), so a test's long answer cannot be one word repeated."""
+    return " ".join(f"{word}{i}" for i in range(count))
+
+
 def tiny_dataset(path: Path, rows: int = 8) -> Path:
     lines = SAMPLE.read_text().splitlines()[:rows]
     path.write_text("\n".join(lines) + "\n")

@@ -20,7 +20,7 @@ from core.store.models import JobStatus
 from tests.api.test_api import Api, FakeQueue, assert_problem
 from tests.api.test_auth import bearer, build, new_key
 from tests.api.test_files_api import JSONL, upload
-from tests.helpers import recipe_spec
+from tests.helpers import recipe_spec, unrepeated_words
 
 
 def spec_with(validation: dict[str, Any], **dataset: Any) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def test_job_dataset_stats_report_the_validation_set(
     """A validation set the gate refuses (every example cut): the job fails before training,
     and GET /jobs/{id}/dataset shows the training set and the refused validation set."""
     held = tmp_path / "val.jsonl"
-    rows = [{"question": f"long {i}?", "answer": "word " * 400} for i in range(3)]
+    rows = [{"question": f"long {i}?", "answer": unrepeated_words(400)} for i in range(3)]
     held.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     spec = spec_with({"name": str(held)})
     with session_scope(api.db_url) as s:

@@ -14,6 +14,7 @@ from core.data.prepare import prepare, render_dataset
 from core.data.tokenize import IGNORE_INDEX
 from core.pipeline import _prepare_data
 from core.spec import DatasetSection, JobSpec
+from tests.helpers import unrepeated_words
 
 QA = [
     {"question": "What is a fever?", "answer": "A body temperature above 38 C."},
@@ -102,8 +103,8 @@ def test_nothing_trained_is_no_trained_tokens(tmp_path: Path, tokenizer: Any) ->
 
 def test_too_many_truncated_names_the_first(tmp_path: Path, tokenizer: Any) -> None:
     rows = copy.deepcopy(QA)
-    rows[1]["answer"] = "Paracetamol. " * 200
-    rows[3]["answer"] = "Red cells. " * 200
+    rows[1]["answer"] = unrepeated_words(200, "paracetamol")
+    rows[3]["answer"] = unrepeated_words(200, "cells")
     section = DatasetSection(min_examples=1, name=str(jsonl(tmp_path, rows)))
     err = gate_error(section, tokenizer, max_seq_length=128)
     assert err.code == "too_many_truncated" and err.example_index == 1
@@ -122,7 +123,7 @@ def test_too_many_truncated_names_the_first(tmp_path: Path, tokenizer: Any) -> N
 
 def test_a_job_fails_with_the_gate_code(tmp_path: Path, model_dir: Path) -> None:
     rows = copy.deepcopy(QA)
-    rows[0]["answer"] = "Long. " * 400
+    rows[0]["answer"] = unrepeated_words(400, "long")
     spec = JobSpec.model_validate(
         {
             "model_config": {"base_model": "smollm2-135m-instruct", "max_seq_length": 64},

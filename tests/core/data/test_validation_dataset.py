@@ -22,7 +22,7 @@ from core.spec import SOURCE_FIELDS, DatasetSection, JobSpec, ValidationDataset
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import JobStatus
-from tests.helpers import recipe_spec
+from tests.helpers import recipe_spec, unrepeated_words
 
 
 def qa_file(path: Path, prefix: str, count: int, *, start: int = 0) -> Path:
@@ -191,7 +191,7 @@ def test_the_validation_set_is_the_validation_split(tmp_path: Path, tokenizer: A
 def test_the_same_cleaning_and_filters_apply(tmp_path: Path, tokenizer: Any) -> None:
     train = qa_file(tmp_path / "train.jsonl", "train", 6)
     held = tmp_path / "val.csv"
-    long_answer = "word " * 200
+    long_answer = unrepeated_words(200)
     held.write_text(
         "Q,A,junk\n"
         "First &amp; foremost?,An   answer.,x\n"
@@ -305,7 +305,7 @@ def test_a_validation_set_the_gate_refuses_keeps_both_statistics(
         max_truncated_share=0.5,
     )
     held = tmp_path / "v.jsonl"
-    long_rows = [{"question": f"long {i}?", "answer": "word " * 300} for i in range(3)]
+    long_rows = [{"question": f"long {i}?", "answer": unrepeated_words(300)} for i in range(3)]
     held.write_text("\n".join(json.dumps(r) for r in long_rows), encoding="utf-8")
     with pytest.raises(DatasetGateError) as info:
         prepare(
