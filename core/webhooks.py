@@ -78,6 +78,15 @@ def check_target(url: str, *, allow_private: bool) -> list[str]:
             "https://example.com/hooks/medtune",
             field=FIELD,
         )
+    try:
+        httpx.URL(url)  # what delivery sends: a control character or an odd port is refused here
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise WebhookUrlInvalid(
+            f"webhook.url {url[:100]!r} cannot be sent ({exc}); give one like "
+            "https://example.com/hooks/medtune",
+            field=FIELD,
+        ) from exc
     if parts.username or parts.password:
         raise WebhookUrlInvalid(
             "webhook.url carries credentials; remove them (deliveries are signed with "
@@ -85,7 +94,6 @@ def check_target(url: str, *, allow_private: bool) -> list[str]:
             field=FIELD,
         )
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
         found = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
     except (OSError, ValueError) as exc:
         raise WebhookUrlUnresolvable(

@@ -156,6 +156,19 @@ def test_a_private_target_is_refused_again_at_send_time(
     assert receiver.got == []
 
 
+def test_a_stored_url_httpx_cannot_send_fails_once_and_is_not_retried(
+    sqlite_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    """A job stored before submission refused such URLs: its delivery ends at the first
+    attempt with the submission's code, instead of raising out of every attempt."""
+    job_id = finished_job(sqlite_url, receiver.url + "/a\nb")
+    settings = settings_for(sqlite_url, tmp_path)
+    job = deliver_until_settled(sqlite_url, settings, job_id)
+    assert job.webhook_state == "failed" and job.webhook_delivery["attempts"] == 1
+    assert job.webhook_delivery["last_error"] == "webhook_url_invalid"
+    assert receiver.got == []
+
+
 def test_a_running_job_sends_nothing_until_it_ends(
     sqlite_url: str, tmp_path: Path, receiver: Receiver
 ) -> None:
@@ -189,6 +202,8 @@ def _client(url: str, home: Path, **values: Any) -> TestClient:
         ("ftp://example.com/x", "webhook_url_invalid"),
         ("https://user:pw@example.com/x", "webhook_url_invalid"),
         ("not a url", "webhook_url_invalid"),
+        ("https://example.com/a\nb", "webhook_url_invalid"),  # httpx could not send it
+        ("https://example.com:99999/x", "webhook_url_invalid"),
         ("https://no-such-host.invalid/x", "webhook_url_unresolvable"),
     ],
 )
