@@ -31,7 +31,13 @@ from core.training.engines import Loaded
 from core.training.held_out import eval_sample
 from core.training.meter import StepMeter
 from core.training.sink import MetricsSink
-from core.training.trainer import TrainingRun, TrainOutcome, training_arguments
+from core.training.trainer import (
+    TrainingRun,
+    TrainOutcome,
+    no_kv_cache,
+    padding_id,
+    training_arguments,
+)
 
 REFERENCE = "ref"  # the adapter name TRL's DPOTrainer scores the reference with
 # TRL's logged keys -> metric row columns (rewards are beta x log-ratio to the reference for
@@ -309,9 +315,8 @@ def train(
     drop_reference(model)  # an earlier trainer's (an out-of-memory retry), built on trained weights
     features = orpo_features if method == "orpo" else EncodedPair.features
     tokenizer = loaded.tokenizer
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    collator = _collator(method, pad_id)
-    model.config.use_cache = False
+    collator = _collator(method, padding_id(tokenizer))
+    no_kv_cache(model)
     trainer = _trainer_class(method, loaded.engine)(
         model=model,
         args=_config(spec, loaded, output_dir, notes),

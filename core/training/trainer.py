@@ -273,6 +273,17 @@ def _checkpointing(spec: JobSpec, loaded: Loaded) -> bool | str:
     return spec.lora.use_gradient_checkpointing if chosen is None else chosen
 
 
+def padding_id(tokenizer: Any) -> int:
+    """Any id will do for padding (its labels are ignored); Llama 3 ships no pad token."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
+def no_kv_cache(model: Any) -> None:
+    """Training needs no KV cache, and with one transformers would not mask packed rows per
+    example."""
+    model.config.use_cache = False
+
+
 def train(
     spec: JobSpec,
     loaded: Loaded,
@@ -301,16 +312,13 @@ def train(
     cfg = spec.training
     held_out, eval_note = eval_sample(spec, eval_items or [])
     notes: list[str] = [eval_note] if eval_note else []
-    tokenizer = loaded.tokenizer
-    # Any id will do for padding (its labels are ignored); Llama 3 ships no pad token.
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = padding_id(loaded.tokenizer)
     data = _layout(spec, loaded, items, held_out, layout=layout, pad_id=pad_id)
     args = training_arguments(
         spec, loaded, output_dir=output_dir, notes=notes, rows_per_step=data.rows_per_step
     )
 
-    # Training needs no KV cache, and with one transformers would not mask packed rows per example.
-    loaded.model.config.use_cache = False
+    no_kv_cache(loaded.model)
     trainer = CountingTrainer(
         model=loaded.model,
         args=args,
