@@ -98,17 +98,16 @@ def failed_entry(fmt: str, exc: Exception) -> dict[str, Any]:
 
 
 def _ask(model: Any, tokenizer: Any, system: str, *, max_new_tokens: int) -> list[dict[str, Any]]:
-    from core.evaluation.run import generate_with_stop
+    from core.evaluation.run import answer_questions
 
-    return [
-        generate_with_stop(
-            model,
-            tokenizer,
-            [{"role": "system", "content": system}, {"role": "user", "content": q}],
-            max_new_tokens=max_new_tokens,
-        )
+    # One batch: the questions decode together, so the smoke test costs one answer's time.
+    prompts = [
+        [{"role": "system", "content": system}, {"role": "user", "content": q}]
         for q in SMOKE_QUESTIONS
     ]
+    return answer_questions(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts)
+    )
 
 
 def load_kwargs() -> dict[str, Any]:

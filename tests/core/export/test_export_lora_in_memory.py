@@ -46,7 +46,7 @@ def test_lora_smoke_answers_from_memory_match_peft_on_the_base(
     import transformers
     from peft import PeftModel
 
-    from core.evaluation.run import generate_with_stop
+    from core.evaluation.run import answer_questions
     from core.export.formats import load_kwargs
 
     loaded = _moved_lora(model_dir)
@@ -63,14 +63,14 @@ def test_lora_smoke_answers_from_memory_match_peft_on_the_base(
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs())
     model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "adapter")
-    reloaded = [
-        generate_with_stop(
-            model,
-            tokenizer,
-            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
-            max_new_tokens=12,
-        )["answer"]
+    prompts = [
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
         for q in SMOKE_QUESTIONS
+    ]
+    # Batched as the smoke test asks them, so the two compute the same thing.
+    reloaded = [
+        a["answer"]
+        for a in answer_questions(model, tokenizer, prompts, max_new_tokens=12, batch_size=2)
     ]
     assert [a["answer"] for a in entry["smoke_test"]] == reloaded
 
