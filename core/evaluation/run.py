@@ -81,26 +81,6 @@ def _fitting(generate_batch: Any, model: Any, tokenizer: Any, requests: list[Any
     )
 
 
-def generate_with_stop(
-    model: Any,
-    tokenizer: Any,
-    messages: list[dict[str, str]],
-    *,
-    max_new_tokens: int,
-    adapter: bool = True,
-    repetition_penalty: float = 1.0,
-) -> dict[str, Any]:
-    """Greedy answer, and whether it ended on the end-of-turn token (a tuned model should)."""
-    return answer_questions(
-        model,
-        tokenizer,
-        [messages],
-        max_new_tokens=max_new_tokens,
-        adapter=adapter,
-        repetition_penalty=repetition_penalty,
-    )[0]
-
-
 def sample_questions(examples: Sequence[Example], limit: int, *, seed: int) -> list[Example]:
     """Up to ``limit`` examples with distinct questions, drawn in a seeded random order from the
     whole set (not its first rows: a file in document order holds a few documents' questions)."""
