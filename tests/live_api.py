@@ -15,7 +15,7 @@ from api.deps import get_queue
 from api.main import create_app
 from core.inference.stream import channel_for
 from core.settings import Settings, get_settings
-from tests.api.test_api import FakeQueue
+from tests.api.in_process import FakeQueue
 from tests.conftest import free_port
 
 

@@ -27,8 +27,8 @@ from api.main import create_app
 from cli.main import build_parser, main
 from core.settings import Settings
 from core.spec import JobSpec
-from tests.api.test_api import Api
-from tests.api.test_api import api as api  # the in-process API fixture
+from tests.api.in_process import Api
+from tests.api.in_process import api as api  # the in-process API fixture
 from tests.helpers import ROOT, tiny_dataset
 from tests.job_files import finish_job
 from tests.live_api import serve

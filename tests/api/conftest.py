@@ -1,3 +1,3 @@
-"""Fixtures shared by the API tests."""
+"""Fixtures shared by the API tests: the in-process API and its seeded jobs."""
 
-from tests.api.test_api import api  # noqa: F401  (the in-process API fixture)
+from tests.api.in_process import api, seeded  # noqa: F401  (fixtures)

@@ -9,7 +9,7 @@ from pathlib import Path
 from core.export.formats import MANIFEST, describe
 from core.store import jobs
 from core.store.db import session_scope
-from tests.api.test_api import Api, assert_problem
+from tests.api.in_process import Api, assert_problem
 
 
 def test_artifacts_listed_downloaded_and_guarded(api: Api, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from core.settings import Settings, get_settings
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import ApiKey, JobStatus
-from tests.api.test_api import FakeQueue, assert_problem
+from tests.api.in_process import FakeQueue, assert_problem
 from tests.helpers import recipe_spec
 
 ADMIN_KEY = "env-admin-" + "x" * 30

@@ -16,8 +16,8 @@ from core.spec import JobSpec
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import JobStatus
-from tests.api.test_api import Api, FakeResult, assert_problem
-from tests.api.test_api import api as api  # the in-process API fixture
+from tests.api.in_process import Api, FakeResult, assert_problem
+from tests.api.in_process import api as api  # the in-process API fixture
 from tests.helpers import recipe_spec
 
 

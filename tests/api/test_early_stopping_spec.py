@@ -10,7 +10,7 @@ import pytest
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import JobStatus
-from tests.api.test_api import Api, assert_problem
+from tests.api.in_process import Api, assert_problem
 from tests.helpers import recipe_spec
 
 

@@ -13,7 +13,7 @@ from core.settings import Settings
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import Job, utcnow
-from tests.api.test_api import Api
+from tests.api.in_process import Api
 from worker.reconciler import reconcile_once
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from core.evaluation import EVALUATION_FILE
 from core.store import jobs
 from core.store.db import session_scope
-from tests.api.test_api import Api, assert_problem
+from tests.api.in_process import Api, assert_problem
 
 
 def test_evaluation_is_409_until_written_then_served(api: Api, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from core.queue import EXPORT_TASK, TRAIN_QUEUE
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import JobStatus
-from tests.api.test_api import Api, assert_problem
+from tests.api.in_process import Api, assert_problem
 
 
 def _succeeded(api: Api, tmp_path: Path, *, adapter: bool = True, **spec: object) -> str:

@@ -23,7 +23,7 @@ from core.spec import JobSpec
 from core.store import files
 from core.store.db import session_scope
 from core.store.models import DataFile, IdempotencyKey
-from tests.api.test_api import Api, FakeQueue, assert_problem
+from tests.api.in_process import Api, FakeQueue, assert_problem
 from tests.api.test_auth import ADMIN_KEY, bearer, build, new_key
 from tests.conftest import Stack
 from tests.helpers import SAMPLE, recipe_spec, wait_status

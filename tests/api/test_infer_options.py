@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from core.spec import RECIPE_SYSTEM_PROMPT
-from tests.api.test_api import Api, assert_problem
-from tests.api.test_api import api as api  # the in-process API fixture
-from tests.api.test_api import seeded as seeded  # a fixture
+from tests.api.in_process import Api, assert_problem
+from tests.api.in_process import api as api  # the in-process API fixture
+from tests.api.in_process import seeded as seeded  # a fixture
 
 
 def test_repetition_penalty_reaches_the_worker(api: Api, seeded: dict[str, str]) -> None:

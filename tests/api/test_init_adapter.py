@@ -14,7 +14,7 @@ from sqlmodel import col
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import Job, JobStatus
-from tests.api.test_api import Api, FakeQueue, assert_problem
+from tests.api.in_process import Api, FakeQueue, assert_problem
 from tests.api.test_auth import bearer, build, new_key
 from tests.api.test_job_delete import finished
 from tests.helpers import recipe_spec

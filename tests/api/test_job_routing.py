@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from core.routing import announce
 from core.store.db import session_scope
-from tests.api.test_api import Api, assert_problem
+from tests.api.in_process import Api, assert_problem
 from tests.helpers import recipe_spec
 
 LLAMA3_RECIPE = {

@@ -6,8 +6,8 @@ from sqlmodel import Session, select
 
 from core.store.db import get_engine
 from core.store.models import Job
-from tests.api.test_api import Api, assert_problem
-from tests.api.test_api import api as api  # the in-process API fixture
+from tests.api.in_process import Api, assert_problem
+from tests.api.in_process import api as api  # the in-process API fixture
 from tests.helpers import recipe_spec
 
 

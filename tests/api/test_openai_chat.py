@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from core.queue import INFER_QUEUE, INFER_TASK
 from core.store.db import session_scope
 from core.store.models import Job, JobStatus
-from tests.api.test_api import FakeQueue
+from tests.api.in_process import FakeQueue
 from tests.api.test_auth import bearer, build, new_key
 from tests.helpers import recipe_spec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.api.test_api import Api, assert_problem
+from tests.api.in_process import Api, assert_problem
 from tests.api.test_files_api import JSONL, ROWS, upload
 
 FILE_KEYS = {

@@ -9,8 +9,8 @@ from typing import Any
 
 from core.store import jobs
 from core.store.db import session_scope
-from tests.api.test_api import Api, assert_problem
-from tests.api.test_api import api as api  # the in-process API fixture
+from tests.api.in_process import Api, assert_problem
+from tests.api.in_process import api as api  # the in-process API fixture
 from tests.helpers import recipe_spec, tiny_dataset
 
 V1 = "/v1/fine_tuning/jobs"

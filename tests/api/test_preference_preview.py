@@ -11,8 +11,8 @@ import pytest
 
 from core.data.preference import ANSWER_FIELD, PROMPT_FIELD
 from core.data.sources import sample_path
-from tests.api.test_api import Api, assert_problem
-from tests.api.test_api import api as api  # the in-process API fixture
+from tests.api.in_process import Api, assert_problem
+from tests.api.in_process import api as api  # the in-process API fixture
 from tests.api.test_datasets_api import worker_queue as worker_queue  # the preview task here
 from tests.helpers import tiny_dataset
 

@@ -36,7 +36,7 @@ from core.queue import INFER_TASK, PREVIEW_TASK, RUN_JOB_TASK
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import JobStatus
-from tests.api.test_api import FakeQueue, FakeResult
+from tests.api.in_process import FakeQueue, FakeResult
 from tests.api.test_auth import bearer, build, new_key
 from tests.conftest import PG_ADMIN
 from tests.helpers import recipe_spec

@@ -17,7 +17,7 @@ from core.settings import get_settings
 from core.spec import DatasetSection, JobSpec
 from core.store import idempotency, jobs
 from core.store.db import session_scope
-from tests.api.test_api import FakeQueue, assert_problem
+from tests.api.in_process import FakeQueue, assert_problem
 from tests.api.test_auth import bearer, build, new_key
 from tests.helpers import recipe_spec, tiny_dataset
 

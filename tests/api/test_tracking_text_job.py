@@ -14,8 +14,8 @@ from cli.jobs import show_text
 from core.pipeline import run_job
 from core.settings import Settings
 from core.store.models import JobStatus
-from tests.api.test_api import Api, assert_problem
-from tests.api.test_api import api as api  # the in-process API fixture
+from tests.api.in_process import Api, assert_problem
+from tests.api.in_process import api as api  # the in-process API fixture
 from tests.core.training.test_tracking import _wandb_history
 from tests.helpers import recipe_spec
 

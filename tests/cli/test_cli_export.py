@@ -27,7 +27,7 @@ from core.settings import Settings, get_settings
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import JobStatus
-from tests.api.test_api import FakeQueue
+from tests.api.in_process import FakeQueue
 from tests.cli.test_cli_client import medtune
 from tests.conftest import free_port
 from tests.helpers import recipe_spec

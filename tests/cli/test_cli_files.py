@@ -16,7 +16,7 @@ import uvicorn
 from api.deps import get_queue
 from api.main import create_app
 from core.settings import Settings, get_settings
-from tests.api.test_api import FakeQueue
+from tests.api.in_process import FakeQueue
 from tests.cli.test_cli_client import medtune
 from tests.conftest import free_port
 from tests.helpers import recipe_spec, tiny_dataset

@@ -22,7 +22,7 @@ import pytest
 
 from cli import services
 from core.queue import RUN_JOB_TASK
-from tests.api.test_api import FakeQueue
+from tests.api.in_process import FakeQueue
 from tests.conftest import DATA_ROOTS, ROOT, free_port
 from tests.job_files import finish_job
 from tests.live_api import serve

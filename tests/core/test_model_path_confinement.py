@@ -24,7 +24,7 @@ from core.settings import Settings, get_settings
 from core.spec import JobSpec, ModelSection, TrainingSection
 from core.store import jobs
 from core.store.db import session_scope
-from tests.api.test_api import FakeQueue, assert_problem
+from tests.api.in_process import FakeQueue, assert_problem
 from tests.api.test_auth import build
 from tests.helpers import recipe_spec
 

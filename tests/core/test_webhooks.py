@@ -28,7 +28,7 @@ from core.spec import JobSpec
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import JobStatus
-from tests.api.test_api import FakeQueue, assert_problem
+from tests.api.in_process import FakeQueue, assert_problem
 from tests.helpers import recipe_spec
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 24 bytes").decode()

@@ -17,8 +17,8 @@ import pytest
 from api.main import STATIC_DIR
 from core.store import jobs
 from core.store.db import session_scope
-from tests.api.test_api import Api, assert_problem
-from tests.api.test_api import api as api  # the in-process API fixture
+from tests.api.in_process import Api, assert_problem
+from tests.api.in_process import api as api  # the in-process API fixture
 from tests.conftest import Stack
 from tests.helpers import recipe_spec, tiny_dataset, wait_status
 from tests.job_files import finish_job
