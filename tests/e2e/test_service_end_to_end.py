@@ -22,7 +22,8 @@ def finished_job(pg_redis_stack: Stack, tmp_path_factory: pytest.TempPathFactory
         created = client.post("/jobs", json=recipe_spec(data))
         assert created.status_code == 201, created.text
         job = created.json()
-        assert job["status"] == "queued"
+        # The shared worker is idle and may claim the job before the API has answered.
+        assert job["status"] in ("queued", "running")
         # Poll metrics while it trains: rows appear before the job ends.
         seen_live = []
         deadline = time.monotonic() + 300
