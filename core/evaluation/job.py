@@ -71,5 +71,28 @@ def note(result: dict[str, Any]) -> str:
     return (
         f"evaluated on {result['examples']} held-out examples: ROUGE-L base {base:.4f}, tuned "
         f"{tuned:.4f} ({diff['verdict']}: {diff['difference']:+.4f}, 95% CI "
-        f"{diff['low']:+.4f} to {diff['high']:+.4f})"
+        f"{diff['low']:+.4f} to {diff['high']:+.4f})" + _worse_endings(result["generation"])
     )
+
+
+def _worse_endings(generation: dict[str, dict[str, Any]]) -> str:
+    """Say so when the tuned answers loop more, or stop on their own less often, than the base's:
+    a score can rise while the answers degrade (issue #20)."""
+    base, tuned = generation["base"], generation["tuned"]
+    worse = []
+    if _known(base, tuned, "loop_rate") and tuned["loop_rate"] > base["loop_rate"]:
+        worse.append(f"loop more often than the base's ({_vs(tuned, base, 'loop_rate')})")
+    if _known(base, tuned, "stop_rate") and tuned["stop_rate"] < base["stop_rate"]:
+        worse.append(f"stop on their own less often ({_vs(tuned, base, 'stop_rate')})")
+    if not worse:
+        return ""
+    # Measured on SmolLM2 (BENCHMARKS.md, issue 20): loops grew with steps and learning rate.
+    return f"; tuned answers {' and '.join(worse)}: fewer steps or a lower learning_rate may help"
+
+
+def _known(base: dict[str, Any], tuned: dict[str, Any], key: str) -> bool:
+    return base[key] is not None and tuned[key] is not None
+
+
+def _vs(tuned: dict[str, Any], base: dict[str, Any], key: str) -> str:
+    return f"{tuned[key]:.1%} vs {base[key]:.1%}"
