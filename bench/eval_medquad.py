@@ -68,7 +68,7 @@ def job_spec(args: argparse.Namespace) -> dict[str, Any]:
             "max_samples": args.held_out_rows,
         },
         "training_config": {
-            "per_device_train_batch_size": 4,
+            "per_device_train_batch_size": args.train_batch_size,
             "gradient_accumulation_steps": 1,
             "max_steps": args.steps,
             "warmup_steps": 5,
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.time() - started
     with session_scope(settings.db_url) as s:
         job = jobs.get_job(s, job_id)
+        rows, _ = jobs.metrics_page(s, job_id, after_step=-1, limit=100_000)
+        eval_loss = {r.step: r.eval_loss for r in rows if r.eval_loss is not None}
     result = json.loads((home / "jobs" / job_id / EVALUATION_FILE).read_text())
     stats = job.dataset_stats or {}
     return {
@@ -120,6 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "validation_examples": stats.get("validation_examples"),
         "steps": job.steps_done,
         "stage_seconds": getattr(job, "stage_seconds", None),
+        "eval_loss": eval_loss,  # step -> held-out loss; step 0 is the base model's
         "notes": job.notes,
         "spec": spec.to_json(),
         **{k: v for k, v in result.items() if k != "answers"},
@@ -136,6 +139,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--train-batch-size", type=int, default=4, help="examples a step")
     parser.add_argument("--max-seq-length", type=int, default=384)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--held-out-rows", type=int, default=400, help="rows read from it")
