@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.api.files_helpers import JSONL, ROWS, upload
 from tests.api.in_process import Api, assert_problem
-from tests.api.test_files_api import JSONL, ROWS, upload
 
 FILE_KEYS = {
     "object",

@@ -15,9 +15,9 @@ from core.queue import RUN_JOB_TASK, TRAIN_QUEUE
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import JobStatus
+from tests.api.files_helpers import JSONL, ROWS, upload
 from tests.api.in_process import Api, FakeQueue, assert_problem
 from tests.api.test_auth import bearer, build, new_key
-from tests.api.test_files_api import JSONL, ROWS, upload
 from tests.helpers import recipe_spec
 
 V1 = "/v1/fine_tuning/jobs"

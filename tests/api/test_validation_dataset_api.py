@@ -17,9 +17,9 @@ from core.spec import JobSpec
 from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import JobStatus
+from tests.api.files_helpers import JSONL, upload
 from tests.api.in_process import Api, FakeQueue, assert_problem
 from tests.api.test_auth import bearer, build, new_key
-from tests.api.test_files_api import JSONL, upload
 from tests.helpers import recipe_spec, unrepeated_words
 
 
