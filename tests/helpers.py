@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,15 @@ from cli.client import parse_sse
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "core" / "samples" / "medical_qa_sample.jsonl"
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A zip archive in memory holding ``members`` (name -> bytes)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
 
 
 def unrepeated_words(count: int, word: str = "word") -> str:

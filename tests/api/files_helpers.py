@@ -4,7 +4,6 @@ the in-process API stores uploads."""
 from __future__ import annotations
 
 import io
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +58,4 @@ def parquet_bytes() -> bytes:
     buffer = io.BytesIO()
     table = pa.table({"question": ["What is a fever?"], "answer": ["A raised temperature."]})
     pq.write_table(table, buffer)
-    return buffer.getvalue()
-
-
-def zip_bytes(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
     return buffer.getvalue()

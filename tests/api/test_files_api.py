@@ -25,11 +25,10 @@ from tests.api.files_helpers import (
     stored,
     upload,
     uploads_dir,
-    zip_bytes,
 )
 from tests.api.in_process import Api, FakeQueue, assert_problem
 from tests.api.test_auth import ADMIN_KEY, bearer, build, new_key
-from tests.helpers import recipe_spec
+from tests.helpers import recipe_spec, zip_bytes
 
 # --- upload, list, read, download, delete -------------------------------------------------------
 

@@ -6,7 +6,6 @@ of the published layouts); the product itself never needs it.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import zipfile
@@ -27,7 +26,7 @@ from core.store import jobs
 from core.store.db import session_scope
 from core.store.models import JobStatus
 from tests.conftest import SHARED_DATA
-from tests.helpers import recipe_spec
+from tests.helpers import recipe_spec, zip_bytes
 
 NINDS = SHARED_DATA / "medquad" / "6_NINDS_QA"
 
@@ -263,17 +262,9 @@ def test_a_job_with_one_broken_line_trains_on_the_rest(
     assert job.dataset_stats["dropped"] == {"bad_row_invalid_json": 1}
 
 
-def _zip_bytes(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
-    return out.getvalue()
-
-
 def test_a_zip_member_that_cannot_be_unpacked_is_a_bad_file(tmp_path: Path) -> None:
     files = {f"A/{f.name}": f.read_bytes() for f in sorted(NINDS.glob("*.xml"))[:30]}
-    data = bytearray(_zip_bytes(files))
+    data = bytearray(zip_bytes(files))
     # Damage the first member's stored bytes: its CRC no longer matches.
     at = data.index(b"<?xml")
     data[at + 100 : at + 110] = b"\x00" * 10
