@@ -222,8 +222,9 @@ class InferRequest(BaseModel):
         default=DEFAULT_REPETITION_PENALTY,
         ge=1.0,
         le=2.0,
-        description="Above 1 discourages repeating tokens already in the chat (1.0: off, plain "
-        "greedy). /v1/chat/completions keeps OpenAI's default, off.",
+        description="Above 1 discourages repeating tokens the answer already holds (not the "
+        "question's, nor the end of turn; 1.0: off, plain greedy). /v1/chat/completions keeps "
+        "OpenAI's default, off.",
     )
 
     @model_validator(mode="after")

@@ -8,6 +8,9 @@ own evaluation stage (core.evaluation.job.evaluate_job) with the changed setting
 
     python bench/eval_again.py /tmp/medtune-eval-XXXX --repetition-penalty 1.1 \
         --out bench/results/eval-heldout-rp1.1.json
+
+``--adapter-scale`` weighs the adapter's update (lora_alpha times the scale, in a copy of the
+adapter): 0 is the base, 1 the tuned model, between them a blend of the two (WiSE-FT).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +42,22 @@ def job_folder(home: Path) -> Path:
     return folders[0]
 
 
+def scaled_adapter(adapter: Path, scale: float) -> Path:
+    """A copy of ``adapter`` whose update weighs ``scale`` times as much (peft multiplies
+    each LoRA delta by lora_alpha / r)."""
+    copy = Path(tempfile.mkdtemp(prefix="medtune-scaled-")) / "adapter"
+    shutil.copytree(adapter, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config["lora_alpha"] = config["lora_alpha"] * scale
+    (copy / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return copy
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = job_folder(args.home)
+    adapter = folder / "adapter"
+    if args.adapter_scale != 1:
+        adapter = scaled_adapter(adapter, args.adapter_scale)
     raw = json.loads((folder / "spec.json").read_text())
     raw["evaluation_config"]["repetition_penalty"] = args.repetition_penalty
     if args.max_new_tokens:
@@ -60,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     model_path = resolve(spec.model.base_model, models_dir=settings.models_dir)
     started = time.time()
-    loaded = engines.load(spec, model_path, init_adapter=str(folder / "adapter"))
+    loaded = engines.load(spec, model_path, init_adapter=str(adapter))
     prepared = prepare(
         spec.dataset,
         loaded.tokenizer,
@@ -73,6 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "job": folder.name,
         "wall_s": round(time.time() - started, 1),
+        "adapter_scale": args.adapter_scale,
         "evaluation_config": spec.evaluation.model_dump(),
         "note": note,
         **{k: v for k, v in result.items() if k != "answers"},
@@ -88,6 +107,9 @@ def main() -> None:
     parser.add_argument("--max-examples", type=int, help="more held-out questions than the job's")
     parser.add_argument(
         "--batch-size", type=int, help="questions answered in one generate call (default 16)"
+    )
+    parser.add_argument(
+        "--adapter-scale", type=float, default=1.0, help="weight of the adapter's update"
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -187,11 +187,9 @@ class BatchDecoder:
         with torch.no_grad():
             self.cache.reset()
             logits, pads, padded = self._prefill(prompts)
-            seen = None
+            seen = None  # the answers' tokens so far, not the prompts' (generate.answer_penalty)
             if first.repetition_penalty != 1.0:
                 seen = torch.zeros_like(logits, dtype=torch.bool)
-                for b, p in enumerate(prompts):
-                    seen[b, torch.tensor(p, device=self.device)] = True
             args = (first.temperature, first.top_p, first.repetition_penalty, seen)
             token = StaticDecoder._choose(logits, *args)
             _mark(seen, token)

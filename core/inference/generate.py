@@ -28,9 +28,9 @@ class GenerationRequest:
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
-    # Above 1 lowers the logit of every token already in the prompt or the answer (CTRL's
-    # penalty, as transformers applies it); 1.0 is off. Greedy decoding of a small model loops
-    # in long answers without it (issue #20).
+    # Above 1 lowers the logit of every token already in the answer (CTRL's penalty, on the
+    # answer's tokens only: see answer_penalty); 1.0 is off. Greedy decoding of a small model
+    # loops in long answers without it (issue #20).
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     adapter: str | None = None  # a loaded peft adapter's name; None answers with the base model
@@ -227,39 +227,19 @@ class _RowStops:
         return torch.tensor([t.done for t in self.trackers], device=input_ids.device)
 
 
-class PenaltyPastPadding:
-    """transformers' repetition penalty over each row's own tokens: a left-padded row's padding
-    (a token its prompt need not hold, as SmolLM2's <|endoftext|>) is not penalised, so every
-    row of a batch is scored as it would be alone."""
+def answer_penalty(penalty: float, prompt_width: int) -> dict[str, Any]:
+    """generate() kwargs for the repetition penalty on the answer's own tokens, not the prompt's.
 
-    def __init__(self, penalty: float, pads: Any) -> None:
-        self.penalty = penalty
-        self.pads = pads  # [rows]: each row's left padding
+    transformers penalises every token in ``input_ids``, the prompt's too: the question's words
+    and, above all, the end-of-turn token each chat turn of the prompt ends with, so a penalty
+    of 1.1 made both SmolLM2s stop on their own less often and loop more (BENCHMARKS.md, issue
+    20). Past ``prompt_width`` (the left-padded prompt) lie only the answer's tokens: llama.cpp's
+    sampler likewise sees only the tokens it sampled, and OpenAI's penalties the completion's.
+    """
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        real = positions[None, :] >= self.pads.to(input_ids.device)[:, None]
-        # A padding position stands for the row's newest token, already penalised once: the
-        # penalty applies once per token, as in RepetitionPenaltyLogitsProcessor.
-        ids = torch.where(real, input_ids, input_ids[:, -1:])
-        score = torch.gather(scores, 1, ids)
-        score = torch.where(score < 0, score * self.penalty, score / self.penalty)
-        return scores.scatter(1, ids, score)
-
-
-def _repetition_penalty(penalty: float, attention_mask: Any) -> dict[str, Any]:
-    """generate()'s own penalty, or, for a padded batch, the same penalty past the padding."""
-    from transformers import LogitsProcessorList
-
-    pads = (attention_mask == 0).sum(dim=1)
-    if not bool(pads.any()):
-        return {"repetition_penalty": penalty}
-    return {
-        "repetition_penalty": 1.0,
-        "logits_processor": LogitsProcessorList([PenaltyPastPadding(penalty, pads)]),
-    }
+    answer_only = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_width)
+    return {"repetition_penalty": 1.0, "logits_processor": LogitsProcessorList([answer_only])}
 
 
 @dataclass
@@ -274,6 +254,7 @@ class Batch:
     prompt_tokens: list[int]
     stops: _RowStops
     generate_kwargs: dict[str, Any]
+    prompt_width: int  # the padded prompt's tokens; past it, the answers'
     cache: Any = None
     seconds: float = 0.0  # spent generating, not waiting between turns
 
@@ -325,6 +306,7 @@ def start_batch(
         prompt_tokens=[int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()],
         stops=_RowStops(trackers, time.perf_counter()),
         generate_kwargs=dict(generate_kwargs or {}),
+        prompt_width=int(inputs["input_ids"].shape[1]),
     )
 
 
@@ -348,7 +330,7 @@ def run_turn(
         else {"do_sample": False}
     )
     if penalty != 1.0:
-        sampling.update(_repetition_penalty(penalty, batch.inputs["attention_mask"]))
+        sampling.update(answer_penalty(penalty, batch.prompt_width))
     eos = batch.tokenizer.eos_token_id
     pad = batch.tokenizer.pad_token_id
     # Set again each turn: another batch may have switched the model's adapter meanwhile.

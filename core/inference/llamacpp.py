@@ -164,7 +164,8 @@ class LlamaCppBackend:
             top_p=request.top_p if sample else 1.0,
             top_k=0,
             min_p=0.0,
-            # llama.cpp penalises the last 64 tokens (its default window), transformers all.
+            # llama.cpp's sampler penalises the last 64 tokens it sampled (its default window):
+            # the answer's, as generate.answer_penalty does, not the prompt's.
             repeat_penalty=request.repetition_penalty,
         ):
             if first is None:

@@ -138,11 +138,11 @@ class StaticDecoder:
                 use_cache=True,
                 return_dict=False,
             )[0][:, -1, :]
-            # A vocabulary-wide mask of the tokens seen so far, kept on the device (no sync).
+            # A vocabulary-wide mask of the answer's tokens so far, kept on the device (no
+            # sync); the prompt's are not penalised (see generate.answer_penalty).
             seen = None
             if request.repetition_penalty != 1.0:
                 seen = torch.zeros_like(logits, dtype=torch.bool)
-                seen[0, prompt[0].to(self.device)] = True
             choose_args = (request.temperature, request.top_p, request.repetition_penalty, seen)
             token = self._choose(logits, *choose_args)
             _mark(seen, token)

@@ -46,8 +46,8 @@ class EvaluationSection(_Section):
         default=DEFAULT_REPETITION_PENALTY,
         ge=1.0,
         le=2.0,
-        description="Greedy decoding of both models with this penalty on repeated tokens "
-        "(1.0: off; 1.1, the default, as /infer); the same for base and tuned.",
+        description="Greedy decoding of both models with this penalty on tokens the answer "
+        "repeats (1.0: off; 1.1, the default, as /infer); the same for base and tuned.",
     )
     # 16: on the shared 2-core CPU SmolLM2 answered 16 questions x 64 tokens in 136 s one at a
     # time, 31 s in batches of 8 and 34 s in one of 16, the same answers (BENCHMARKS.md,

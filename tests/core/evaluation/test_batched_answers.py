@@ -11,7 +11,7 @@ import pytest
 from core.evaluation.run import answer_questions
 from core.inference.generate import (
     GenerationRequest,
-    PenaltyPastPadding,
+    answer_penalty,
     generate_batch,
     generate_one,
 )
@@ -80,29 +80,32 @@ def test_a_batch_answers_token_for_token_as_one_at_a_time(
         assert base.token_ids != alone[0].token_ids[:3]
 
 
-def test_the_penalty_past_padding_is_transformers_penalty_on_each_row_alone() -> None:
+def test_the_answer_penalty_scores_each_padded_row_as_alone() -> None:
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor
 
     torch.manual_seed(0)
-    rows = [[5, 3, 9, 3], [7, 1], [2, 2, 8]]  # 0 pads: a token no row holds
-    ids = torch.tensor([[0] * (4 - len(r)) + r for r in rows])
+    prompts, answers = [[5, 3, 9, 3], [7, 1], [2, 2, 8]], [[4, 4], [3, 6], [1, 11]]
+    width = max(len(p) for p in prompts)  # 0 pads on the left: a token no row holds
+    rows = zip(prompts, answers, strict=True)
+    ids = torch.tensor([[0] * (width - len(p)) + p + a for p, a in rows])
     scores = torch.randn(3, 12)
     scores[:, 0] = 5.0  # the padding token scores high: penalised, it would change ranks
-    batched = PenaltyPastPadding(1.3, torch.tensor([4 - len(r) for r in rows]))(ids, scores)
-    alone = RepetitionPenaltyLogitsProcessor(1.3)
-    for b, row in enumerate(rows):
-        expected = alone(torch.tensor([row]), scores[b : b + 1].clone())[0]
+    batched = answer_penalty(1.3, width)["logits_processor"][0](ids, scores.clone())
+    for b, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        alone = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=len(prompt))
+        expected = alone(torch.tensor([prompt + answer]), scores[b : b + 1].clone())[0]
         assert torch.equal(batched[b], expected)
     assert batched[:, 0].tolist() == [5.0, 5.0, 5.0]
+    assert batched[0, 9] == scores[0, 9] and batched[0, 4] != scores[0, 4]  # prompt / answer
 
 
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "adapter"])
 def test_evaluation_batches_answer_in_question_order_with_the_penalty(
     peft_model: Any, tokenizer: Any, adapter: bool
 ) -> None:
-    # A padded batch penalises repeats past its padding (PenaltyPastPadding); one alone does
-    # as generate() does. Sorted by length into batches of 3 and 1, answered in order.
+    # A padded batch penalises each row's answer tokens, as one alone does. Sorted by length
+    # into batches of 3 and 1, answered in order.
     ask: dict[str, Any] = {"max_new_tokens": 3, "repetition_penalty": 1.3, "adapter": adapter}
     one = answer_questions(peft_model, tokenizer, PROMPTS, batch_size=1, **ask)
     batched = answer_questions(peft_model, tokenizer, PROMPTS, batch_size=3, **ask)

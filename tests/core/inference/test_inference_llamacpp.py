@@ -55,6 +55,21 @@ def test_gguf_and_transformers_render_the_same_prompt(engine: InferenceEngine) -
     assert fast["answer"].split()[:3] == slow["answer"].split()[:3]
 
 
+def test_gguf_and_transformers_penalise_only_the_answer(engine: InferenceEngine) -> None:
+    """Under /infer's penalty both backends give the short answer and stop: llama.cpp's sampler
+    sees only the tokens it sampled, and transformers' penalty now skips the prompt too."""
+    sky = [{"role": "user", "content": "What color is the sky? One word."}]
+    common = {"base_model": BASE, "messages": sky, "max_new_tokens": 16}
+    plain = engine.answer(**common, backend="transformers")
+    assert plain["finish_reason"] == "stop"
+    for penalty in (1.1, 1.3):
+        fast = engine.answer(**common, gguf_path=str(gguf_path()), repetition_penalty=penalty)
+        slow = engine.answer(**common, backend="transformers", repetition_penalty=penalty)
+        assert fast["backend"] == "llama_cpp" and slow["backend"] == "transformers"
+        assert fast["answer"] == slow["answer"] == plain["answer"]
+        assert fast["finish_reason"] == slow["finish_reason"] == "stop"
+
+
 def test_stop_strings_on_gguf(engine: InferenceEngine) -> None:
     common = {"base_model": BASE, "messages": MESSAGES, "gguf_path": str(gguf_path())}
     full = engine.answer(**common, max_new_tokens=24)["answer"]
