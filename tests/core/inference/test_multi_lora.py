@@ -62,19 +62,22 @@ def loras(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Pat
 def alone(model_cache: Path, loras: list[Path]) -> Any:
     """The engine's transformers path, one request at a time: the reference answers."""
     engine = InferenceEngine(models_dir=model_cache, max_batch=1, fast=False)
-    found: dict[tuple[Path | None, str], dict[str, Any]] = {}
+    found: dict[tuple[Path | None, str, float, int], dict[str, Any]] = {}
 
-    def answer(adapter: Path | None, question: str) -> dict[str, Any]:
-        if (adapter, question) not in found:
-            found[(adapter, question)] = engine.answer(
+    def answer(
+        adapter: Path | None, question: str, penalty: float = 1.0, tokens: int = TOKENS
+    ) -> dict[str, Any]:
+        if (adapter, question, penalty, tokens) not in found:
+            found[(adapter, question, penalty, tokens)] = engine.answer(
                 base_model=BASE,
                 messages=ask(question),
                 adapter_dir=str(adapter) if adapter else None,
                 adapter_name=adapter.name if adapter else None,
-                max_new_tokens=TOKENS,
+                max_new_tokens=tokens,
+                repetition_penalty=penalty,
                 backend="transformers",
             )
-        return found[(adapter, question)]
+        return found[(adapter, question, penalty, tokens)]
 
     return answer
 
@@ -91,14 +94,22 @@ def decoder(model_dir: Path) -> BatchDecoder:
     return BatchDecoder(model, tokenizer, slots, rows=4, max_cache_tokens=96, compile=False)
 
 
-def _batch(decoder: BatchDecoder, rows: list[tuple[Path | None, str]]) -> list[Any]:
-    requests = [GenerationRequest(messages=ask(q), max_new_tokens=TOKENS) for _, q in rows]
+def _batch(
+    decoder: BatchDecoder,
+    rows: list[tuple[Path | None, str]],
+    penalty: float = 1.0,
+    tokens: int = TOKENS,
+) -> list[Any]:
+    requests = [
+        GenerationRequest(messages=ask(q), max_new_tokens=tokens, repetition_penalty=penalty)
+        for _, q in rows
+    ]
     return decoder.generate(requests, [str(a) if a else None for a, _ in rows])
 
 
-def _same(got: list[Any], rows: list[tuple[Path | None, str]], alone: Any) -> None:
+def _same(got: list[Any], rows: list[tuple[Path | None, str]], alone: Any, **ask: Any) -> None:
     for gen, (adapter, question) in zip(got, rows, strict=True):
-        want = alone(adapter, question)
+        want = alone(adapter, question, **ask)
         assert gen.text == want["answer"], (adapter, question)
         assert gen.completion_tokens == want["usage"]["completion_tokens"]
         assert gen.prompt_tokens == want["usage"]["prompt_tokens"]
@@ -115,6 +126,17 @@ def test_a_mixed_batch_answers_as_each_adapter_alone(
     assert alone(loras[0], QUESTIONS[0])["answer"] != alone(None, QUESTIONS[0])["answer"]
     assert alone(loras[1], QUESTIONS[1])["answer"] != alone(None, QUESTIONS[1])["answer"]
     assert decoder.slots.loads["slot"] == 3 and decoder.slots.loads["slot_evicted"] == 0
+
+
+def test_a_penalised_batch_answers_as_each_alone(
+    decoder: BatchDecoder, loras: list[Path], alone: Any
+) -> None:
+    """The on-device penalty counts each row's answer tokens, as the transformers path does
+    (generate.answer_penalty): not its prompt, nor its padding."""
+    rows = [(loras[0], QUESTIONS[0]), (None, QUESTIONS[1]), (loras[1], QUESTIONS[2])]
+    ask = {"penalty": 1.3, "tokens": 32}  # long enough to repeat itself
+    _same(_batch(decoder, rows, **ask), rows, alone, **ask)
+    assert any(alone(a, q, **ask)["answer"] != alone(a, q, tokens=32)["answer"] for a, q in rows)
 
 
 def test_one_question_to_two_adapters_and_the_base_in_one_batch(
