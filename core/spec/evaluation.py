@@ -42,6 +42,8 @@ class EvaluationSection(_Section):
     # 1.1: on 300 held-out MedQuAD questions greedy answers without a penalty looped (an 8-word
     # phrase 3+ times) in 7.7% (base) and 20% (tuned SmolLM2) of cases; with 1.1 in 0.3% and
     # 0.3%, and the tuned model's ROUGE-L gain stayed above zero (BENCHMARKS.md, issue #20).
+    # It falls on the answer's own tokens (generate.answer_penalty): counted over the prompt too,
+    # it penalised the end-of-turn token and cost both models their stops (session 11).
     repetition_penalty: Float = Field(
         default=DEFAULT_REPETITION_PENALTY,
         ge=1.0,
