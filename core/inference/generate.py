@@ -232,9 +232,9 @@ def answer_penalty(penalty: float, prompt_width: int) -> dict[str, Any]:
 
     transformers penalises every token in ``input_ids``, the prompt's too: the question's words
     and, above all, the end-of-turn token each chat turn of the prompt ends with, so a penalty
-    of 1.1 made both SmolLM2s stop on their own less often and loop more (BENCHMARKS.md, issue
-    20). Past ``prompt_width`` (the left-padded prompt) lie only the answer's tokens: llama.cpp's
-    sampler likewise sees only the tokens it sampled, and OpenAI's penalties the completion's.
+    of 1.1 made both SmolLM2s stop on their own less often (BENCHMARKS.md, "Session 11"). Past
+    ``prompt_width`` (the left-padded prompt) lie only the answers' tokens; llama.cpp's sampler
+    likewise penalises only the tokens it sampled.
     """
     from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
